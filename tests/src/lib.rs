@@ -1,0 +1,16 @@
+//! Test harness of livesnap: everything the tests and the benchmark need to play the parts
+//! around the backend under test.
+//!
+//! - [`daemon`]: starts the backends under test (`livesnap-blk`, `qemu-storage-daemon`) as real
+//!   processes on real unix sockets, and stops them.
+//! - [`virtq`]: the driver side of a split virtqueue in shared memory.
+//! - [`frontend`]: the test VMM: a vhost-user frontend that shares guest memory with a backend
+//!   and sets up its queues over the real socket.
+//! - [`blk`]: virtio-blk requests on top of a frontend queue.
+//! - [`guest`]: a real QEMU guest (TCG) booted on disks served by a backend.
+
+pub mod blk;
+pub mod daemon;
+pub mod frontend;
+pub mod guest;
+pub mod virtq;
