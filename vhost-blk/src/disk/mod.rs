@@ -1,0 +1,156 @@
+//! Disk images behind one small trait, and the one entry point that opens an image by its format.
+//!
+//! Nothing here knows about virtio or vhost-user: a disk is a range of bytes that can be read,
+//! written, flushed, discarded and zeroed. Guest memory arrives as [`Buf`]s (vm-memory's volatile
+//! slices), so the raw backend can hand guest pages straight to `preadv`/`pwritev`; the tests use
+//! slices of ordinary vectors.
+
+mod qcow2;
+mod raw;
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::VolatileSlice;
+
+pub use self::qcow2::Qcow2Disk;
+pub use self::raw::RawDisk;
+
+/// A piece of memory a request reads into or writes from.
+pub type Buf<'a> = VolatileSlice<'a, ()>;
+
+/// The unit of every offset and length, as in virtio-blk.
+pub const SECTOR_SIZE: u64 = 512;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("cannot open image {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {} is in use by another process", path.display())]
+    Locked { path: PathBuf },
+    #[error("image {} is not a qcow2 image", path.display())]
+    NotQcow2 { path: PathBuf },
+    #[error("qcow2 image {} cannot be served: {reason}", path.display())]
+    Qcow2Unsupported { path: PathBuf, reason: String },
+    #[error("qcow2 layer failed: {0}")]
+    Qcow2(String),
+    #[error("the disk stopped serving after an internal fault; restart the backend")]
+    Failed,
+    #[error("request of {len} bytes at offset {offset} lies outside the disk")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("I/O error")]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// On-disk format of an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(format!("unknown image format {s:?} (expected raw or qcow2)")),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// What a disk image can do. Every method may be called from several queue threads at once.
+///
+/// Offsets and lengths are in bytes; callers check them against [`DiskFile::size`] first
+/// (see [`check_range`]), implementations check again where a bad range could corrupt data.
+pub trait DiskFile: Send + Sync + fmt::Debug {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    fn format(&self) -> Format;
+    /// Fills `bufs`, in order, from the disk starting at `offset`.
+    fn read_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> Result<()>;
+    /// Writes `bufs`, in order, to the disk starting at `offset`.
+    fn write_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Tells the disk that a range is no longer needed; its content becomes unspecified.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes a range read as zeroes; `unmap` allows freeing its storage.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+}
+
+/// Checks that `len` bytes at `offset` lie inside a disk of `size` bytes.
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len }),
+    }
+}
+
+/// Total length of `bufs` in bytes.
+pub fn total_len(bufs: &[Buf<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Opens the image at `path` as `format`, or as the format its first bytes announce.
+///
+/// The image is locked (`flock`) exclusively, or shared when `readonly`, so that two backends
+/// never write one image.
+pub fn open(path: &Path, format: Option<Format>, readonly: bool) -> Result<Arc<dyn DiskFile>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .open(path)
+        .map_err(|source| Error::Open { path: path.to_owned(), source })?;
+    crate::sys::lock_file(&file, !readonly).map_err(|source| {
+        if source.kind() == io::ErrorKind::WouldBlock {
+            Error::Locked { path: path.to_owned() }
+        } else {
+            Error::Open { path: path.to_owned(), source }
+        }
+    })?;
+    let format = match format {
+        Some(f) => f,
+        None => detect(&file).map_err(|source| Error::Open { path: path.to_owned(), source })?,
+    };
+    Ok(match format {
+        Format::Raw => Arc::new(RawDisk::new(file, readonly)?),
+        Format::Qcow2 => Arc::new(Qcow2Disk::open(path, file, readonly)?),
+    })
+}
+
+fn detect(mut file: &File) -> io::Result<Format> {
+    let mut magic = [0u8; 4];
+    let mut n = 0;
+    while n < magic.len() {
+        match file.read(&mut magic[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(if n == magic.len() && magic == QCOW2_MAGIC { Format::Qcow2 } else { Format::Raw })
+}

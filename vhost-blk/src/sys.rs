@@ -1,0 +1,127 @@
+//! The few system calls that std does not wrap: file locks, block-device ioctls, fallocate and
+//! signal masks.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `_IO(0x12, 119)`: discard a byte range of a block device.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `_IO(0x12, 127)`: zero a byte range of a block device.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes a non-blocking `flock`, exclusive or shared.
+pub fn lock_file(file: &File, exclusive: bool) -> io::Result<()> {
+    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    // SAFETY: flock(2) on a file descriptor we own; no memory is passed.
+    check(unsafe { libc::flock(file.as_raw_fd(), op) })
+}
+
+/// `fallocate(2)` with `mode` on `[offset, offset + len)`.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = to_off(offset, len)?;
+    // SAFETY: fallocate(2) on a file descriptor we own; no memory is passed.
+    check(unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) })
+}
+
+/// `BLKDISCARD` or `BLKZEROOUT` on `[offset, offset + len)` of a block device.
+pub fn blk_range_ioctl(file: &File, zero: bool, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    let req = if zero { BLKZEROOUT } else { BLKDISCARD };
+    // SAFETY: both ioctls read a `u64[2]` range from the pointer, which points to `range`, alive
+    // for the duration of the call.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), req, range.as_ptr()) })
+}
+
+fn to_off(offset: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {
+    let conv = |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    Ok((conv(offset)?, conv(len)?))
+}
+
+/// `preadv(2)`/`pwritev(2)` of the whole of `iovs` at `offset`, continuing after short transfers.
+///
+/// # Safety
+/// Every iovec must describe memory valid for reads (writes, when `write` is false: the data
+/// read lands there) for the whole call.
+pub unsafe fn pv_all(file: &File, iovs: &mut [libc::iovec], mut offset: u64, write: bool) -> io::Result<()> {
+    let mut iovs = iovs;
+    while !iovs.is_empty() {
+        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let cnt = iovs.len().min(1024) as libc::c_int;
+        // SAFETY: the caller guarantees the iovecs are valid; `cnt` does not exceed their number.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), cnt, off)
+            } else {
+                libc::preadv(file.as_raw_fd(), iovs.as_ptr(), cnt, off)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ended early"));
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while let Some(first) = iovs.first_mut() {
+            if n < first.iov_len {
+                // SAFETY: advancing within the same iovec's buffer by fewer than its length.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
+                first.iov_len -= n;
+                break;
+            }
+            n -= first.iov_len;
+            iovs = &mut iovs[1..];
+        }
+    }
+    Ok(())
+}
+
+/// Blocks `signals` in the calling thread and in every thread it spawns afterwards.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = sigset(signals)?;
+    // SAFETY: `set` is an initialised sigset_t; the old mask is not asked for.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// Waits for one of `signals` (which must be blocked) and returns it.
+pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
+    let set = sigset(signals)?;
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid place for the result.
+    let ret = unsafe { libc::sigwait(&set, &mut sig) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(sig)
+}
+
+fn sigset(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given.
+    check(unsafe { libc::sigemptyset(set.as_mut_ptr()) })?;
+    // SAFETY: initialised just above.
+    let mut set = unsafe { set.assume_init() };
+    for &s in signals {
+        // SAFETY: `set` is initialised; sigaddset validates the signal number.
+        check(unsafe { libc::sigaddset(&mut set, s) })?;
+    }
+    Ok(set)
+}

@@ -1,0 +1,341 @@
+//! virtio-blk requests: parsing a descriptor chain (any framing, as VERSION_1 requires) and
+//! executing it on a [`DiskFile`].
+//!
+//! Everything here treats the chain as hostile: addresses outside guest memory, readable
+//! descriptors after writable ones, missing or read-only status bytes, lengths that are not
+//! whole sectors, ranges past the end of the disk. Each gets a virtio status through
+//! [`Error::status`], or no completion length at all when there is nowhere to write a status.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::debug;
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::disk::{self, check_range, total_len, Buf, DiskFile, SECTOR_SIZE};
+
+/// Size of the request header: type, reserved, sector.
+const HEADER_LEN: usize = 16;
+/// Size of one discard / write-zeroes segment: sector, num_sectors, flags.
+const SEGMENT_LEN: usize = 16;
+/// Bytes of the GET_ID answer.
+const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Largest data transfer accepted in one request: bounds the bounce buffers of qcow2.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
+/// Limits advertised in the config space and enforced here.
+pub const MAX_DISCARD_SEGMENTS: u32 = 16;
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("descriptor points outside guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("request has no device-writable status byte")]
+    NoStatus,
+    #[error("request header is shorter than {HEADER_LEN} bytes")]
+    ShortHeader,
+    #[error("request carries more than {MAX_REQUEST_BYTES} bytes")]
+    TooLarge,
+    #[error("data length {0} is not a whole number of sectors")]
+    UnalignedLength(u64),
+    #[error("sector {0} is out of range")]
+    SectorOutOfRange(u64),
+    #[error("request type {0} is not supported")]
+    UnsupportedType(u32),
+    #[error("segment flags {0:#x} are not supported")]
+    UnsupportedFlags(u32),
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("malformed discard or write-zeroes segment list of {0} bytes")]
+    BadSegments(u64),
+    #[error("disk I/O failed")]
+    Disk(#[source] disk::Error),
+}
+
+impl Error {
+    /// The virtio status the guest sees for this error.
+    pub fn status(&self) -> u8 {
+        match self {
+            Error::UnsupportedType(_) | Error::UnsupportedFlags(_) => VIRTIO_BLK_S_UNSUPP as u8,
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+impl From<disk::Error> for Error {
+    fn from(e: disk::Error) -> Self {
+        match e {
+            disk::Error::OutOfRange { offset, .. } => Error::SectorOutOfRange(offset / SECTOR_SIZE),
+            e => Error::Disk(e),
+        }
+    }
+}
+
+/// The request types livesnap-blk knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestType {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+    Other(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(t: u32) -> Self {
+        match t {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            t => RequestType::Other(t),
+        }
+    }
+}
+
+/// A request, its buffers resolved to guest memory.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub kind: RequestType,
+    pub sector: u64,
+    /// Device-readable bytes after the header: data of OUT, segments of DISCARD/WRITE_ZEROES.
+    pub readable: Vec<Buf<'a>>,
+    /// Device-writable bytes before the status byte: data of IN, the answer of GET_ID.
+    pub writable: Vec<Buf<'a>>,
+    pub status: Buf<'a>,
+}
+
+/// A chain that could not be parsed, and where to report it if anywhere.
+#[derive(Debug)]
+pub struct ParseError<'a> {
+    pub error: Error,
+    pub status: Option<Buf<'a>>,
+}
+
+/// Resolves a descriptor chain against guest memory.
+pub fn parse<'a>(
+    descs: impl Iterator<Item = Descriptor>,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Request<'a>, ParseError<'a>> {
+    let fail = |error| ParseError { error, status: None };
+    let mut header = [0u8; HEADER_LEN];
+    let mut header_missing = HEADER_LEN;
+    let mut readable = Vec::new();
+    let mut writable: Vec<Buf<'a>> = Vec::new();
+    let mut total = 0u64;
+    for desc in descs {
+        total += u64::from(desc.len());
+        if total > MAX_REQUEST_BYTES + (HEADER_LEN + 1) as u64 {
+            return Err(fail(Error::TooLarge));
+        }
+        let write = desc.is_write_only();
+        if !write && !writable.is_empty() {
+            return Err(fail(Error::ReadableAfterWritable));
+        }
+        for slice in mem.get_slices(desc.addr(), desc.len() as usize) {
+            let slice = slice.map_err(|e| fail(Error::GuestMemory(e)))?;
+            if write {
+                writable.push(slice);
+            } else if header_missing > 0 {
+                let take = header_missing.min(slice.len());
+                let at = HEADER_LEN - header_missing;
+                // Both ranges are in bounds: take <= slice.len() and at + take <= HEADER_LEN.
+                slice.copy_to(&mut header[at..at + take]);
+                header_missing -= take;
+                if take < slice.len() {
+                    readable.push(slice.offset(take).map_err(|e| fail(Error::GuestMemory(e.into())))?);
+                }
+            } else {
+                readable.push(slice);
+            }
+        }
+    }
+    let last = writable.pop().ok_or(fail(Error::NoStatus))?;
+    let at = last.len() - 1;
+    let status = last.offset(at).map_err(|e| fail(Error::GuestMemory(e.into())))?;
+    if at > 0 {
+        writable.push(last.subslice(0, at).map_err(|e| fail(Error::GuestMemory(e.into())))?);
+    }
+    if header_missing > 0 {
+        return Err(ParseError { error: Error::ShortHeader, status: Some(status) });
+    }
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let mut sector = [0u8; 8];
+    sector.copy_from_slice(&header[8..16]);
+    Ok(Request {
+        kind: le32(&header[0..4]).into(),
+        sector: u64::from_le_bytes(sector),
+        readable,
+        writable,
+        status,
+    })
+}
+
+/// One virtio-blk disk as the guest sees it.
+#[derive(Debug)]
+pub struct BlkDevice {
+    pub disk: Arc<dyn DiskFile>,
+    /// Answer of GET_ID: the disk's id, the guest's serial number.
+    pub serial: String,
+    pub readonly: bool,
+    /// Write-back cache on (the default); off, every write is flushed before completing.
+    writeback: AtomicBool,
+}
+
+impl BlkDevice {
+    pub fn new(disk: Arc<dyn DiskFile>, serial: String, readonly: bool) -> Self {
+        BlkDevice { disk, serial, readonly, writeback: AtomicBool::new(true) }
+    }
+
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Relaxed)
+    }
+
+    pub fn set_writeback(&self, on: bool) {
+        self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size() / SECTOR_SIZE
+    }
+
+    /// Parses and runs one chain; returns the used length to report (bytes written to guest
+    /// memory, the status byte included), 0 when there was nowhere to write a status.
+    pub fn process(&self, descs: impl Iterator<Item = Descriptor>, mem: &GuestMemoryMmap) -> u32 {
+        let (result, status) = match parse(descs, mem) {
+            Ok(req) => (self.execute(&req), req.status),
+            Err(ParseError { error, status: Some(status) }) => (Err(error), status),
+            Err(ParseError { error, status: None }) => {
+                debug!(%error, "dropping malformed request");
+                return 0;
+            }
+        };
+        let (code, written) = match result {
+            Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
+            Err(error) => {
+                debug!(%error, "request failed");
+                (error.status(), 0)
+            }
+        };
+        status.copy_from(&[code]);
+        written + 1
+    }
+
+    /// Runs a request; returns the bytes written into its writable buffers.
+    pub fn execute(&self, req: &Request<'_>) -> Result<u32, Error> {
+        match req.kind {
+            RequestType::In => {
+                let offset = self.data_offset(req.sector, &req.writable)?;
+                self.disk.read_vectored_at(&req.writable, offset)?;
+                Ok(total_len(&req.writable) as u32)
+            }
+            RequestType::Out => {
+                self.check_writable()?;
+                let offset = self.data_offset(req.sector, &req.readable)?;
+                self.disk.write_vectored_at(&req.readable, offset)?;
+                if !self.writeback() {
+                    self.disk.flush()?;
+                }
+                Ok(0)
+            }
+            RequestType::Flush => {
+                if !self.readonly {
+                    self.disk.flush()?;
+                }
+                Ok(0)
+            }
+            RequestType::GetId => {
+                let mut id = [0u8; ID_BYTES];
+                let serial = self.serial.as_bytes();
+                let n = serial.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&serial[..n]);
+                let mut written = 0;
+                for b in &req.writable {
+                    let n = b.len().min(ID_BYTES - written);
+                    b.subslice(0, n).map_err(|e| Error::GuestMemory(e.into()))?.copy_from(&id[written..written + n]);
+                    written += n;
+                    if written == ID_BYTES {
+                        break;
+                    }
+                }
+                Ok(written as u32)
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                self.check_writable()?;
+                let zero = req.kind == RequestType::WriteZeroes;
+                for (sector, sectors, flags) in segments(&req.readable)? {
+                    let allowed = if zero { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+                    if flags & !allowed != 0 {
+                        return Err(Error::UnsupportedFlags(flags));
+                    }
+                    if sectors > MAX_DISCARD_SECTORS {
+                        return Err(Error::BadSegments(u64::from(sectors)));
+                    }
+                    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Error::SectorOutOfRange(sector))?;
+                    let len = u64::from(sectors) * SECTOR_SIZE;
+                    check_range(self.disk.size(), offset, len)?;
+                    if zero {
+                        self.disk.write_zeroes(offset, len, flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0)?;
+                    } else {
+                        self.disk.discard(offset, len)?;
+                    }
+                }
+                Ok(0)
+            }
+            RequestType::Other(t) => Err(Error::UnsupportedType(t)),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), Error> {
+        if self.readonly {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Byte offset of a data request, after checking its length and range.
+    fn data_offset(&self, sector: u64, bufs: &[Buf<'_>]) -> Result<u64, Error> {
+        let len = total_len(bufs);
+        if len % SECTOR_SIZE != 0 {
+            return Err(Error::UnalignedLength(len));
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Error::SectorOutOfRange(sector))?;
+        check_range(self.disk.size(), offset, len)?;
+        Ok(offset)
+    }
+}
+
+/// Reads the (sector, num_sectors, flags) segments of a discard or write-zeroes request.
+fn segments(bufs: &[Buf<'_>]) -> Result<Vec<(u64, u32, u32)>, Error> {
+    let len = total_len(bufs);
+    let count = len / SEGMENT_LEN as u64;
+    if len == 0 || len % SEGMENT_LEN as u64 != 0 || count > u64::from(MAX_DISCARD_SEGMENTS) {
+        return Err(Error::BadSegments(len));
+    }
+    let mut raw = vec![0u8; len as usize];
+    let mut at = 0;
+    for b in bufs {
+        b.copy_to(&mut raw[at..at + b.len()]);
+        at += b.len();
+    }
+    Ok(raw
+        .chunks_exact(SEGMENT_LEN)
+        .map(|s| {
+            let mut sector = [0u8; 8];
+            sector.copy_from_slice(&s[0..8]);
+            let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (u64::from_le_bytes(sector), le32(&s[8..12]), le32(&s[12..16]))
+        })
+        .collect())
+}
