@@ -144,6 +144,12 @@ impl DiskServer {
         slot.busy = false;
         slot.active = None;
         self.stopper.0 .1.notify_all();
-        result
+        match result {
+            // A VM that shuts down or a QEMU that is killed just goes away.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            r => r,
+        }
     }
 }

@@ -13,7 +13,7 @@ use thiserror::Error;
 use tracing::debug;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::disk::{self, check_range, total_len, Buf, DiskFile, SECTOR_SIZE};
 
@@ -122,26 +122,40 @@ pub struct ParseError<'a> {
 }
 
 /// Resolves a descriptor chain against guest memory.
+///
+/// The status byte (the last byte of the chain, which must be device-writable) is found first,
+/// so that every later fault can be reported in it.
 pub fn parse<'a>(
     descs: impl Iterator<Item = Descriptor>,
     mem: &'a GuestMemoryMmap,
 ) -> Result<Request<'a>, ParseError<'a>> {
     let fail = |error| ParseError { error, status: None };
+    // The chain iterator stops after queue-size descriptors, so this is bounded.
+    let mut descs: Vec<(u64, u64, bool)> = descs.map(|d| (d.addr().0, u64::from(d.len()), d.is_write_only())).collect();
+    let (addr, len, write) = descs.pop().ok_or(fail(Error::NoStatus))?;
+    if !write || len == 0 {
+        return Err(fail(Error::NoStatus));
+    }
+    let status_addr = addr.checked_add(len - 1).ok_or(fail(Error::NoStatus))?;
+    let status = mem.get_slice(GuestAddress(status_addr), 1).map_err(|e| fail(Error::GuestMemory(e)))?;
+    if len > 1 {
+        descs.push((addr, len - 1, true));
+    }
+    let fail = |error| ParseError { error, status: Some(status) };
+
+    let total: u64 = descs.iter().map(|d| d.1).sum();
+    if total > MAX_REQUEST_BYTES + HEADER_LEN as u64 {
+        return Err(fail(Error::TooLarge));
+    }
     let mut header = [0u8; HEADER_LEN];
     let mut header_missing = HEADER_LEN;
     let mut readable = Vec::new();
     let mut writable: Vec<Buf<'a>> = Vec::new();
-    let mut total = 0u64;
-    for desc in descs {
-        total += u64::from(desc.len());
-        if total > MAX_REQUEST_BYTES + (HEADER_LEN + 1) as u64 {
-            return Err(fail(Error::TooLarge));
-        }
-        let write = desc.is_write_only();
+    for (addr, len, write) in descs {
         if !write && !writable.is_empty() {
             return Err(fail(Error::ReadableAfterWritable));
         }
-        for slice in mem.get_slices(desc.addr(), desc.len() as usize) {
+        for slice in mem.get_slices(GuestAddress(addr), len as usize) {
             let slice = slice.map_err(|e| fail(Error::GuestMemory(e)))?;
             if write {
                 writable.push(slice);
@@ -159,14 +173,8 @@ pub fn parse<'a>(
             }
         }
     }
-    let last = writable.pop().ok_or(fail(Error::NoStatus))?;
-    let at = last.len() - 1;
-    let status = last.offset(at).map_err(|e| fail(Error::GuestMemory(e.into())))?;
-    if at > 0 {
-        writable.push(last.subslice(0, at).map_err(|e| fail(Error::GuestMemory(e.into())))?);
-    }
     if header_missing > 0 {
-        return Err(ParseError { error: Error::ShortHeader, status: Some(status) });
+        return Err(fail(Error::ShortHeader));
     }
     let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let mut sector = [0u8; 8];
@@ -338,4 +346,200 @@ fn segments(bufs: &[Buf<'_>]) -> Result<Vec<(u64, u32, u32)>, Error> {
             (u64::from_le_bytes(sector), le32(&s[8..12]), le32(&s[12..16]))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+    const MEM_SIZE: u64 = 1 << 20;
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+
+    struct Fixture {
+        _file: tempfile::NamedTempFile,
+        mem: GuestMemoryMmap,
+        dev: BlkDevice,
+    }
+
+    /// A 64 KiB disk whose byte i holds i % 251, and 1 MiB of guest memory.
+    fn fixture(readonly: bool) -> Fixture {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let content: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&content).unwrap();
+        let disk = crate::disk::open(file.path(), Some(crate::disk::Format::Raw), readonly).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        Fixture { _file: file, mem, dev: BlkDevice::new(disk, "disk-serial".into(), readonly) }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(addr, len, flags, 0))
+    }
+
+    impl Fixture {
+        fn header(&self, kind: u32, sector: u64) {
+            self.mem.write_obj(kind.to_le(), GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+            self.mem.write_obj(sector.to_le(), GuestAddress(HDR + 8)).unwrap();
+            self.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+        }
+
+        /// Runs one chain; returns the used length and the status byte.
+        fn run(&self, descs: &[RawDescriptor]) -> (u32, u8) {
+            let vq = MockSplitQueue::new(&self.mem, 16);
+            let chain = vq.build_desc_chain(descs).unwrap();
+            let used = self.dev.process(chain, &self.mem);
+            (used, self.mem.read_obj(GuestAddress(STATUS)).unwrap())
+        }
+
+        fn read_mem(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0u8; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+    }
+
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    #[test]
+    fn read_with_header_split_across_descriptors_returns_disk_data() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_IN, 2);
+        let (used, status) = f.run(&[desc(HDR, 5, 0), desc(HDR + 5, 11, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)]);
+        assert_eq!((used, status), (1025, OK));
+        let expect: Vec<u8> = (1024..2048u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(f.read_mem(DATA, 1024), expect);
+    }
+
+    #[test]
+    fn data_and_status_sharing_one_descriptor_is_served() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_IN, 0);
+        let (used, _) = f.run(&[desc(HDR, 16, 0), desc(STATUS - 512, 513, W)]);
+        assert_eq!(used, 513);
+        assert_eq!(f.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+        assert_eq!(f.read_mem(STATUS - 512, 4), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn write_lands_at_its_sector_and_nowhere_else() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_OUT, 4);
+        f.mem.write_slice(&[0xabu8; 512], GuestAddress(DATA)).unwrap();
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)]), (1, OK));
+        let disk = std::fs::read(f._file.path()).unwrap();
+        assert!(disk[2048..2560].iter().all(|&b| b == 0xab));
+        assert!(disk[..2048].iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        assert!(disk[2560..].iter().enumerate().all(|(i, &b)| b == ((i + 2560) % 251) as u8));
+    }
+
+    #[test]
+    fn write_to_read_only_disk_fails_and_changes_nothing() {
+        let f = fixture(true);
+        f.header(VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)]), (1, IOERR));
+        f.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)]), (1, IOERR));
+        let disk = std::fs::read(f._file.path()).unwrap();
+        assert!(disk.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    }
+
+    #[test]
+    fn out_of_range_sectors_fail_without_overflow() {
+        let f = fixture(false);
+        for sector in [127, 128, u64::MAX / 512, u64::MAX] {
+            f.header(VIRTIO_BLK_T_IN, sector);
+            assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)]), (1, IOERR), "{sector}");
+        }
+    }
+
+    #[test]
+    fn unknown_type_is_unsupported() {
+        let f = fixture(false);
+        f.header(0x1234, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(STATUS, 1, W)]), (1, UNSUPP));
+    }
+
+    #[test]
+    fn malformed_chains_get_an_error_or_no_status() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_IN, 0);
+        // Short header: there is a status byte to report it in.
+        assert_eq!(f.run(&[desc(HDR, 8, 0), desc(STATUS, 1, W)]), (1, IOERR));
+        // Not a whole sector.
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 100, W), desc(STATUS, 1, W)]), (1, IOERR));
+        // Data outside guest memory, or too large: reported in the status byte.
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(MEM_SIZE + 4096, 512, W), desc(STATUS, 1, W)]), (1, IOERR));
+        let too_large = (MAX_REQUEST_BYTES + 512) as u32;
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(0, too_large, W), desc(STATUS, 1, W)]), (1, IOERR));
+        // Over 4 GiB in all is illegal; the chain ends early and has no status.
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(0, u32::MAX, W), desc(STATUS, 1, W)]).0, 0);
+        // Readable after writable.
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 512, W), desc(DATA, 512, 0), desc(STATUS, 1, W)]), (1, IOERR));
+        // No writable status byte: nowhere to report, used length 0.
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(STATUS, 1, 0)]).0, 0);
+        // Status outside guest memory.
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(MEM_SIZE - 1, 2, W)]).0, 0);
+    }
+
+    #[test]
+    fn get_id_returns_the_serial_bounded_by_the_buffer() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 64, W), desc(STATUS, 1, W)]), (21, OK));
+        let mut expect = b"disk-serial".to_vec();
+        expect.resize(20, 0);
+        assert_eq!(f.read_mem(DATA, 20), expect);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 4, W), desc(STATUS, 1, W)]), (5, OK));
+    }
+
+    fn segment(f: &Fixture, at: u64, sector: u64, sectors: u32, flags: u32) {
+        f.mem.write_obj(sector.to_le(), GuestAddress(at)).unwrap();
+        f.mem.write_obj(sectors.to_le(), GuestAddress(at + 8)).unwrap();
+        f.mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
+    }
+
+    #[test]
+    fn write_zeroes_segments_zero_their_ranges() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        segment(&f, DATA, 8, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        segment(&f, DATA + 16, 32, 1, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 32, 0), desc(STATUS, 1, W)]), (1, OK));
+        let disk = std::fs::read(f._file.path()).unwrap();
+        for (i, &b) in disk.iter().enumerate() {
+            let zeroed = (4096..8192).contains(&i) || (16384..16896).contains(&i);
+            assert_eq!(b, if zeroed { 0 } else { (i % 251) as u8 }, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn bad_discard_segments_are_refused() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_DISCARD, 0);
+        segment(&f, DATA, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)]), (1, UNSUPP));
+        segment(&f, DATA, 120, 16, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)]), (1, IOERR));
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 12, 0), desc(STATUS, 1, W)]), (1, IOERR));
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 16 * 17, 0), desc(STATUS, 1, W)]), (1, IOERR));
+    }
+
+    #[test]
+    fn flush_succeeds_and_write_through_mode_is_honoured() {
+        let f = fixture(false);
+        f.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(STATUS, 1, W)]), (1, OK));
+        f.dev.set_writeback(false);
+        f.header(VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)]), (1, OK));
+    }
 }
