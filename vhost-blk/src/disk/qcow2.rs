@@ -351,18 +351,19 @@ mod tests {
     #[test]
     fn hostile_headers_are_refused_with_a_reason() {
         let good = header_bytes();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-            ("version", Box::new(|b| b[4..8].copy_from_slice(&7u32.to_be_bytes()))),
-            ("cluster_bits", Box::new(|b| b[20..24].copy_from_slice(&40u32.to_be_bytes()))),
-            ("too large", Box::new(|b| b[24..32].copy_from_slice(&u64::MAX.to_be_bytes()))),
-            ("encrypted", Box::new(|b| b[32..36].copy_from_slice(&1u32.to_be_bytes()))),
-            ("L1 table", Box::new(|b| b[36..40].copy_from_slice(&0u32.to_be_bytes()))),
-            ("dirty", Box::new(|b| b[72..80].copy_from_slice(&1u64.to_be_bytes()))),
-            ("unknown bits", Box::new(|b| b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes()))),
-            ("backing file name", Box::new(|b| {
+        type Corrupt = fn(&mut Vec<u8>);
+        let cases: Vec<(&str, Corrupt)> = vec![
+            ("version", |b| b[4..8].copy_from_slice(&7u32.to_be_bytes())),
+            ("cluster_bits", |b| b[20..24].copy_from_slice(&40u32.to_be_bytes())),
+            ("too large", |b| b[24..32].copy_from_slice(&u64::MAX.to_be_bytes())),
+            ("encrypted", |b| b[32..36].copy_from_slice(&1u32.to_be_bytes())),
+            ("L1 table", |b| b[36..40].copy_from_slice(&0u32.to_be_bytes())),
+            ("dirty", |b| b[72..80].copy_from_slice(&1u64.to_be_bytes())),
+            ("unknown bits", |b| b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes())),
+            ("backing file name", |b| {
                 b[8..16].copy_from_slice(&4000u64.to_be_bytes());
                 b[16..20].copy_from_slice(&500u32.to_be_bytes());
-            })),
+            }),
         ];
         for (what, corrupt) in cases {
             let mut b = good.clone();
