@@ -74,21 +74,31 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            let mut used = false;
+            let (mut used, mut taken) = (false, false);
             loop {
                 // The queue lock is released at the end of this statement: add_used takes it.
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                taken = true;
                 let head = chain.head_index();
                 let len = self.dev.process(chain, &mem);
-                vring.add_used(head, len).map_err(io::Error::other)?;
-                used = true;
+                // A head outside the descriptor table cannot be returned; skip it and go on
+                // with the requests behind it.
+                match vring.add_used(head, len) {
+                    Ok(()) => used = true,
+                    Err(e) => debug!(head, error = %e, "dropping a chain with an invalid head"),
+                }
             }
             if used && (!event_idx || vring.needs_notification().map_err(io::Error::other)?) {
                 vring.signal_used_queue()?;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
+            }
+            if !taken {
+                // The ring claims more requests but yields none: its available index is
+                // corrupt. Spinning here would burn a host CPU for a broken guest.
+                return Err(io::Error::other("available ring index is invalid"));
             }
         }
     }
