@@ -67,6 +67,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Request<'a> {
     Read { sector: u64, len: u32 },
     Write { sector: u64, data: &'a [u8] },
+    /// Writes `len` bytes that the slot's data buffer already holds, as a guest writes data
+    /// that is already in its memory (see [`BlkQueue::fill_slots`]): no copy by the driver.
+    WriteInPlace { sector: u64, len: u32 },
     Flush,
     GetId,
     Discard { sector: u64, num_sectors: u32 },
@@ -78,7 +81,7 @@ impl Request<'_> {
     pub fn name(&self) -> &'static str {
         match self {
             Request::Read { .. } => "read",
-            Request::Write { .. } => "write",
+            Request::Write { .. } | Request::WriteInPlace { .. } => "write",
             Request::Flush => "flush",
             Request::GetId => "get-id",
             Request::Discard { .. } => "discard",
@@ -89,7 +92,7 @@ impl Request<'_> {
     fn type_and_sector(&self) -> (u32, u64) {
         match *self {
             Request::Read { sector, .. } => (VIRTIO_BLK_T_IN, sector),
-            Request::Write { sector, .. } => (VIRTIO_BLK_T_OUT, sector),
+            Request::Write { sector, .. } | Request::WriteInPlace { sector, .. } => (VIRTIO_BLK_T_OUT, sector),
             Request::Flush => (VIRTIO_BLK_T_FLUSH, 0),
             Request::GetId => (VIRTIO_BLK_T_GET_ID, 0),
             Request::Discard { .. } => (VIRTIO_BLK_T_DISCARD, 0),
@@ -188,6 +191,18 @@ impl BlkQueue {
         self.vring.mem().write_slice(buf, addr).map_err(|source| Error::Memory { addr: addr.raw_value(), source })
     }
 
+    /// Puts `data` at the start of every slot's data buffer, for [`Request::WriteInPlace`].
+    pub fn fill_slots(&mut self, data: &[u8]) -> Result<()> {
+        if data.len() > self.slot_size as usize {
+            return Err(Error::TooLarge { len: data.len(), max: self.slot_size });
+        }
+        let slots = self.free.len() + self.in_flight;
+        for tag in 0..slots as u16 {
+            self.write_mem(data, self.slot_data(tag))?;
+        }
+        Ok(())
+    }
+
     /// Places `req` in a free slot and on the available ring (not yet visible to the device:
     /// see [`kick`](Self::kick)). Returns the slot, which tags its completion.
     pub fn submit(&mut self, req: &Request) -> Result<u16> {
@@ -208,6 +223,7 @@ impl BlkQueue {
         let (len, writable, payload): (usize, bool, &[u8]) = match *req {
             Request::Read { len, .. } => (len as usize, true, &[]),
             Request::Write { data, .. } => (data.len(), false, data),
+            Request::WriteInPlace { len, .. } => (len as usize, false, &[]),
             Request::Flush => (0, false, &[]),
             Request::GetId => (VIRTIO_BLK_ID_BYTES as usize, true, &[]),
             Request::Discard { sector, num_sectors } => {
