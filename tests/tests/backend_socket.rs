@@ -362,3 +362,62 @@ fn sigterm_lets_taken_requests_complete_and_exits_zero() {
     }
     eprintln!("{completed} of 32 writes completed before the shutdown");
 }
+
+/// A loop device, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = std::process::Command::new("losetup").args(["-f", "--show", path(file)]).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Block devices take the BLKDISCARD / BLKZEROOUT path instead of fallocate.
+#[test]
+fn block_device_is_served_with_its_own_discard_and_zeroing() {
+    let dir = tempfile::Builder::new().prefix("livesnap-blkdev").tempdir().unwrap();
+    let backing = dir.path().join("backing.raw");
+    std::fs::write(&backing, pattern(0, 8 * MIB as usize)).unwrap();
+    let dev = Loop::attach(&backing);
+    let socket = dir.path().join("vdb.sock");
+    let args = vec![
+        "--vm".into(),
+        "blkdev-test".into(),
+        "--disk".into(),
+        format!("id=vdb,image={},socket={},format=raw", dev.0, socket.display()),
+    ];
+    let daemon = Daemon::livesnap_blk(&args, &[&socket]).unwrap();
+    let (f, mut qs) = {
+        let mut f = Frontend::connect(&socket, &Options { queues: 1, timeout: WAIT, ..Options::default() }).unwrap();
+        let qs: Vec<BlkQueue> = f.take_queues().into_iter().map(|v| BlkQueue::new(v, 4, MIB as u32).unwrap()).collect();
+        (f, qs)
+    };
+    assert_eq!(f.config().capacity, 8 * MIB / 512);
+    let q = &mut qs[0];
+    q.write(16, &[0x77; 8192]).unwrap();
+    q.write_zeroes(64, 16, false).unwrap();
+    q.write_zeroes(128, 16, true).unwrap();
+    q.discard(256, 16).unwrap();
+    q.flush().unwrap();
+    assert_eq!(q.read(16, 8192).unwrap(), vec![0x77; 8192]);
+    assert_eq!(q.read(64, 8192).unwrap(), vec![0u8; 8192]);
+    assert_eq!(q.read(128, 8192).unwrap(), vec![0u8; 8192]);
+    assert_eq!(q.read(0, 8192).unwrap(), pattern(0, 8192));
+    drop(qs);
+    drop(f);
+    assert!(daemon.stop(libc::SIGTERM, WAIT).unwrap().success());
+    drop(dev);
+    let image = std::fs::read(&backing).unwrap();
+    assert!(image[16 * 512..16 * 512 + 8192].iter().all(|&b| b == 0x77));
+    assert!(image[64 * 512..64 * 512 + 8192].iter().all(|&b| b == 0));
+    assert!(image[128 * 512..128 * 512 + 8192].iter().all(|&b| b == 0));
+    assert_eq!(&image[..8192], &pattern(0, 8192)[..]);
+}
