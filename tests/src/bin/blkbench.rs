@@ -16,9 +16,11 @@
 //! offsets, one request at a time per thread (queue depth 1 per thread: a synchronous syscall on
 //! a page-cached file has nothing to overlap with).
 //!
-//! Each cell runs a warm-up (a third of `--seconds`, at most 1 s) and then `--seconds` measured;
-//! the file is synced after each write workload so that dirty pages do not carry over. Numbers
-//! are printed, never judged.
+//! Both backends are started and connected at once, on the same file. For each workload the
+//! targets take turns, `--rounds` times, so that load from elsewhere on the machine hits all of
+//! them alike; the median of the rounds is printed. Each cell runs a warm-up (a third of
+//! `--seconds`, at most 1 s) and then `--seconds` measured; the file is synced after every write
+//! cell so that dirty pages do not carry over. Numbers are printed, never judged.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -45,6 +47,10 @@ struct Args {
     /// Measured seconds per cell.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Rounds: every cell is measured this many times, the targets taking turns within each
+    /// round so that a burst of load elsewhere hits all of them alike; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Run only this target.
     #[arg(long)]
     only: Option<Target>,
@@ -248,67 +254,57 @@ fn cell<C: Send>(
 /// Results of one target, in `WORKLOADS` order.
 type Column = Vec<Option<f64>>;
 
-/// All workloads through the test VMM against the backend listening on `socket`.
-fn run_vhost(socket: &Path, file: &File, size: u64, run: Duration) -> Result<Column> {
-    let opts = Options { queues: QUEUES as u16, mem_size: 48 << 20, timeout: TIMEOUT, ..Options::default() };
-    let mut fe = Frontend::connect(socket, &opts).context("cannot set up the device")?;
-    ensure!(fe.config().capacity * SECTOR_SIZE == size, "device capacity {} sectors, file {size} bytes", fe.config().capacity);
-    let depth = WORKLOADS.iter().map(|w| w.depth).max().unwrap_or(1) as u16;
-    let block = WORKLOADS.iter().map(|w| w.block).max().unwrap_or(4096);
-    let mut queues = fe.take_queues().into_iter().map(|v| BlkQueue::new(v, depth, block)).collect::<Result<Vec<_>, _>>()?;
-    WORKLOADS
-        .iter()
-        .map(|w| {
-            let r = cell(w, size, run, &mut queues, virtio_worker)?;
-            if w.write {
-                file.sync_data()?;
-            }
-            Ok(Some(r))
-        })
-        .collect()
+/// A target, set up once and kept for all its cells.
+enum Runner {
+    /// A backend behind the test VMM; the daemon and frontend live as long as the queues.
+    Vhost { queues: Vec<BlkQueue>, _frontend: Frontend, _daemon: Daemon },
+    /// pread/pwrite on the file itself, one descriptor shared by the workers.
+    Limit { file: File },
 }
 
-/// All workloads with pread/pwrite on the file itself.
-fn run_limit(path: &Path, size: u64, run: Duration) -> Result<Column> {
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
-    let mut files = vec![&file; QUEUES];
-    WORKLOADS
-        .iter()
-        .map(|w| {
-            let r = cell(w, size, run, &mut files, |f, w, o, c| pio_worker(f, w, o, c))?;
-            if w.write {
-                file.sync_data()?;
+impl Runner {
+    fn new(t: Target, dir: &Path, image: &Path, size: u64) -> Result<Self> {
+        let socket = dir.join(format!("{t:?}.sock").to_lowercase());
+        let daemon = match t {
+            Target::Qsd => Daemon::qemu_storage_daemon(image, "raw", &socket, QUEUES as u16)?,
+            Target::Livesnap => {
+                let args = [
+                    "--vm".to_string(),
+                    "bench".to_string(),
+                    "--disk".to_string(),
+                    format!("id=vda,image={},socket={},format=raw", image.display(), socket.display()),
+                    "--queues".to_string(),
+                    QUEUES.to_string(),
+                ];
+                Daemon::livesnap_blk(&args, &[&socket]).context("livesnap-blk did not start")?
             }
-            Ok(Some(r))
-        })
-        .collect()
-}
+            Target::Limit => return Ok(Runner::Limit { file: OpenOptions::new().read(true).write(true).open(image)? }),
+        };
+        let opts = Options { queues: QUEUES as u16, mem_size: 48 << 20, timeout: TIMEOUT, ..Options::default() };
+        let mut fe = Frontend::connect(&socket, &opts).context("cannot set up the device")?;
+        let capacity = fe.config().capacity;
+        ensure!(capacity * SECTOR_SIZE == size, "device capacity {capacity} sectors, file {size} bytes");
+        let depth = WORKLOADS.iter().map(|w| w.depth).max().unwrap_or(1) as u16;
+        let block = WORKLOADS.iter().map(|w| w.block).max().unwrap_or(4096);
+        let queues = fe.take_queues().into_iter().map(|v| BlkQueue::new(v, depth, block)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Runner::Vhost { queues, _frontend: fe, _daemon: daemon })
+    }
 
-/// Runs one target; its failure is reported and leaves its column empty.
-fn run_target(t: Target, dir: &Path, image: &Path, file: &File, size: u64, run: Duration) -> Column {
-    let socket = dir.join(format!("{t:?}.sock").to_lowercase());
-    let res = match t {
-        Target::Qsd => Daemon::qemu_storage_daemon(image, "raw", &socket, QUEUES as u16)
-            .and_then(|_daemon| run_vhost(&socket, file, size, run)),
-        Target::Livesnap => {
-            let args = [
-                "--vm".to_string(),
-                "bench".to_string(),
-                "--disk".to_string(),
-                format!("id=vda,image={},socket={},format=raw", image.display(), socket.display()),
-                "--queues".to_string(),
-                QUEUES.to_string(),
-            ];
-            Daemon::livesnap_blk(&args, &[&socket])
-                .context("livesnap-blk did not start")
-                .and_then(|_daemon| run_vhost(&socket, file, size, run))
+    /// Runs one cell of `w`; returns operations per second.
+    fn cell(&mut self, w: &Workload, size: u64, run: Duration) -> Result<f64> {
+        match self {
+            Runner::Vhost { queues, .. } => cell(w, size, run, queues, virtio_worker),
+            Runner::Limit { file } => {
+                let mut files = vec![&*file; QUEUES];
+                cell(w, size, run, &mut files, |f, w, o, c| pio_worker(f, w, o, c))
+            }
         }
-        Target::Limit => run_limit(image, size, run),
-    };
-    res.unwrap_or_else(|e| {
-        eprintln!("blkbench: {t:?} skipped: {e:#}");
-        vec![None; WORKLOADS.len()]
-    })
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// Creates `size` bytes of non-zero data, synced, so that every block is allocated and cached.
@@ -366,7 +362,13 @@ fn print_json(args: &Args, cols: &[Column; 3]) {
             )
         })
         .collect();
-    println!("{{\"size\":{},\"seconds\":{},\"results\":[{}]}}", args.size, args.seconds, rows.join(","));
+    println!(
+        "{{\"size\":{},\"seconds\":{},\"rounds\":{},\"results\":[{}]}}",
+        args.size,
+        args.seconds,
+        args.rounds,
+        rows.join(",")
+    );
 }
 
 fn run() -> Result<()> {
@@ -384,10 +386,34 @@ fn run() -> Result<()> {
     };
     let image = dir.join("blkbench.raw");
     let file = prepare_file(&image, args.size).with_context(|| format!("cannot prepare {}", image.display()))?;
-    let cols = TARGETS.map(|t| match args.only {
-        Some(only) if only != t => vec![None; WORKLOADS.len()],
-        _ => run_target(t, &dir, &image, &file, args.size, run),
-    });
+    let mut runners: Vec<Option<Runner>> = TARGETS
+        .iter()
+        .map(|&t| match args.only {
+            Some(only) if only != t => None,
+            _ => Runner::new(t, &dir, &image, args.size).map_err(|e| eprintln!("blkbench: {t:?} skipped: {e:#}")).ok(),
+        })
+        .collect();
+    let mut samples = vec![vec![Vec::new(); WORKLOADS.len()]; TARGETS.len()];
+    for (i, w) in WORKLOADS.iter().enumerate() {
+        for _ in 0..args.rounds {
+            for (t, runner) in runners.iter_mut().enumerate() {
+                let Some(r) = runner else { continue };
+                match r.cell(w, args.size, run) {
+                    Ok(v) => samples[t][i].push(v),
+                    Err(e) => {
+                        eprintln!("blkbench: {:?} dropped after {}: {e:#}", TARGETS[t], w.name);
+                        *runner = None;
+                    }
+                }
+                // Dirty pages of one target's writes must not slow the next one down.
+                if w.write {
+                    file.sync_data()?;
+                }
+            }
+        }
+    }
+    drop(runners);
+    let cols: [Column; 3] = std::array::from_fn(|t| samples[t].iter().map(|v| median(v.clone())).collect());
     if args.dir.is_some() {
         std::fs::remove_file(&image).with_context(|| format!("cannot remove {}", image.display()))?;
     }
