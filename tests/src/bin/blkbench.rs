@@ -23,6 +23,7 @@
 //! cell so that dirty pages do not carry over. Numbers are printed, never judged.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -51,6 +52,11 @@ struct Args {
     /// round so that a burst of load elsewhere hits all of them alike; the median is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
+    /// How the file's page cache is filled before the cells: `large` leaves the large folios
+    /// that writing it sequentially creates; `small` drops them and reads every 4 KiB block
+    /// back in random order, as a guest's random reads would, leaving 4 KiB folios.
+    #[arg(long, value_enum, default_value_t = PageCache::Large)]
+    page_cache: PageCache,
     /// Run only this target.
     #[arg(long)]
     only: Option<Target>,
@@ -60,6 +66,12 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PageCache {
+    Large,
+    Small,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -318,6 +330,31 @@ fn prepare_file(path: &Path, size: u64) -> Result<File> {
     Ok(file)
 }
 
+/// Refills the page cache of `file` with 4 KiB folios: drops it, then reads every 4 KiB block
+/// in a random order without readahead (which would allocate large folios again).
+fn refill_cache_small(file: &File, size: u64) -> Result<()> {
+    let fd = file.as_raw_fd();
+    let advise = |advice| {
+        // SAFETY: posix_fadvise(2) on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::posix_fadvise(fd, 0, 0, advice) };
+        ensure!(rc == 0, "posix_fadvise: {}", std::io::Error::from_raw_os_error(rc));
+        Ok(())
+    };
+    advise(libc::POSIX_FADV_DONTNEED)?;
+    advise(libc::POSIX_FADV_RANDOM)?;
+    let w = Workload { name: "fill", block: 4096, random: true, write: false, depth: 1 };
+    let mut offs = Offsets::new(&w, 0, size);
+    let mut buf = vec![0u8; 4096];
+    // Random blocks with repeats; a final sweep catches the ones never drawn.
+    for _ in 0..size / 4096 {
+        file.read_exact_at(&mut buf, offs.next())?;
+    }
+    for off in (0..size).step_by(4096) {
+        file.read_exact_at(&mut buf, off)?;
+    }
+    advise(libc::POSIX_FADV_NORMAL)
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     a.zip(b).filter(|&(_, b)| b > 0.0).map(|(a, b)| a / b)
 }
@@ -363,10 +400,11 @@ fn print_json(args: &Args, cols: &[Column; 3]) {
         })
         .collect();
     println!(
-        "{{\"size\":{},\"seconds\":{},\"rounds\":{},\"results\":[{}]}}",
+        "{{\"size\":{},\"seconds\":{},\"rounds\":{},\"page_cache\":\"{:?}\",\"results\":[{}]}}",
         args.size,
         args.seconds,
         args.rounds,
+        args.page_cache,
         rows.join(",")
     );
 }
@@ -386,6 +424,9 @@ fn run() -> Result<()> {
     };
     let image = dir.join("blkbench.raw");
     let file = prepare_file(&image, args.size).with_context(|| format!("cannot prepare {}", image.display()))?;
+    if args.page_cache == PageCache::Small {
+        refill_cache_small(&file, args.size).context("cannot refill the page cache")?;
+    }
     let mut runners: Vec<Option<Runner>> = TARGETS
         .iter()
         .map(|&t| match args.only {
