@@ -421,3 +421,50 @@ fn block_device_is_served_with_its_own_discard_and_zeroing() {
     assert!(image[128 * 512..128 * 512 + 8192].iter().all(|&b| b == 0));
     assert_eq!(&image[..8192], &pattern(0, 8192)[..]);
 }
+
+/// Runs livesnap-blk expecting it to refuse to start; returns its stderr.
+fn refused(args: &[String]) -> String {
+    let out = std::process::Command::new(livesnap_tests::daemon::livesnap_blk_path().unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "livesnap-blk {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_second_backend_on_the_same_image_is_refused() {
+    let s = serve(MIB, false, "");
+    let other = s.dir.path().join("other.sock");
+    let err = refused(&[
+        "--vm".into(),
+        "intruder".into(),
+        "--disk".into(),
+        format!("id=vda,image={},socket={}", s.image.display(), other.display()),
+    ]);
+    assert!(err.contains("in use by another process"), "{err}");
+    let (_f, mut qs) = connect(&s, 1);
+    assert_eq!(qs[0].read(0, 512).unwrap(), pattern(0, 512));
+}
+
+#[test]
+fn bad_arguments_and_images_fail_with_a_readable_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let garbage = dir.path().join("garbage.qcow2");
+    let mut bytes = b"QFI\xfb".to_vec();
+    bytes.resize(4096, 0xff);
+    std::fs::write(&garbage, &bytes).unwrap();
+    let raw = dir.path().join("good.raw");
+    std::fs::write(&raw, [0u8; 4096]).unwrap();
+    for (disk, expect) in [
+        (format!("id=vda,image={}/missing.raw,socket={}", dir.path().display(), sock.display()), "cannot open image"),
+        (format!("id=vda,image={},socket={}", garbage.display(), sock.display()), "cannot be served"),
+        (format!("id=vda,image={},socket=/nonexistent-dir/s.sock", raw.display()), "cannot listen on"),
+        (format!("id=vda,image={},socket={},format=vmdk", garbage.display(), sock.display()), "unknown image format"),
+    ] {
+        let err = refused(&["--vm".into(), "bad".into(), "--disk".into(), disk.clone()]);
+        assert!(err.contains(expect), "{disk}: {err}");
+        assert!(!err.contains("panicked"), "{disk}: {err}");
+    }
+}
