@@ -74,14 +74,18 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            let (mut used, mut taken) = (false, false);
-            loop {
-                // The queue lock is released at the end of this statement: add_used takes it.
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                taken = true;
-                let head = chain.head_index();
-                let len = self.dev.process(chain, &mem);
+            // Take every available request first, so that their reads can overlap; the queue
+            // lock is released before add_used takes it again.
+            let chains: Vec<_> = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                std::iter::from_fn(|| queue.pop_descriptor_chain(mem.clone())).take(MAX_QUEUE_SIZE).collect()
+            };
+            let taken = !chains.is_empty();
+            let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
+            let lens = self.dev.process_batch(chains.into_iter(), &mem);
+            let mut used = false;
+            for (head, len) in heads.into_iter().zip(lens) {
                 // A head outside the descriptor table cannot be returned; skip it and go on
                 // with the requests behind it.
                 match vring.add_used(head, len) {

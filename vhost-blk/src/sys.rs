@@ -74,20 +74,42 @@ pub unsafe fn pv_all(file: &File, iovs: &mut [libc::iovec], mut offset: u64, wri
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ended early"));
         }
-        let mut n = n as usize;
         offset += n as u64;
-        while let Some(first) = iovs.first_mut() {
-            if n < first.iov_len {
-                // SAFETY: advancing within the same iovec's buffer by fewer than its length.
-                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
-                first.iov_len -= n;
-                break;
-            }
-            n -= first.iov_len;
-            iovs = &mut iovs[1..];
-        }
+        iovs = advance_iovecs(iovs, n as usize);
     }
     Ok(())
+}
+
+/// `preadv2(2)` with `RWF_NOWAIT`: reads what the page cache holds without blocking; fails
+/// with `WouldBlock` when nothing can be read without waiting for the device.
+///
+/// # Safety
+/// Every iovec must describe memory valid for writes for the whole call.
+pub unsafe fn preadv_nowait(file: &File, iovs: &[libc::iovec], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cnt = iovs.len().min(1024) as libc::c_int;
+    // SAFETY: the caller guarantees the iovecs are valid; `cnt` does not exceed their number.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), iovs.as_ptr(), cnt, off, libc::RWF_NOWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Drops the first `n` bytes of `iovs`, in place; returns what is left.
+pub fn advance_iovecs(mut iovs: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
+    while let Some(first) = iovs.first_mut() {
+        if n < first.iov_len {
+            // SAFETY: advancing within the same iovec's buffer by fewer than its length.
+            first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
+            first.iov_len -= n;
+            break;
+        }
+        n -= first.iov_len;
+        iovs = &mut iovs[1..];
+    }
+    iovs
 }
 
 /// Blocks `signals` in the calling thread and in every thread it spawns afterwards.

@@ -99,6 +99,10 @@ pub trait DiskFile: Send + Sync + fmt::Debug {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes a range read as zeroes; `unmap` allows freeing its storage.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()>;
+    /// Runs independent reads, possibly at the same time; one result per read, in order.
+    fn read_batch(&self, reads: &[(u64, &[Buf<'_>])]) -> Vec<Result<()>> {
+        reads.iter().map(|(offset, bufs)| self.read_vectored_at(bufs, *offset)).collect()
+    }
 }
 
 /// Checks that `len` bytes at `offset` lie inside a disk of `size` bytes.

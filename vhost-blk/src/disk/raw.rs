@@ -1,8 +1,12 @@
 //! Raw images: a regular file or a block device, read and written in place.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
+
+use io_uring::{opcode, types, IoUring};
 
 use super::{check_range, total_len, Buf, DiskFile, Format, Result};
 use crate::sys;
@@ -27,16 +31,62 @@ impl RawDisk {
 
     fn transfer(&self, bufs: &[Buf<'_>], offset: u64, write: bool) -> Result<()> {
         check_range(self.size, offset, total_len(bufs))?;
-        // Guards keep the guest pages' pointers valid (and dirty-tracked) for the syscall.
-        let guards: Vec<_> = bufs.iter().map(|b| (b.ptr_guard_mut(), b.len())).collect();
-        let mut iovs: Vec<libc::iovec> = guards
-            .iter()
-            .map(|(g, len)| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: *len })
-            .collect();
-        // SAFETY: each iovec covers exactly one `Buf`, a slice of mapped memory that `guards`
-        // keeps alive until the call returns.
+        let mut iovs = iovecs(bufs);
+        // SAFETY: each iovec covers exactly one `Buf`, mapped memory borrowed for this call.
         unsafe { sys::pv_all(&self.file, &mut iovs, offset, write) }?;
         Ok(())
+    }
+
+    /// Reads what the page cache holds at once; returns the bytes read, or `None` when the read
+    /// would block.
+    fn read_cached(&self, iovs: &[libc::iovec], offset: u64) -> Result<Option<usize>> {
+        // SAFETY: the iovecs cover `Buf`s borrowed by our caller for the duration of the call.
+        match unsafe { sys::preadv_nowait(&self.file, iovs, offset) } {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || unsupported(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs reads that would block together on this thread's io_uring; one result each.
+    fn read_blocked(&self, jobs: &mut [ReadJob]) -> Vec<Result<()>> {
+        let done = RING.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let ring = slot.get_or_insert_with(|| IoUring::new(RING_ENTRIES).ok()).as_mut()?;
+            let res = uring_readv(ring, self.file.as_raw_fd(), jobs);
+            if res.is_err() {
+                // Completions may still be owed to a failed ring: never reuse it.
+                *slot = None;
+            }
+            Some(res)
+        });
+        match done {
+            Some(Ok(results)) => jobs
+                .iter_mut()
+                .zip(results)
+                .map(|(job, res)| {
+                    let n = res?;
+                    if n == 0 {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ended early").into());
+                    }
+                    // A short read: finish it the blocking way.
+                    let rest = sys::advance_iovecs(&mut job.iovs, n);
+                    // SAFETY: as in `transfer`: the iovecs cover borrowed `Buf`s.
+                    unsafe { sys::pv_all(&self.file, rest, job.offset + n as u64, false) }?;
+                    Ok(())
+                })
+                .collect(),
+            // No io_uring here, or it failed: one blocking read after the other.
+            _ => jobs
+                .iter_mut()
+                .map(|job| {
+                    // SAFETY: as in `transfer`: the iovecs cover borrowed `Buf`s.
+                    unsafe { sys::pv_all(&self.file, &mut job.iovs, job.offset, false) }?;
+                    Ok(())
+                })
+                .collect(),
+        }
     }
 
     fn write_zero_bytes(&self, mut offset: u64, len: u64) -> Result<()> {
@@ -50,6 +100,64 @@ impl RawDisk {
         }
         Ok(())
     }
+}
+
+/// Entries of each queue thread's ring: the most reads that wait on the device at once.
+const RING_ENTRIES: u32 = 256;
+
+thread_local! {
+    /// The io_uring of this queue thread, made on first use; `Some(None)` where the kernel has
+    /// none to give.
+    static RING: RefCell<Option<Option<IoUring>>> = const { RefCell::new(None) };
+}
+
+/// A read that could not be served from the page cache at once.
+struct ReadJob {
+    index: usize,
+    offset: u64,
+    iovs: Vec<libc::iovec>,
+}
+
+/// iovecs of guest buffers, for the syscalls. The pointers stay valid while `bufs` is borrowed
+/// (a `Buf` has no dirty bitmap, so its guard has nothing to do when dropped).
+fn iovecs(bufs: &[Buf<'_>]) -> Vec<libc::iovec> {
+    bufs.iter().map(|b| libc::iovec { iov_base: b.ptr_guard_mut().as_ptr().cast(), iov_len: b.len() }).collect()
+}
+
+/// Submits `jobs` as readv operations, in rounds of at most the ring's size, and waits for all
+/// of them; returns each one's byte count or error, in order.
+fn uring_readv(ring: &mut IoUring, fd: RawFd, jobs: &[ReadJob]) -> io::Result<Vec<io::Result<usize>>> {
+    let mut results: Vec<io::Result<usize>> = Vec::with_capacity(jobs.len());
+    results.resize_with(jobs.len(), || Ok(0));
+    for (round, chunk) in jobs.chunks(RING_ENTRIES as usize).enumerate() {
+        let base = round * RING_ENTRIES as usize;
+        for (k, job) in chunk.iter().enumerate() {
+            let entry = opcode::Readv::new(types::Fd(fd), job.iovs.as_ptr(), job.iovs.len() as u32)
+                .offset(job.offset)
+                .build()
+                .user_data((base + k) as u64);
+            // SAFETY: the iovec array and the guest buffers it points to outlive the operation:
+            // this function waits for every completion before returning, and a failed ring is
+            // dropped (which waits for or cancels what it has in flight) by the caller.
+            unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        let mut left = chunk.len();
+        while left > 0 {
+            match ring.submit_and_wait(left) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            for cqe in ring.completion() {
+                let i = usize::try_from(cqe.user_data()).ok().filter(|&i| i >= base && i < base + chunk.len());
+                let i = i.ok_or_else(|| io::Error::other("io_uring completion of an unknown read"))?;
+                let res = cqe.result();
+                results[i] = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
+                left -= 1;
+            }
+        }
+    }
+    Ok(results)
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -67,6 +175,32 @@ impl DiskFile for RawDisk {
 
     fn read_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> Result<()> {
         self.transfer(bufs, offset, false)
+    }
+
+    /// Serves from the page cache what it holds, without blocking; the reads that would wait
+    /// for the device go to the device together, so that they overlap.
+    fn read_batch(&self, reads: &[(u64, &[Buf<'_>])]) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = Vec::with_capacity(reads.len());
+        let mut blocked = Vec::new();
+        for (index, &(offset, bufs)) in reads.iter().enumerate() {
+            let len = total_len(bufs);
+            let res = check_range(self.size, offset, len).and_then(|()| {
+                let mut iovs = iovecs(bufs);
+                let n = self.read_cached(&iovs, offset)?.unwrap_or(0);
+                if (n as u64) < len {
+                    let rest = sys::advance_iovecs(&mut iovs, n).to_vec();
+                    blocked.push(ReadJob { index, offset: offset + n as u64, iovs: rest });
+                }
+                Ok(())
+            });
+            results.push(res);
+        }
+        if !blocked.is_empty() {
+            for (job, res) in blocked.iter().map(|j| j.index).collect::<Vec<_>>().into_iter().zip(self.read_blocked(&mut blocked)) {
+                results[job] = res;
+            }
+        }
+        results
     }
 
     fn write_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> Result<()> {
@@ -111,6 +245,7 @@ impl DiskFile for RawDisk {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::fd::AsRawFd;
 
     fn disk_with(content: &[u8]) -> (tempfile::NamedTempFile, RawDisk) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -152,6 +287,46 @@ mod tests {
         assert!(data[4096..8192].iter().all(|&b| b == 0));
         assert!(data[12288..14336].iter().all(|&b| b == 0));
         assert!(data[..4096].iter().chain(&data[8192..12288]).chain(&data[14336..]).all(|&b| b == 0xff));
+    }
+
+    /// Drops the file's pages from the page cache, so that reads have to wait for the device.
+    fn drop_cache(f: &tempfile::NamedTempFile) {
+        let file = f.as_file();
+        file.sync_all().unwrap();
+        // SAFETY: posix_fadvise(2) on a descriptor we own; no memory is passed.
+        assert_eq!(unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    }
+
+    #[test]
+    fn batched_reads_of_uncached_data_return_the_right_bytes() {
+        let content: Vec<u8> = (0..4u32 << 20).map(|i| (i / 4096 + i % 253) as u8).collect();
+        let (f, disk) = disk_with(&content);
+        for round in 0..2 {
+            drop_cache(&f);
+            // 40 reads, some split over two buffers, one of them past the end.
+            let mut bufs: Vec<Vec<u8>> = (0..40).map(|i| vec![0u8; 4096 * (1 + i % 3)]).collect();
+            let offsets: Vec<u64> = (0..40u64).map(|i| (i * 7919 + round) % 1000 * 4096).collect();
+            let slices: Vec<Vec<Buf<'_>>> = bufs
+                .iter_mut()
+                .map(|b| {
+                    let (lo, hi) = b.split_at_mut(2048);
+                    vec![Buf::from(lo), Buf::from(hi)]
+                })
+                .collect();
+            let mut reads: Vec<(u64, &[Buf<'_>])> = offsets.iter().zip(&slices).map(|(&o, s)| (o, &s[..])).collect();
+            reads[17].0 = (4 << 20) - 4096;
+            let results = disk.read_batch(&reads);
+            drop(slices);
+            for (i, (res, buf)) in results.iter().zip(&bufs).enumerate() {
+                if i == 17 && buf.len() > 4096 {
+                    assert!(res.is_err(), "read past the end succeeded");
+                    continue;
+                }
+                res.as_ref().unwrap();
+                let at = if i == 17 { (4 << 20) - 4096 } else { offsets[i] as usize };
+                assert!(buf[..] == content[at..at + buf.len()], "read {i} at {at}");
+            }
+        }
     }
 
     #[test]
