@@ -1,0 +1,91 @@
+//! A fake [`Freezer`] for tests: a fixed plan, a log of calls, and failures on demand. It
+//! behaves like the kernel: freezing a frozen filesystem is `EBUSY` (reported as frozen by
+//! someone else), thawing a thawed one `EINVAL` (not frozen).
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::freeze::{FreezeOutcome, Freezer, FsTarget, ThawOutcome};
+
+#[derive(Debug, Default)]
+struct Inner {
+    plan: Vec<FsTarget>,
+    frozen: HashSet<PathBuf>,
+    fail_freeze: HashSet<PathBuf>,
+    log: Vec<String>,
+}
+
+/// Clones share one state.
+#[derive(Clone, Debug, Default)]
+pub struct FakeFreezer {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl FakeFreezer {
+    /// A freezer whose plan is `mount_points`, in that (freeze) order.
+    pub fn new(mount_points: &[&str]) -> Self {
+        let plan = mount_points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| FsTarget {
+                mount_point: PathBuf::from(p),
+                fs_type: "ext4".into(),
+                source: format!("/dev/fake{i}"),
+                dev: (4095, u32::try_from(i).unwrap_or(u32::MAX)),
+            })
+            .collect();
+        FakeFreezer { inner: Arc::new(Mutex::new(Inner { plan, ..Inner::default() })) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks `p` frozen by someone else.
+    pub fn freeze_externally(&self, p: &str) {
+        self.lock().frozen.insert(PathBuf::from(p));
+    }
+
+    /// Makes FIFREEZE of `p` fail with EIO.
+    pub fn fail_freeze_of(&self, p: &str) {
+        self.lock().fail_freeze.insert(PathBuf::from(p));
+    }
+
+    /// `freeze /x`, `thaw /x` in call order.
+    pub fn log(&self) -> Vec<String> {
+        self.lock().log.clone()
+    }
+
+    /// The filesystems frozen now, sorted.
+    pub fn frozen(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.lock().frozen.iter().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+impl Freezer for FakeFreezer {
+    fn plan(&self) -> io::Result<Vec<FsTarget>> {
+        Ok(self.lock().plan.clone())
+    }
+
+    fn freeze(&self, p: &Path) -> io::Result<FreezeOutcome> {
+        let mut i = self.lock();
+        i.log.push(format!("freeze {}", p.display()));
+        if i.fail_freeze.contains(p) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if !i.frozen.insert(p.to_path_buf()) {
+            return Ok(FreezeOutcome::FrozenByOther);
+        }
+        Ok(FreezeOutcome::Frozen)
+    }
+
+    fn thaw(&self, p: &Path) -> io::Result<ThawOutcome> {
+        let mut i = self.lock();
+        i.log.push(format!("thaw {}", p.display()));
+        Ok(if i.frozen.remove(p) { ThawOutcome::Thawed } else { ThawOutcome::NotFrozen })
+    }
+}
