@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need, builds the guest image
-# (cached), lints, and runs every test of the workspace with nextest.
+# (cached) and the guest agent's static binary and .deb, lints, runs every test of the
+# workspace with nextest, then installs the .deb into a fresh Debian 12 root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
 ci/build-guest.sh
-command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# Cargo tools: the test runner, the packager, and the userspace vsock device the agent's
+# QEMU tests reach the guest through.
+for tool in cargo-nextest:cargo-nextest cargo-deb:cargo-deb vhost-device-vsock:vhost-device-vsock; do
+    bin=${tool%%:*} crate=${tool##*:}
+    command -v "$bin" >/dev/null || cargo install --locked --quiet "$crate"
+done
 
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
+ci/package-agent.sh
 cargo nextest run --workspace --locked --no-fail-fast
+ci/check-agent-deb.sh

@@ -181,7 +181,7 @@ impl Frontend {
     /// Connects to the backend listening on `socket` and sets the device up as `opts` says.
     pub fn connect(socket: &Path, opts: &Options) -> Result<Self> {
         let connect_err = |source| Error::Connect { path: socket.to_path_buf(), source };
-        let stream = UnixStream::connect(socket).map_err(connect_err)?;
+        let stream = connect_retrying(socket, opts.timeout).map_err(connect_err)?;
         stream.set_read_timeout(Some(opts.timeout)).map_err(connect_err)?;
         stream.set_write_timeout(Some(opts.timeout)).map_err(connect_err)?;
         let mut vu = VuFrontend::from_stream(stream, u64::from(opts.queues));
@@ -419,6 +419,23 @@ impl Vring {
             }
             // An error of poll(2) on our own eventfd is treated like a spurious wake-up.
             let _ = self.wait_call(left);
+        }
+    }
+}
+
+/// Connects to `socket`, retrying for at most `timeout` while it is missing or refuses: a
+/// backend's socket file can appear (bind) a moment before it listens.
+fn connect_retrying(socket: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(socket) {
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound)
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
         }
     }
 }
