@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need, builds the guest image
-# (cached) and the guest agent's static binary and .deb, lints, runs every test of the
-# workspace with nextest, then installs the .deb into a fresh Debian 12 root.
+# (cached) and the guest agent's static binary and .deb, lints, installs the .deb into a fresh
+# Debian 12 root, then runs every test of the workspace with nextest (last, so that its summary
+# closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,5 +18,5 @@ done
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 ci/package-agent.sh
-cargo nextest run --workspace --locked --no-fail-fast
 ci/check-agent-deb.sh
+cargo nextest run --workspace --locked --no-fail-fast
