@@ -39,7 +39,7 @@ enum AgentAction {
     /// Run the freeze hooks and freeze the guest's filesystems until thawed or the deadline.
     Freeze {
         /// The agent thaws by itself after this long (e.g. 10s, 500ms, 2m).
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         deadline: Duration,
         /// Given to the hooks as LIVESNAP_SNAPSHOT_ID.
         #[arg(long, default_value = "snapctl")]
@@ -58,27 +58,13 @@ struct Conn {
     #[arg(long, global = true)]
     unix: Option<PathBuf>,
     /// Time allowed to connect and for each call (a freeze gets its deadline on top).
-    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Print the reply as JSON.
     #[arg(long, global = true)]
     json: bool,
 }
 
-/// `<n>ms`, `<n>s`, `<n>m` or `<n>` seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 500ms, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(|| "duration too large".to_string()),
-        _ => Err(format!("{s:?}: unknown unit (ms, s, m)")),
-    }
-}
 
 fn print_json(v: &impl Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v).context("cannot encode JSON")?);

@@ -23,47 +23,15 @@ pub struct Args {
     #[arg(long, default_value = "/etc/livesnap/hooks.d")]
     pub hooks_dir: PathBuf,
     /// Timeout of each hook run, e.g. `30s`, `500ms`, `2m`.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub hook_timeout: Duration,
     /// Bytes of each hook's stdout and of its stderr returned to the host.
     #[arg(long, default_value_t = 4096)]
     pub hook_output_limit: usize,
     /// The longest freeze deadline accepted.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub max_deadline: Duration,
     /// Record of what is frozen; must be on a filesystem never frozen (a tmpfs such as /run).
     #[arg(long, default_value = "/run/livesnap-agent/state")]
     pub state_file: PathBuf,
-}
-
-/// `<n>ms`, `<n>s`, `<n>m` or `<n>` seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 500ms, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(|| "duration too large".to_string()),
-        _ => Err(format!("{s:?}: unknown unit (ms, s, m)")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units_and_reject_garbage() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        for bad in ["", "s", "10h", "-1s", "1.5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 }
