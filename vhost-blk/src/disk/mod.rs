@@ -142,7 +142,7 @@ pub fn open(path: &Path, format: Option<Format>, readonly: bool) -> Result<Arc<d
         None => detect(&file).map_err(|source| Error::Open { path: path.to_owned(), source })?,
     };
     Ok(match format {
-        Format::Raw => Arc::new(RawDisk::new(file, readonly)?),
+        Format::Raw => Arc::new(RawDisk::new(file)?),
         Format::Qcow2 => Arc::new(Qcow2Disk::open(path, file, readonly)?),
     })
 }

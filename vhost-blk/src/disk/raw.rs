@@ -22,7 +22,7 @@ pub struct RawDisk {
 }
 
 impl RawDisk {
-    pub fn new(mut file: File, _readonly: bool) -> Result<Self> {
+    pub fn new(mut file: File) -> Result<Self> {
         let block_device = file.metadata()?.file_type().is_block_device();
         // Seeking to the end gives the size of regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0))?;
@@ -251,7 +251,7 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(content).unwrap();
         let file = std::fs::OpenOptions::new().read(true).write(true).open(f.path()).unwrap();
-        (f, RawDisk::new(file, false).unwrap())
+        (f, RawDisk::new(file).unwrap())
     }
 
     #[test]
