@@ -497,11 +497,12 @@ pub fn to_unix_ms(t: Option<SystemTime>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake::FakeFreezer;
-    use std::os::unix::fs::PermissionsExt;
+    use crate::fake::{AgentHome, FakeFreezer};
 
     struct Fixture {
+        /// Holds the home's folder.
         dir: tempfile::TempDir,
+        home: AgentHome,
         fake: FakeFreezer,
         agent: Agent<FakeFreezer>,
     }
@@ -509,34 +510,22 @@ mod tests {
     impl Fixture {
         fn new(mounts: &[&str]) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            std::fs::create_dir(dir.path().join("hooks.d")).unwrap();
+            let home = AgentHome::new(dir.path()).unwrap();
             let fake = FakeFreezer::new(mounts);
-            let agent = Agent::new(fake.clone(), Self::config(dir.path()));
-            Fixture { dir, fake, agent }
+            let agent = Agent::new(fake.clone(), home.config());
+            Fixture { dir, home, fake, agent }
         }
 
-        fn config(dir: &Path) -> Config {
-            Config {
-                hooks: Hooks { dir: dir.join("hooks.d"), timeout: Duration::from_secs(20), max_output: 1024 },
-                max_deadline: Duration::from_secs(600),
-                state_file: dir.join("run/state"),
-            }
-        }
-
-        /// A hook appending `<name> <arg>` to `calls`.
         fn hook(&self, name: &str, extra: &str) {
-            let p = self.dir.path().join("hooks.d").join(name);
-            let calls = self.dir.path().join("calls");
-            std::fs::write(&p, format!("#!/bin/sh\necho \"{name} $1\" >>{}\n{extra}\n", calls.display())).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            self.home.hook(name, extra).unwrap();
         }
 
         fn calls(&self) -> Vec<String> {
-            std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default().lines().map(String::from).collect()
+            self.home.calls()
         }
 
         fn state(&self) -> Option<LeaseState> {
-            StateFile { path: self.dir.path().join("run/state") }.read().unwrap()
+            StateFile { path: self.home.state_file() }.read().unwrap()
         }
     }
 
@@ -671,7 +660,7 @@ mod tests {
         f.fake.freeze_externally("/boot");
         f.agent.freeze(Duration::from_secs(600), "s".into()).await.unwrap();
         // The agent dies: a new one starts on the same state file, with the guest still frozen.
-        let reborn = Agent::new(f.fake.clone(), Fixture::config(f.dir.path()));
+        let reborn = Agent::new(f.fake.clone(), f.home.config());
         let r = reborn.recover().await.unwrap().unwrap();
         assert!(r.was_frozen);
         assert_eq!(f.fake.frozen(), [PathBuf::from("/boot")]);
@@ -686,7 +675,7 @@ mod tests {
         let f = Fixture::new(MOUNTS);
         f.fake.freeze_externally("/data");
         std::fs::create_dir_all(f.dir.path().join("run")).unwrap();
-        std::fs::write(f.dir.path().join("run/state"), "garbage").unwrap();
+        std::fs::write(f.home.state_file(), "garbage").unwrap();
         f.agent.recover().await.unwrap().unwrap();
         assert!(f.fake.frozen().is_empty());
         assert_eq!(f.fake.log(), ["thaw /", "thaw /boot", "thaw /data"]);

@@ -89,3 +89,51 @@ impl Freezer for FakeFreezer {
         Ok(if i.frozen.remove(p) { ThawOutcome::Thawed } else { ThawOutcome::NotFrozen })
     }
 }
+
+/// A scratch home for an agent under test, in a folder the caller owns: `hooks.d/`, a log of
+/// the calls of recording hooks (`calls`), and the state file (`run/state`).
+#[derive(Clone, Debug)]
+pub struct AgentHome {
+    dir: PathBuf,
+}
+
+impl AgentHome {
+    /// Makes `dir/hooks.d`.
+    pub fn new(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir.join("hooks.d"))?;
+        Ok(AgentHome { dir: dir.to_path_buf() })
+    }
+
+    /// The agent's configuration: this home's hooks and state file, 20 s per hook, 1 KiB of
+    /// output per stream, deadlines up to 10 minutes.
+    pub fn config(&self) -> crate::agent::Config {
+        crate::agent::Config {
+            hooks: crate::hooks::Hooks {
+                dir: self.dir.join("hooks.d"),
+                timeout: std::time::Duration::from_secs(20),
+                max_output: 1024,
+            },
+            max_deadline: std::time::Duration::from_secs(600),
+            state_file: self.state_file(),
+        }
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("run/state")
+    }
+
+    /// Installs an executable hook `name` that appends `<name> <arg>` to the call log, then
+    /// runs the shell lines `extra`.
+    pub fn hook(&self, name: &str, extra: &str) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.dir.join("hooks.d").join(name);
+        let calls = self.dir.join("calls");
+        std::fs::write(&p, format!("#!/bin/sh\necho \"{name} $1\" >>{}\n{extra}\n", calls.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+    }
+
+    /// The recording hooks' calls so far, in order.
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("calls")).unwrap_or_default().lines().map(String::from).collect()
+    }
+}

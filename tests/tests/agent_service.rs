@@ -3,18 +3,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use livesnap_agent::agent::{Agent, Config};
-use livesnap_agent::fake::FakeFreezer;
-use livesnap_agent::hooks::Hooks;
+use livesnap_agent::agent::Agent;
+use livesnap_agent::fake::{AgentHome, FakeFreezer};
 use livesnap_control::agent::{AgentClient, Error, FsOutcome, HookOutcome, Limits, Target};
 
 struct Server {
-    dir: tempfile::TempDir,
+    /// Holds the home's folder and the socket.
+    _dir: tempfile::TempDir,
+    home: AgentHome,
     socket: PathBuf,
     fake: FakeFreezer,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -23,34 +23,24 @@ struct Server {
 impl Server {
     async fn start(mounts: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("hooks.d")).unwrap();
+        let home = AgentHome::new(dir.path()).unwrap();
         let fake = FakeFreezer::new(mounts);
-        let agent = Agent::new(
-            fake.clone(),
-            Config {
-                hooks: Hooks { dir: dir.path().join("hooks.d"), timeout: Duration::from_secs(20), max_output: 1024 },
-                max_deadline: Duration::from_secs(600),
-                state_file: dir.path().join("run/state"),
-            },
-        );
+        let agent = Agent::new(fake.clone(), home.config());
         let socket = dir.path().join("agent.sock");
         let listener = livesnap_agent::serve::bind_unix(&socket).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(livesnap_agent::serve::serve_unix(agent, listener, async {
             let _ = rx.await;
         }));
-        Server { dir, socket, fake, _stop: tx }
+        Server { _dir: dir, home, socket, fake, _stop: tx }
     }
 
     fn hook(&self, name: &str, extra: &str) {
-        let p = self.dir.path().join("hooks.d").join(name);
-        let calls = self.dir.path().join("calls");
-        std::fs::write(&p, format!("#!/bin/sh\necho \"{name} $1\" >>{}\n{extra}\n", calls.display())).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.home.hook(name, extra).unwrap();
     }
 
     fn calls(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("calls")).unwrap_or_default().lines().map(String::from).collect()
+        self.home.calls()
     }
 
     async fn client(&self) -> AgentClient {
