@@ -10,5 +10,6 @@ pub mod args;
 pub mod backend;
 pub mod disk;
 pub mod server;
+pub mod snap;
 pub mod sys;
 pub mod virtio;

@@ -1,0 +1,345 @@
+//! Changed-block tracking: one persistent bitmap per disk and generation.
+//!
+//! A bit covers `granularity` bytes of the virtual disk. A write sets its bits and writes them
+//! to the bitmap's file *before* the data goes to the disk, so a write that reached the disk is
+//! always in the file too; after a crash of the process the page cache still holds both. A
+//! crash of the whole host can lose bitmap pages whose data pages survived: the header records
+//! the boot it was opened in, and a map left open by an earlier boot is no longer trusted.
+//!
+//! Layout (`docs/delta-format.md`): a 4 KiB header (magic, version, flags, generation,
+//! granularity, disk size, boot id, the reason it is untrusted, CRC), then the bitmap, bit `i`
+//! of byte `i / 8` for block `i`.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::store::MetaFile;
+
+const MAGIC: &[u8; 8] = b"LSNAPCBT";
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 4096;
+const FLAG_UNTRUSTED: u32 = 1;
+const FLAG_OPEN: u32 = 2;
+const MAX_REASON: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("change map has a damaged header")]
+    BadHeader,
+    #[error("change map is generation {found}, expected {expected}")]
+    WrongGeneration { found: u64, expected: u64 },
+    #[error("change map describes a disk of {found} bytes, this disk has {expected}")]
+    WrongSize { found: u64, expected: u64 },
+    #[error("change map I/O failed")]
+    Io(#[from] io::Error),
+}
+
+/// The id of the running boot of the host, as the kernel reports it.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+#[derive(Debug)]
+struct Trust {
+    untrusted: Option<String>,
+}
+
+/// One generation of a disk's change map.
+#[derive(Debug)]
+pub struct Bitmap {
+    gen: u64,
+    granularity: u64,
+    size: u64,
+    boot_id: String,
+    words: Vec<AtomicU64>,
+    file: Arc<dyn MetaFile>,
+    /// Held while bits are written to the file, and guards the trust.
+    trust: Mutex<Trust>,
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+impl Bitmap {
+    fn blocks(size: u64, granularity: u64) -> u64 {
+        size.div_ceil(granularity)
+    }
+
+    /// Creates generation `gen` in the empty `file`, all clear; `untrusted` says why it cannot
+    /// be trusted from the start, if so.
+    pub fn create(
+        file: Arc<dyn MetaFile>,
+        gen: u64,
+        granularity: u64,
+        size: u64,
+        untrusted: Option<String>,
+        boot_id: &str,
+    ) -> Result<Self, Error> {
+        let nwords = Self::blocks(size, granularity).div_ceil(64);
+        let bm = Bitmap {
+            gen,
+            granularity,
+            size,
+            boot_id: boot_id.to_owned(),
+            words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+            file,
+            trust: Mutex::new(Trust { untrusted }),
+        };
+        bm.file.set_len(0)?;
+        bm.file.set_len(HEADER_LEN + nwords * 8)?;
+        bm.write_header(true)?;
+        Ok(bm)
+    }
+
+    /// Opens generation `gen` from `file` and marks it open in this boot.
+    pub fn open(file: Arc<dyn MetaFile>, gen: u64, granularity: u64, size: u64, boot_id: &str) -> Result<Self, Error> {
+        let mut h = vec![0u8; HEADER_LEN as usize];
+        if file.read_at(&mut h, 0)? != h.len()
+            || &h[0..8] != MAGIC
+            || u32_at(&h, 8) != VERSION
+            || u32_at(&h, 4092) != crc32fast::hash(&h[0..4092])
+        {
+            return Err(Error::BadHeader);
+        }
+        let flags = u32_at(&h, 12);
+        let found = u64_at(&h, 16);
+        if found != gen {
+            return Err(Error::WrongGeneration { found, expected: gen });
+        }
+        if u64_at(&h, 24) != granularity {
+            return Err(Error::BadHeader);
+        }
+        let found_size = u64_at(&h, 32);
+        if found_size != size {
+            return Err(Error::WrongSize { found: found_size, expected: size });
+        }
+        let old_boot = String::from_utf8_lossy(&h[41..41 + usize::from(h[40]).min(64)]).into_owned();
+        let reason_len = usize::from(u16::from_le_bytes([h[106], h[107]])).min(MAX_REASON);
+        let mut untrusted = (flags & FLAG_UNTRUSTED != 0)
+            .then(|| String::from_utf8_lossy(&h[128..128 + reason_len]).into_owned());
+        if untrusted.is_none() && flags & FLAG_OPEN != 0 && old_boot != boot_id {
+            untrusted = Some(
+                "the host restarted while the disk was in use; writes not yet flushed may have reached the disk untracked"
+                    .into(),
+            );
+        }
+        let nwords = Self::blocks(size, granularity).div_ceil(64);
+        let mut body = vec![0u8; (nwords * 8) as usize];
+        if file.read_at(&mut body, HEADER_LEN)? != body.len() {
+            untrusted.get_or_insert_with(|| "the change map file is truncated".into());
+        }
+        let words = body.chunks_exact(8).map(|w| AtomicU64::new(u64_at(w, 0))).collect();
+        let bm = Bitmap { gen, granularity, size, boot_id: boot_id.to_owned(), words, file, trust: Mutex::new(Trust { untrusted }) };
+        bm.write_header(true)?;
+        Ok(bm)
+    }
+
+    fn write_header(&self, open: bool) -> io::Result<()> {
+        let trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write_header_locked(&trust, open)
+    }
+
+    fn write_header_locked(&self, trust: &Trust, open: bool) -> io::Result<()> {
+        let mut h = vec![0u8; HEADER_LEN as usize];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let mut flags = if open { FLAG_OPEN } else { 0 };
+        if trust.untrusted.is_some() {
+            flags |= FLAG_UNTRUSTED;
+        }
+        h[12..16].copy_from_slice(&flags.to_le_bytes());
+        h[16..24].copy_from_slice(&self.gen.to_le_bytes());
+        h[24..32].copy_from_slice(&self.granularity.to_le_bytes());
+        h[32..40].copy_from_slice(&self.size.to_le_bytes());
+        let boot = self.boot_id.as_bytes();
+        let blen = boot.len().min(64);
+        h[40] = blen as u8;
+        h[41..41 + blen].copy_from_slice(&boot[..blen]);
+        if let Some(reason) = &trust.untrusted {
+            let r = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
+            h[106..108].copy_from_slice(&(r.len() as u16).to_le_bytes());
+            h[128..128 + r.len()].copy_from_slice(r);
+        }
+        let c = crc32fast::hash(&h[0..4092]);
+        h[4092..4096].copy_from_slice(&c.to_le_bytes());
+        self.file.write_at(&h, 0)?;
+        self.file.sync()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.gen
+    }
+
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// Why the map may miss writes, if it may.
+    pub fn untrusted(&self) -> Option<String> {
+        self.trust.lock().unwrap_or_else(PoisonError::into_inner).untrusted.clone()
+    }
+
+    /// Records that the map may miss writes from now on, durably if the file allows.
+    pub fn distrust(&self, reason: &str) {
+        let mut trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
+        if trust.untrusted.is_none() {
+            trust.untrusted = Some(reason.to_owned());
+            if let Err(e) = self.write_header_locked(&trust, true) {
+                tracing::error!(error = %e, "cannot record that the change map is untrusted");
+            }
+        }
+    }
+
+    fn block_range(&self, start: u64, end: u64) -> (u64, u64) {
+        (start / self.granularity, end.div_ceil(self.granularity))
+    }
+
+    fn is_set(&self, block: u64) -> bool {
+        self.words[(block / 64) as usize].load(Ordering::Acquire) & (1 << (block % 64)) != 0
+    }
+
+    /// Records that bytes `[start, end)` are about to change. Call before writing them.
+    pub fn mark(&self, start: u64, end: u64) {
+        if start >= end.min(self.size) {
+            return;
+        }
+        let (first, last) = self.block_range(start, end.min(self.size));
+        if (first..last).all(|b| self.is_set(b)) {
+            return;
+        }
+        let trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
+        let (w0, w1) = (first / 64, (last - 1) / 64 + 1);
+        let mut bytes = Vec::with_capacity(((w1 - w0) * 8) as usize);
+        for w in w0..w1 {
+            let lo = (w * 64).max(first);
+            let hi = ((w + 1) * 64).min(last);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) };
+            let v = self.words[w as usize].fetch_or(mask, Ordering::AcqRel) | mask;
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Err(e) = self.file.write_at(&bytes, HEADER_LEN + w0 * 8) {
+            drop(trust);
+            tracing::error!(error = %e, "cannot write the change map");
+            self.distrust("a change map write failed");
+        }
+    }
+
+    /// Sets every block set in `other` too, durably.
+    pub fn absorb(&self, other: &Bitmap) -> Result<(), Error> {
+        if let Some(reason) = other.untrusted() {
+            self.distrust(&reason);
+        }
+        let _trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut body = Vec::with_capacity(self.words.len() * 8);
+        for (mine, theirs) in self.words.iter().zip(&other.words) {
+            let v = mine.fetch_or(theirs.load(Ordering::Acquire), Ordering::AcqRel) | theirs.load(Ordering::Acquire);
+            body.extend_from_slice(&v.to_le_bytes());
+        }
+        self.file.write_at(&body, HEADER_LEN)?;
+        self.file.sync()?;
+        Ok(())
+    }
+
+    /// The changed ranges, `(offset, length)` in bytes, sorted and coalesced.
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let blocks = Self::blocks(self.size, self.granularity);
+        for b in 0..blocks {
+            if !self.is_set(b) {
+                continue;
+            }
+            let start = b * self.granularity;
+            let end = (start + self.granularity).min(self.size);
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == start => *l = end - *s,
+                _ => out.push((start, end - start)),
+            }
+        }
+        out
+    }
+
+    /// Makes the bits durable and records a clean close.
+    pub fn close(&self) -> Result<(), Error> {
+        self.file.sync()?;
+        self.write_header(false)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> Arc<dyn MetaFile> {
+        Arc::new(tempfile::tempfile().unwrap())
+    }
+
+    #[test]
+    fn marks_survive_a_reopen_without_close_in_the_same_boot() {
+        let f = file();
+        let bm = Bitmap::create(f.clone(), 5, 65536, 10 << 20, None, "boot-a").unwrap();
+        bm.mark(0, 512);
+        bm.mark(65536 * 3 + 100, 65536 * 5);
+        bm.mark((10 << 20) - 512, 10 << 20);
+        drop(bm);
+        let bm = Bitmap::open(f, 5, 65536, 10 << 20, "boot-a").unwrap();
+        assert_eq!(bm.untrusted(), None);
+        assert_eq!(bm.extents(), vec![(0, 65536), (65536 * 3, 65536 * 2), ((10 << 20) - 65536, 65536)]);
+    }
+
+    #[test]
+    fn a_map_left_open_by_an_earlier_boot_is_untrusted_and_a_closed_one_is_not() {
+        let f = file();
+        let bm = Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "boot-a").unwrap();
+        bm.mark(0, 4096);
+        drop(bm);
+        let bm = Bitmap::open(f.clone(), 1, 4096, 1 << 20, "boot-b").unwrap();
+        assert!(bm.untrusted().unwrap().contains("host restarted"));
+
+        let g = file();
+        let bm = Bitmap::create(g.clone(), 1, 4096, 1 << 20, None, "boot-a").unwrap();
+        bm.close().unwrap();
+        let bm = Bitmap::open(g, 1, 4096, 1 << 20, "boot-b").unwrap();
+        assert_eq!(bm.untrusted(), None);
+    }
+
+    #[test]
+    fn untrust_persists_with_its_reason() {
+        let f = file();
+        let bm = Bitmap::create(f.clone(), 2, 4096, 1 << 20, Some("no map before".into()), "b").unwrap();
+        bm.close().unwrap();
+        let bm = Bitmap::open(f, 2, 4096, 1 << 20, "b").unwrap();
+        assert_eq!(bm.untrusted().as_deref(), Some("no map before"));
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_header_is_an_error() {
+        let f = file();
+        Bitmap::create(f.clone(), 2, 4096, 1 << 20, None, "b").unwrap();
+        assert!(matches!(Bitmap::open(f.clone(), 3, 4096, 1 << 20, "b"), Err(Error::WrongGeneration { .. })));
+        assert!(matches!(Bitmap::open(f.clone(), 2, 4096, 2 << 20, "b"), Err(Error::WrongSize { .. })));
+        f.write_at(&[1], 30).unwrap();
+        assert!(matches!(Bitmap::open(f, 2, 4096, 1 << 20, "b"), Err(Error::BadHeader)));
+    }
+
+    #[test]
+    fn absorb_unions_bits_and_distrust() {
+        let a = Bitmap::create(file(), 1, 4096, 1 << 20, None, "b").unwrap();
+        let b = Bitmap::create(file(), 2, 4096, 1 << 20, Some("why".into()), "b").unwrap();
+        a.mark(0, 4096);
+        b.mark(8192, 12288);
+        a.absorb(&b).unwrap();
+        assert_eq!(a.extents(), vec![(0, 4096), (8192, 4096)]);
+        assert_eq!(a.untrusted().as_deref(), Some("why"));
+    }
+}

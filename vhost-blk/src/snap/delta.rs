@@ -1,0 +1,247 @@
+//! A snapshot's delta on one disk: a sparse data file at the same offsets as the virtual disk,
+//! and the extent map saying which ranges of it hold the disk's current content.
+//!
+//! Identity mapping keeps a write simple: the bytes go to the same offset of the delta, then
+//! the range joins the map in memory. The map reaches the journal only at a commit (the
+//! guest's FLUSH, a merge checkpoint), after the data it points to is durable, so the journal
+//! never points at data that did not reach the disk.
+//!
+//! While merging, guest writes go to the base; a write over a range still in the delta takes
+//! it out of the map, and the merger copies what is left, chunk by chunk. Writes and the merger
+//! exclude each other per range, so a copy never lands over a newer guest write.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use super::extents::ExtentMap;
+use super::journal::{self, Journal, Op, Record};
+use crate::disk::{self, Buf, DiskFile};
+
+/// Largest piece the merger copies at once, and so the longest a guest write may wait for it.
+pub const MERGE_CHUNK: u64 = 1 << 20;
+
+/// A change the guest makes to a range.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    Write(&'a [Buf<'a>]),
+    Zeroes { unmap: bool },
+}
+
+impl Change<'_> {
+    pub fn apply(&self, target: &dyn DiskFile, offset: u64, len: u64) -> disk::Result<()> {
+        match *self {
+            Change::Write(bufs) => target.write_vectored_at(bufs, offset),
+            Change::Zeroes { unmap } => target.write_zeroes(offset, len, unmap),
+        }
+    }
+}
+
+/// Why a write could not go to the delta.
+#[derive(Debug)]
+pub enum WriteError {
+    /// The delta is full; the snapshot must be abandoned and the write retried on the base.
+    Overflow(String),
+    Disk(disk::Error),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    map: ExtentMap,
+    /// Records not yet in the journal, in the order they happened.
+    pending: Vec<Record>,
+    /// The range the merger is copying.
+    merging: Option<(u64, u64)>,
+    /// Guest writes to the base over ranges still in the map.
+    inflight: Vec<(u64, u64)>,
+}
+
+#[derive(Debug)]
+pub struct Delta {
+    pub snapshot: u64,
+    pub data: Arc<dyn DiskFile>,
+    pub data_name: String,
+    pub journal_name: String,
+    pub limit: Option<u64>,
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    journal: Mutex<Journal>,
+    merged: AtomicU64,
+}
+
+fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+impl Delta {
+    pub fn new(
+        snapshot: u64,
+        data: Arc<dyn DiskFile>,
+        journal: Journal,
+        map: ExtentMap,
+        names: (String, String),
+        limit: Option<u64>,
+    ) -> Self {
+        Delta {
+            snapshot,
+            data,
+            data_name: names.0,
+            journal_name: names.1,
+            limit,
+            inner: Mutex::new(Inner { map, ..Inner::default() }),
+            cv: Condvar::new(),
+            journal: Mutex::new(journal),
+            merged: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes and extents in the map.
+    pub fn usage(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.map.total(), inner.map.len() as u64)
+    }
+
+    pub fn merged_bytes(&self) -> u64 {
+        self.merged.load(Ordering::Relaxed)
+    }
+
+    /// The ranges in the map, `(start, end)`.
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        self.lock().map.iter().collect()
+    }
+
+    /// Where each piece of `[offset, offset + len)` is read from: `true` for the delta.
+    pub fn plan(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        self.lock().map.split(offset, offset + len)
+    }
+
+    /// A guest change while the snapshot is active: into the delta, then into the map.
+    pub fn write_active(&self, change: Change<'_>, offset: u64, len: u64) -> Result<(), WriteError> {
+        let end = offset + len;
+        if let Some(limit) = self.limit {
+            let inner = self.lock();
+            let new: u64 = inner.map.split(offset, end).iter().filter(|p| !p.2).map(|p| p.1 - p.0).sum();
+            if inner.map.total() + new > limit {
+                return Err(WriteError::Overflow(format!("the delta reached its limit of {limit} bytes")));
+            }
+        }
+        let res = match change {
+            // Zeroes in the delta: a hole reads as zeroes and costs no space.
+            Change::Zeroes { .. } => self.data.write_zeroes(offset, len, true),
+            Change::Write(_) => change.apply(&*self.data, offset, len),
+        };
+        match res {
+            Ok(()) => {}
+            Err(disk::Error::Io(e)) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                return Err(WriteError::Overflow("the delta's filesystem is full (ENOSPC)".into()));
+            }
+            Err(e) => return Err(WriteError::Disk(e)),
+        }
+        let mut inner = self.lock();
+        inner.map.insert(offset, end);
+        inner.pending.push(Record { op: Op::Add, start: offset, end });
+        Ok(())
+    }
+
+    /// A guest change while merging: into the base, taking the range out of the map.
+    pub fn write_merging(&self, base: &dyn DiskFile, change: Change<'_>, offset: u64, len: u64) -> disk::Result<()> {
+        let range = (offset, offset + len);
+        let tracked = {
+            let mut inner = self.lock();
+            while inner.merging.is_some_and(|m| overlap(m, range)) {
+                inner = self.cv.wait(inner).unwrap_or_else(PoisonError::into_inner);
+            }
+            let tracked = inner.map.overlaps(range.0, range.1);
+            if tracked {
+                inner.inflight.push(range);
+            }
+            tracked
+        };
+        let res = change.apply(base, offset, len);
+        if tracked {
+            let mut inner = self.lock();
+            if let Some(i) = inner.inflight.iter().position(|r| *r == range) {
+                inner.inflight.swap_remove(i);
+            }
+            if res.is_ok() {
+                for (s, e) in inner.map.remove(range.0, range.1) {
+                    inner.pending.push(Record { op: Op::Remove, start: s, end: e });
+                }
+            }
+            drop(inner);
+            self.cv.notify_all();
+        }
+        res
+    }
+
+    /// Makes the records so far durable: `sync_data` first makes the data they describe
+    /// durable, then they go to the journal. On failure they stay pending.
+    pub fn commit(&self, sync_data: impl FnOnce() -> disk::Result<()>) -> disk::Result<()> {
+        let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        let records = std::mem::take(&mut self.lock().pending);
+        let res = sync_data().and_then(|()| {
+            journal.append(&coalesce(&records)).map_err(|e| match e {
+                journal::Error::Io(e) => disk::Error::Io(e),
+                other => disk::Error::Io(io::Error::other(other)),
+            })
+        });
+        if res.is_err() {
+            let mut inner = self.lock();
+            let later = std::mem::replace(&mut inner.pending, records);
+            inner.pending.extend(later);
+        }
+        res
+    }
+
+    /// Copies the next chunk of the map into `base`. Returns false when the map is empty.
+    pub fn merge_step(&self, base: &dyn DiskFile, buf: &mut Vec<u8>) -> disk::Result<bool> {
+        let (start, end) = {
+            let mut inner = self.lock();
+            loop {
+                let Some(chunk) = inner.map.first(MERGE_CHUNK) else { return Ok(false) };
+                if inner.inflight.iter().any(|r| overlap(*r, chunk)) {
+                    inner = self.cv.wait(inner).unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                inner.merging = Some(chunk);
+                break chunk;
+            }
+        };
+        let len = (end - start) as usize;
+        buf.resize(len, 0);
+        let res = {
+            let slice = [Buf::from(&mut buf[..len])];
+            self.data.read_vectored_at(&slice, start).and_then(|()| base.write_vectored_at(&slice, start))
+        };
+        let mut inner = self.lock();
+        inner.merging = None;
+        if res.is_ok() {
+            inner.map.remove(start, end);
+            inner.pending.push(Record { op: Op::Remove, start, end });
+            self.merged.fetch_add(end - start, Ordering::Relaxed);
+        }
+        drop(inner);
+        self.cv.notify_all();
+        res.map(|()| true)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().map.is_empty()
+    }
+}
+
+/// Joins consecutive records of the same kind over touching ranges.
+fn coalesce(records: &[Record]) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::with_capacity(records.len());
+    for r in records {
+        match out.last_mut() {
+            Some(last) if last.op == r.op && last.end == r.start => last.end = r.end,
+            _ => out.push(*r),
+        }
+    }
+    out
+}
