@@ -25,6 +25,20 @@ pub struct Args {
     /// (default: the number of host CPUs).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: Option<u16>,
+
+    /// Directory for snapshot state: the snapshot record, deltas and change maps. Without it,
+    /// disks are served without snapshots or change tracking.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Unix socket of the snapshot control service (gRPC); needs --state-dir.
+    #[arg(long, value_name = "PATH", requires = "state_dir")]
+    pub control: Option<PathBuf>,
+
+    /// Most bytes a snapshot's delta may hold per disk before the snapshot is abandoned
+    /// (default: no limit but the filesystem's free space).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub delta_limit: Option<u64>,
 }
 
 /// One `--disk` argument.

@@ -22,6 +22,9 @@ pub mod journal;
 pub mod record;
 pub mod store;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -262,7 +265,7 @@ impl Vm {
             }
             None => {
                 let current = fresh(0, "change tracking began after the disk was first served".into())?;
-                state.cbt.push(CbtState { disk: disk.to_owned(), current: 0, frozen: None, checkpoint: None });
+                state.cbt.push(CbtState { disk: disk.to_owned(), current: 0, frozen: None, frozen_for: None, checkpoint: None });
                 Ok((current, None))
             }
         }
@@ -436,6 +439,7 @@ impl VmShared {
             let disk = &self.disks[*i];
             if let Some(c) = next_state.cbt_mut(&disk.id) {
                 c.frozen = Some(c.current);
+                c.frozen_for = Some(id);
                 c.current = id;
             }
         }
@@ -698,12 +702,10 @@ impl SnapshotControl for Vm {
         let ctl = sh.ctl();
         let d = &sh.disks[i];
         let frozen = d.frozen.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let (bm, until) = match frozen {
-            Some(f) => {
-                let gen = f.generation();
-                (f, Some(gen))
-            }
-            None => (d.read_state().cbt.clone(), None),
+        let until = ctl.state.cbt(disk).and_then(|c| c.frozen_for);
+        let bm = match frozen {
+            Some(f) => f,
+            None => d.read_state().cbt.clone(),
         };
         let untrusted = bm.untrusted();
         Ok(Changes {
@@ -753,10 +755,12 @@ impl SnapshotControl for Vm {
         let mut next = ctl.state.clone();
         let mut hit = Vec::new();
         for c in &mut next.cbt {
-            if c.frozen == Some(id) {
-                c.frozen = None;
+            if c.frozen_for == Some(id) {
+                if let Some(gen) = c.frozen.take() {
+                    hit.push((c.disk.clone(), gen));
+                }
+                c.frozen_for = None;
                 c.checkpoint = Some(id);
-                hit.push(c.disk.clone());
             }
         }
         if hit.is_empty() {
@@ -765,11 +769,11 @@ impl SnapshotControl for Vm {
         ctl.record.write(&next).map_err(record_err)?;
         ctl.state = next;
         drop(ctl);
-        for disk in hit {
+        for (disk, gen) in hit {
             if let Some(d) = sh.disks.iter().find(|d| d.id == disk) {
                 d.frozen.lock().unwrap_or_else(PoisonError::into_inner).take();
             }
-            let _ = sh.dir.remove(&cbt_name(&disk, id));
+            let _ = sh.dir.remove(&cbt_name(&disk, gen));
         }
         Ok(())
     }

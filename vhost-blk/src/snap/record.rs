@@ -59,6 +59,8 @@ pub struct CbtState {
     pub current: u64,
     /// Generation frozen at the last cut, kept until its checkpoint is acknowledged.
     pub frozen: Option<u64>,
+    /// The snapshot whose cut froze it (its checkpoint id).
+    pub frozen_for: Option<u64>,
     /// The last acknowledged checkpoint (a snapshot id).
     pub checkpoint: Option<u64>,
 }

@@ -201,7 +201,7 @@ pub mod mem {
             let mut durable = std::mem::take(&mut self.durable);
             for (i, (offset, data)) in self.unsynced.drain(..).enumerate() {
                 let Some(sectors) = keep(i) else { continue };
-                let n = (sectors * 512).min(data.len());
+                let n = sectors.saturating_mul(512).min(data.len());
                 let end = offset as usize + n;
                 if durable.len() < end {
                     durable.resize(end, 0);
