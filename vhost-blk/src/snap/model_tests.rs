@@ -284,13 +284,10 @@ impl Case {
         self.open();
         // Every sector holds the flushed version or one written after it.
         let got = self.read_all();
-        for i in 0..SECTORS as usize {
-            let ok = got[i] == self.model.flushed[i] || self.model.since[i].contains(&got[i]);
-            if !ok {
-                self.fail(&format!(
-                    "after the crash sector {i} holds v{}, flushed was v{}, written since {:?}",
-                    got[i], self.model.flushed[i], self.model.since[i]
-                ));
+        for (i, v) in got.iter().enumerate() {
+            let (flushed, since) = (self.model.flushed[i], &self.model.since[i]);
+            if *v != flushed && !since.contains(v) {
+                self.fail(&format!("after the crash sector {i} holds v{v}, flushed was v{flushed}, written since {since:?}"));
             }
         }
         self.model.cur = got.clone();
