@@ -197,12 +197,13 @@ impl Delta {
         res
     }
 
-    /// Copies the next chunk of the map into `base`. Returns false when the map is empty.
-    pub fn merge_step(&self, base: &dyn DiskFile, buf: &mut Vec<u8>) -> disk::Result<bool> {
+    /// Copies the next chunk of the map into `base`; returns the bytes copied, 0 when the map
+    /// is empty.
+    pub fn merge_step(&self, base: &dyn DiskFile, buf: &mut Vec<u8>) -> disk::Result<u64> {
         let (start, end) = {
             let mut inner = self.lock();
             loop {
-                let Some(chunk) = inner.map.first(MERGE_CHUNK) else { return Ok(false) };
+                let Some(chunk) = inner.map.first(MERGE_CHUNK) else { return Ok(0) };
                 if inner.inflight.iter().any(|r| overlap(*r, chunk)) {
                     inner = self.cv.wait(inner).unwrap_or_else(PoisonError::into_inner);
                     continue;
@@ -226,7 +227,7 @@ impl Delta {
         }
         drop(inner);
         self.cv.notify_all();
-        res.map(|()| true)
+        res.map(|()| end - start)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -312,7 +312,7 @@ impl Vm {
             let Mode::Merging(delta) = disk.read_state().mode.clone() else { continue };
             let mut buf = Vec::new();
             for _ in 0..steps {
-                if !delta.merge_step(&*disk.base, &mut buf)? {
+                if delta.merge_step(&*disk.base, &mut buf)? == 0 {
                     break;
                 }
             }
@@ -552,14 +552,14 @@ impl VmShared {
         while !self.stop.load(Ordering::SeqCst) {
             let step = delta.merge_step(&*disk.base, &mut buf);
             let done = match step {
-                Ok(true) => {
-                    since_commit += delta::MERGE_CHUNK;
+                Ok(0) => true,
+                Ok(n) => {
+                    since_commit += n;
                     if since_commit < MERGE_COMMIT_BYTES {
                         continue;
                     }
                     false
                 }
-                Ok(false) => true,
                 Err(e) => {
                     error!(disk = %disk.id, error = %e, "merge step failed; retrying");
                     std::thread::sleep(Duration::from_secs(1));
