@@ -1,8 +1,11 @@
-//! Compiles `agent.proto` with protox (no system `protoc`) and tonic-prost-build.
+//! Compiles the `.proto` files with protox (no system `protoc`) and tonic-prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=agent.proto");
-    let fds = protox::compile(["agent.proto"], ["."])?;
+    const PROTOS: [&str; 2] = ["agent.proto", "snapshot.proto"];
+    for p in PROTOS {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(PROTOS, ["."])?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

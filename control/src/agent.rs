@@ -177,14 +177,7 @@ impl AgentClient {
                         }))
                         .await
                 }
-                Target::Unix(path) => {
-                    endpoint
-                        .connect_with_connector(tower::service_fn(move |_: Uri| {
-                            let path = path.clone();
-                            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-                        }))
-                        .await
-                }
+                Target::Unix(path) => livesnap_proto::unix_channel(endpoint, path).await,
             }
         };
         let channel = tokio::time::timeout(limits.connect_timeout, connect)

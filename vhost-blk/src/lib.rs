@@ -4,10 +4,14 @@
 //! - [`virtio`]: virtio-blk requests: parsing a descriptor chain, executing it on a disk.
 //! - [`backend`]: the vhost-user glue: features, config space, one worker thread per queue.
 //! - [`server`]: one listener per disk, a new device per frontend connection, clean shutdown.
+//! - [`snap`]: the snapshot engine: redirect-on-write deltas, the merge, change tracking.
+//! - [`control`]: the snapshot control service (gRPC on a unix socket); [`ctl`]: its CLI client.
 //! - [`args`]: the command line.
 
 pub mod args;
 pub mod backend;
+pub mod control;
+pub mod ctl;
 pub mod disk;
 pub mod server;
 pub mod snap;

@@ -10,23 +10,43 @@ use tracing::info;
 use livesnap_blk::args::Args;
 use livesnap_blk::server::DiskServer;
 use livesnap_blk::virtio::BlkDevice;
-use livesnap_blk::{disk, sys};
+use livesnap_blk::disk::{self, DiskFile};
+use livesnap_blk::snap::{self, store::FsDir};
+use livesnap_blk::{control, sys};
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn run() -> Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
+        return livesnap_blk::ctl::run(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     args.validate().map_err(|e| anyhow!(e))?;
     // Every thread spawned from here on inherits the mask; the main thread waits for them.
     sys::block_signals(&STOP_SIGNALS).context("cannot block signals")?;
 
     let num_queues = args.num_queues();
-    let mut servers = Vec::new();
+    let mut opened = Vec::new();
     for spec in &args.disks {
         let disk = disk::open(&spec.image, spec.format, spec.readonly)
             .with_context(|| format!("disk {}", spec.id))?;
         info!(vm = %args.vm, disk = %spec.id, image = %spec.image.display(), format = %disk.format(),
               size = disk.size(), readonly = spec.readonly, "serving disk");
+        opened.push(snap::DiskSpec { id: spec.id.clone(), base: disk, base_path: spec.image.clone() });
+    }
+    let (engine, disks): (_, Vec<Arc<dyn DiskFile>>) = match &args.state_dir {
+        Some(dir) => {
+            let store = FsDir::new(dir).with_context(|| format!("cannot use state directory {}", dir.display()))?;
+            let opts = snap::Options { delta_limit: args.delta_limit, ..snap::Options::default() };
+            let vm = snap::Vm::open(&args.vm, Arc::new(store), opened, opts).context("cannot recover snapshot state")?;
+            let disks = args.disks.iter().filter_map(|d| vm.disk(&d.id)).collect();
+            (Some(vm), disks)
+        }
+        None => (None, opened.into_iter().map(|d| d.base).collect()),
+    };
+
+    let mut servers = Vec::new();
+    for (spec, disk) in args.disks.iter().zip(disks) {
         let dev = Arc::new(BlkDevice::new(disk, spec.id.clone(), spec.readonly));
         servers.push(DiskServer::bind(spec.id.clone(), dev, &spec.socket, num_queues)
             .with_context(|| format!("disk {}", spec.id))?);
@@ -40,13 +60,26 @@ fn run() -> Result<()> {
             .spawn(move || server.run())
             .context("cannot start a listener thread")?;
     }
-    info!(vm = %args.vm, disks = ?devices, queues = num_queues, "ready");
+    let control = match (&args.control, &engine) {
+        (Some(path), Some(vm)) => Some(
+            control::serve(path, Arc::new(vm.clone()))
+                .with_context(|| format!("cannot serve control socket {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    info!(vm = %args.vm, disks = ?devices, queues = num_queues, snapshots = engine.is_some(), "ready");
 
     let sig = sys::wait_signal(&STOP_SIGNALS).context("cannot wait for signals")?;
     info!(signal = sig, "stopping: finishing in-flight requests");
     for (stopper, socket) in &stoppers {
         stopper.stop();
         let _ = std::fs::remove_file(socket);
+    }
+    if let Some(c) = control {
+        c.stop();
+    }
+    if let Some(vm) = &engine {
+        vm.shutdown();
     }
     info!("stopped; all disks flushed");
     Ok(())

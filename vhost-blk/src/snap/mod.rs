@@ -465,6 +465,13 @@ impl VmShared {
         }
         drop(guards);
         let pause = t0.elapsed();
+        // No write reaches these bases any more; a format that caches metadata (qcow2) writes
+        // it out now, so that a reader of the file sees the disk as it was at the cut.
+        for &i in &chosen {
+            if let Err(e) = self.disks[i].base.flush() {
+                error!(vm = %self.name, disk = %self.disks[i].id, snapshot = id, error = %e, "cannot flush the frozen base");
+            }
+        }
 
         for ((i, _, _), old) in prepared.iter().zip(old_gens) {
             let disk = &self.disks[*i];
