@@ -209,6 +209,9 @@ impl Bitmap {
     }
 
     /// Records that bytes `[start, end)` are about to change. Call before writing them.
+    ///
+    /// A bit is set in memory only after the file holds it: a second writer of the same block
+    /// that finds the bit set (and skips the file) can rely on the file having it.
     pub fn mark(&self, start: u64, end: u64) {
         if start >= end.min(self.size) {
             return;
@@ -219,15 +222,22 @@ impl Bitmap {
         }
         let trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
         let (w0, w1) = (first / 64, (last - 1) / 64 + 1);
+        let mut masks = Vec::with_capacity((w1 - w0) as usize);
         let mut bytes = Vec::with_capacity(((w1 - w0) * 8) as usize);
         for w in w0..w1 {
             let lo = (w * 64).max(first);
             let hi = ((w + 1) * 64).min(last);
             let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << (lo % 64) };
-            let v = self.words[w as usize].fetch_or(mask, Ordering::AcqRel) | mask;
+            // Other writers change these words only under `trust`, which is held.
+            let v = self.words[w as usize].load(Ordering::Acquire) | mask;
+            masks.push(mask);
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        if let Err(e) = self.file.write_at(&bytes, HEADER_LEN + w0 * 8) {
+        let written = self.file.write_at(&bytes, HEADER_LEN + w0 * 8);
+        for (w, mask) in (w0..w1).zip(masks) {
+            self.words[w as usize].fetch_or(mask, Ordering::AcqRel);
+        }
+        if let Err(e) = written {
             drop(trust);
             tracing::error!(error = %e, "cannot write the change map");
             self.distrust("a change map write failed");
@@ -242,12 +252,14 @@ impl Bitmap {
         let _trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
         let mut body = Vec::with_capacity(self.words.len() * 8);
         for (mine, theirs) in self.words.iter().zip(&other.words) {
-            let v = mine.fetch_or(theirs.load(Ordering::Acquire), Ordering::AcqRel) | theirs.load(Ordering::Acquire);
-            body.extend_from_slice(&v.to_le_bytes());
+            body.extend_from_slice(&(mine.load(Ordering::Acquire) | theirs.load(Ordering::Acquire)).to_le_bytes());
         }
-        self.file.write_at(&body, HEADER_LEN)?;
-        self.file.sync()?;
-        Ok(())
+        // As in `mark`: into the file first, then into memory.
+        let written = self.file.write_at(&body, HEADER_LEN).and_then(|()| self.file.sync());
+        for (mine, theirs) in self.words.iter().zip(&other.words) {
+            mine.fetch_or(theirs.load(Ordering::Acquire), Ordering::AcqRel);
+        }
+        written.map_err(Error::from)
     }
 
     /// The changed ranges, `(offset, length)` in bytes, sorted and coalesced.
@@ -282,6 +294,54 @@ mod tests {
 
     fn file() -> Arc<dyn MetaFile> {
         Arc::new(tempfile::tempfile().unwrap())
+    }
+
+    /// A file whose writes wait until the test lets them through.
+    #[derive(Debug)]
+    struct GatedFile {
+        inner: std::fs::File,
+        gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    }
+
+    impl MetaFile for GatedFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            MetaFile::read_at(&self.inner, buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if let Some((writing, go)) = &*self.gate.lock().unwrap() {
+                writing.send(()).unwrap();
+                go.recv().unwrap();
+            }
+            MetaFile::write_at(&self.inner, buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            MetaFile::sync(&self.inner)
+        }
+        fn byte_len(&self) -> io::Result<u64> {
+            self.inner.byte_len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            MetaFile::set_len(&self.inner, len)
+        }
+    }
+
+    #[test]
+    fn a_bit_shows_as_set_only_once_the_file_holds_it() {
+        let f = Arc::new(GatedFile { inner: tempfile::tempfile().unwrap(), gate: Mutex::new(None) });
+        let bm = Arc::new(Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "b").unwrap());
+        let (writing_tx, writing_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        *f.gate.lock().unwrap() = Some((writing_tx, go_rx));
+        let marker = {
+            let bm = bm.clone();
+            std::thread::spawn(move || bm.mark(8192, 12288))
+        };
+        writing_rx.recv().unwrap();
+        // A second writer of block 2 now must not skip the file: the bit is not in it yet.
+        assert!(!bm.is_set(2), "the bit was visible before the change map file held it");
+        go_tx.send(()).unwrap();
+        marker.join().unwrap();
+        assert!(bm.is_set(2));
     }
 
     #[test]
