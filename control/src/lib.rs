@@ -8,4 +8,5 @@
 //! `snapctl` (src/main.rs) is the operators' CLI on top.
 
 pub mod agent;
+pub mod repo;
 pub mod vsock;

@@ -1,0 +1,695 @@
+//! Tests of the repository on tempdirs. `measure_*` tests are ignored by default: they print
+//! numbers (`cargo nextest run -p livesnap-control --run-ignored only --no-capture measure`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use super::*;
+
+const K64: u64 = 64 << 10;
+
+fn new_repo(chunk_size: u64) -> (tempfile::TempDir, Repository) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::create(
+        dir.path().join("repo"),
+        CreateOptions { chunk_size, ..CreateOptions::default() },
+    )
+    .unwrap();
+    (dir, repo)
+}
+
+fn spec(vm: &str, id: &str) -> BackupSpec {
+    BackupSpec {
+        vm: vm.into(),
+        id: id.into(),
+        consistency: Consistency::Application,
+        freeze_window: Some(FreezeWindow { frozen_unix_us: 1_000, thawed_unix_us: 41_000 }),
+        created_unix_us: None,
+    }
+}
+
+/// A small xorshift generator: tests need no crate for noise.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Disk-like data: 64 KiB stretches of noise, zeros, text and repeated blocks.
+fn mixed(size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    let mut out = vec![0u8; size];
+    for (k, piece) in out.chunks_mut(K64 as usize).enumerate() {
+        match rng.next() % 4 {
+            0 => rng.fill(piece),
+            1 => {}
+            2 => {
+                let text = format!("record {k} of seed {seed}: the quick brown fox jumps over the lazy dog\n");
+                for (b, t) in piece.iter_mut().zip(text.bytes().cycle()) {
+                    *b = t;
+                }
+            }
+            _ => {
+                let mut block = [0u8; 512];
+                rng.fill(&mut block);
+                for (b, t) in piece.iter_mut().zip(block.iter().cycle()) {
+                    *b = *t;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn write_file(path: &Path, data: &[u8]) -> FileSource {
+    fs::write(path, data).unwrap();
+    FileSource::open(path).unwrap()
+}
+
+fn stored_chunks(repo: &Repository) -> Vec<ChunkHash> {
+    let mut v: Vec<_> = repo.chunks.list().unwrap().chunks.into_iter().map(|c| c.0).collect();
+    v.sort();
+    v
+}
+
+fn qemu_img() -> bool {
+    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn qemu_img_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", fa, "-F", fb])
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn full_backup(repo: &Repository, vm: &str, id: &str, disk: &str, src: &dyn Source) -> DiskStats {
+    let mut w = repo.begin_backup(spec(vm, id)).unwrap();
+    let stats = w.full(disk, src).unwrap();
+    w.commit().unwrap();
+    stats
+}
+
+#[test]
+fn full_backup_of_an_odd_size_restores_byte_for_byte_and_sparse() {
+    let (dir, repo) = new_repo(K64);
+    // 10 chunks and a short one; chunks 3 and 4 zero.
+    let size = 10 * K64 as usize + 12_345;
+    let mut data = mixed(size, 7);
+    data[3 * K64 as usize..5 * K64 as usize].fill(0);
+    data[K64 as usize] = 1; // chunk 1 is never all zero
+    let src = write_file(&dir.path().join("disk.raw"), &data);
+    let stats = full_backup(&repo, "web01", "b1", "vda", &src);
+    assert_eq!(stats.bytes_read, size as u64);
+    assert_eq!(stats.chunks_read, 11);
+    assert!(stats.chunks_zero >= 2);
+
+    let m = repo.manifest("web01", "b1", "vda").unwrap();
+    assert_eq!(m.chunks.len(), 11);
+    assert_eq!((m.chunks[3], m.chunks[4]), (None, None));
+    assert_eq!(m.chunk_len(10), 12_345);
+    assert_eq!(m.meta.kind, Kind::Full);
+    assert_eq!(m.meta.freeze_window.map(|w| w.duration_us()), Some(40_000));
+
+    let out = dir.path().join("restored.raw");
+    let r = repo.restore_raw("web01", "b1", "vda", &out).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), data);
+    assert!(r.bytes_written < size as u64 - 2 * K64);
+    // The zero chunks are holes.
+    assert!(fs::metadata(&out).unwrap().blocks() * 512 < size as u64 - K64);
+    assert!(matches!(
+        repo.restore_raw("web01", "b1", "vda", &out),
+        Err(Error::DestinationExists(_))
+    ));
+
+    if qemu_img() {
+        assert!(qemu_img_compare(&dir.path().join("disk.raw"), "raw", &out, "raw"));
+        let q = dir.path().join("restored.qcow2");
+        repo.restore_qcow2("web01", "b1", "vda", &q).unwrap();
+        assert!(qemu_img_compare(&dir.path().join("disk.raw"), "raw", &q, "qcow2"));
+        // Only the qcow2 is left beside it.
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+    } else {
+        eprintln!("qemu-img is not installed: compare and qcow2 restore not tested");
+    }
+}
+
+#[test]
+fn an_all_zero_disk_stores_no_chunk_and_restores_as_a_hole() {
+    let (dir, repo) = new_repo(K64);
+    let data = vec![0u8; 5 * K64 as usize + 100];
+    let stats = full_backup(&repo, "vm", "b1", "vda", &data);
+    assert_eq!((stats.chunks_zero, stats.chunks_new), (6, 0));
+    assert!(stored_chunks(&repo).is_empty());
+    let out = dir.path().join("r.raw");
+    let r = repo.restore_raw("vm", "b1", "vda", &out).unwrap();
+    assert_eq!(r.bytes_written, 0);
+    assert_eq!(fs::metadata(&out).unwrap().blocks(), 0);
+    assert_eq!(fs::read(&out).unwrap(), data);
+}
+
+#[test]
+fn incremental_of_chunk_aligned_changes_reads_only_them_and_restores_both_states() {
+    let (dir, repo) = new_repo(K64);
+    let size = 32 * K64 as usize;
+    let old = mixed(size, 1);
+    let path = dir.path().join("disk.raw");
+    let src = write_file(&path, &old);
+    full_backup(&repo, "vm", "b1", "vda", &src);
+
+    let mut new = old.clone();
+    let extents = [(2 * K64, 2 * K64), (7 * K64, K64), (31 * K64, K64)];
+    let mut rng = Rng(99);
+    for &(off, len) in &extents {
+        rng.fill(&mut new[off as usize..(off + len) as usize]);
+    }
+    let src = write_file(&path, &new);
+    let parent = repo.latest_manifest("vm", "vda").unwrap().unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &extents).unwrap();
+    w.commit().unwrap();
+    assert_eq!(stats.bytes_changed, 4 * K64);
+    assert_eq!(stats.chunks_read, 4);
+    let ratio = stats.bytes_read as f64 / stats.bytes_changed as f64;
+    assert!(ratio <= 1.1, "bytes read / bytes changed = {ratio}");
+
+    let m = repo.manifest("vm", "b2", "vda").unwrap();
+    assert_eq!(m.meta.kind, Kind::Incremental);
+    assert_eq!(m.meta.parent.as_deref(), Some("b1"));
+    assert_eq!(m.chunks.len(), 32);
+    for i in [0, 1, 4, 5, 6, 8, 30] {
+        assert_eq!(m.chunks[i], parent.chunks[i], "chunk {i} is reused");
+    }
+    let r2 = dir.path().join("b2.raw");
+    repo.restore_raw("vm", "b2", "vda", &r2).unwrap();
+    assert_eq!(fs::read(&r2).unwrap(), new);
+    let r1 = dir.path().join("b1.raw");
+    repo.restore_raw("vm", "b1", "vda", &r1).unwrap();
+    assert_eq!(fs::read(&r1).unwrap(), old);
+    assert!(repo.verify("vm", "b2").unwrap().is_ok());
+}
+
+#[test]
+fn incremental_of_scattered_64k_extents_restores_right_and_reports_its_ratio() {
+    let chunk = 256 << 10;
+    let (dir, repo) = new_repo(chunk);
+    let size = 16 << 20;
+    let old = mixed(size, 3);
+    let path = dir.path().join("disk.raw");
+    full_backup(&repo, "vm", "b1", "vda", &write_file(&path, &old));
+
+    // 4% of the 64 KiB blocks, chosen at random.
+    let mut rng = Rng(5);
+    let blocks = size as u64 / K64;
+    let mut picked: Vec<u64> = (0..blocks / 25).map(|_| rng.next() % blocks).collect();
+    picked.sort();
+    picked.dedup();
+    let mut new = old.clone();
+    let extents: Vec<(u64, u64)> = picked.iter().map(|b| (b * K64, K64)).collect();
+    for &(off, len) in &extents {
+        rng.fill(&mut new[off as usize..(off + len) as usize]);
+    }
+    let src = write_file(&path, &new);
+    let parent = repo.manifest("vm", "b1", "vda").unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &extents).unwrap();
+    w.commit().unwrap();
+    eprintln!(
+        "64 KiB-granular scattered extents ({} of {blocks} blocks) at {} KiB chunks: read {} KiB for {} KiB changed, ratio {:.2}",
+        extents.len(),
+        chunk >> 10,
+        stats.bytes_read >> 10,
+        stats.bytes_changed >> 10,
+        stats.bytes_read as f64 / stats.bytes_changed as f64
+    );
+    let distinct_chunks = {
+        let mut c: Vec<u64> = picked.iter().map(|b| b * K64 / chunk).collect();
+        c.dedup();
+        c.len() as u64
+    };
+    assert_eq!(stats.chunks_read, distinct_chunks);
+    let out = dir.path().join("r.raw");
+    repo.restore_raw("vm", "b2", "vda", &out).unwrap();
+    assert!(fs::read(&out).unwrap() == new);
+}
+
+#[test]
+fn incremental_with_unaligned_extents_and_a_grown_disk_restores_right() {
+    let (dir, repo) = new_repo(K64);
+    let old = mixed(5 * K64 as usize + 1000, 11);
+    let path = dir.path().join("disk.raw");
+    full_backup(&repo, "vm", "b1", "vda", &write_file(&path, &old));
+
+    // Grown to 7 chunks and a bit; a write across the boundary of chunks 0 and 1.
+    let mut new = old.clone();
+    new.resize(7 * K64 as usize + 3, 0);
+    let n = new.len();
+    new[n - 3..].copy_from_slice(b"end");
+    new[K64 as usize - 10..K64 as usize + 10].fill(0xAB);
+    let extents = [(K64 - 10, 20), (n as u64 - 3, 3)];
+    let src = write_file(&path, &new);
+    let parent = repo.manifest("vm", "b1", "vda").unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &extents).unwrap();
+    w.commit().unwrap();
+    // Chunks 0 and 1 (the write), 5 (was short), 6 and 7 (new).
+    assert_eq!(stats.chunks_read, 5);
+    assert_eq!(stats.bytes_changed, 23);
+    let out = dir.path().join("r.raw");
+    repo.restore_raw("vm", "b2", "vda", &out).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), new);
+
+    // And shrunk back to an odd size.
+    let small = new[..2 * K64 as usize + 7].to_vec();
+    let src = write_file(&path, &small);
+    let parent = repo.manifest("vm", "b2", "vda").unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b3")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &[]).unwrap();
+    w.commit().unwrap();
+    assert_eq!(stats.chunks_read, 1);
+    let out = dir.path().join("r3.raw");
+    repo.restore_raw("vm", "b3", "vda", &out).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), small);
+}
+
+#[test]
+fn incremental_rereads_a_parent_chunk_that_is_no_longer_stored() {
+    let (dir, repo) = new_repo(K64);
+    let data = mixed(4 * K64 as usize, 21);
+    let path = dir.path().join("disk.raw");
+    let src = write_file(&path, &data);
+    full_backup(&repo, "vm", "b1", "vda", &src);
+    let parent = repo.manifest("vm", "b1", "vda").unwrap();
+    let lost = parent.chunks.iter().flatten().next().copied().unwrap();
+    fs::remove_file(repo.chunks.path(&lost)).unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &[]).unwrap();
+    w.commit().unwrap();
+    assert!(stats.chunks_read >= 1);
+    assert!(repo.verify("vm", "b2").unwrap().is_ok());
+    // The chunk read again has the same name: the parent is whole again too.
+    assert!(repo.verify("vm", "b1").unwrap().is_ok());
+}
+
+#[test]
+fn bad_extents_and_a_foreign_parent_are_refused() {
+    let (dir, repo) = new_repo(K64);
+    let data = mixed(4 * K64 as usize, 2);
+    let src = write_file(&dir.path().join("d"), &data);
+    full_backup(&repo, "vm", "b1", "vda", &src);
+    let parent = repo.manifest("vm", "b1", "vda").unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let unsorted = [(2 * K64, 10), (0, 10)];
+    assert!(matches!(w.incremental("vda", &src, &parent, &unsorted), Err(Error::InvalidExtents { .. })));
+    let beyond = [(4 * K64 - 5, 10)];
+    assert!(matches!(w.incremental("vda", &src, &parent, &beyond), Err(Error::InvalidExtents { .. })));
+    let overflow = [(u64::MAX, 10)];
+    assert!(matches!(w.incremental("vda", &src, &parent, &overflow), Err(Error::InvalidExtents { .. })));
+    assert!(matches!(w.incremental("vdb", &src, &parent, &[]), Err(Error::ParentMismatch { .. })));
+    // A failed disk is not part of the backup: nothing to commit.
+    assert!(matches!(w.commit(), Err(Error::EmptyBackup { .. })));
+    assert!(repo.list(Some("vm")).unwrap().len() == 1);
+}
+
+#[test]
+fn identical_data_of_two_vms_is_stored_once() {
+    let (_dir, repo) = new_repo(K64);
+    let data = mixed(16 * K64 as usize, 4);
+    let a = full_backup(&repo, "vm-a", "b1", "vda", &data);
+    let before = stored_chunks(&repo);
+    let b = full_backup(&repo, "vm-b", "b1", "root", &data);
+    assert!(a.chunks_new > 0);
+    assert_eq!(b.chunks_new, 0);
+    assert_eq!(b.bytes_stored, 0);
+    assert_eq!(stored_chunks(&repo), before);
+    let distinct: std::collections::HashSet<_> =
+        repo.manifest("vm-a", "b1", "vda").unwrap().chunks.into_iter().flatten().collect();
+    assert_eq!(before.len(), distinct.len());
+    assert_eq!(repo.list(None).unwrap().iter().map(|b| b.vm.as_str()).collect::<Vec<_>>(), ["vm-a", "vm-b"]);
+}
+
+#[test]
+fn verify_finds_a_flipped_byte_and_a_missing_chunk_and_restore_refuses_them() {
+    let (dir, repo) = new_repo(K64);
+    let mut data = mixed(8 * K64 as usize, 8);
+    for (k, piece) in data.chunks_mut(K64 as usize).enumerate() {
+        piece[0] = k as u8 + 1; // every chunk distinct and non-zero
+    }
+    let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+    w.full("vda", &data).unwrap();
+    w.full("vdb", &data[..3 * K64 as usize].to_vec()).unwrap();
+    w.commit().unwrap();
+    assert!(repo.verify("vm", "b1").unwrap().is_ok());
+
+    let m = repo.manifest("vm", "b1", "vda").unwrap();
+    let flipped = m.chunks[5].unwrap();
+    let gone = m.chunks[1].unwrap();
+    let p = repo.chunks.path(&flipped);
+    let mut bytes = fs::read(&p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&p, bytes).unwrap();
+    fs::remove_file(repo.chunks.path(&gone)).unwrap();
+
+    let report = repo.verify("vm", "b1").unwrap();
+    let found: Vec<_> = report.problems.iter().map(|p| (p.disk.as_str(), p.index, p.offset)).collect();
+    // Chunk 1 of vda is chunk 1 of vdb too.
+    assert_eq!(found, [("vda", 1, K64), ("vda", 5, 5 * K64), ("vdb", 1, K64)]);
+    assert_eq!(report.problems[0].fault, ChunkFault::Missing);
+    assert!(matches!(report.problems[1].fault, ChunkFault::Corrupt(_)), "{:?}", report.problems[1]);
+    assert_eq!(report.problems[1].hash, flipped.to_string());
+
+    let out = dir.path().join("r.raw");
+    let e = repo.restore_raw("vm", "b1", "vda", &out).unwrap_err();
+    assert!(matches!(e, Error::ChunkMissing { .. } | Error::ChunkCorrupt { .. }), "{e}");
+    assert!(!out.exists());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no partial file is left");
+}
+
+#[test]
+fn hostile_chunk_files_are_errors_and_decompression_is_bounded() {
+    let (_dir, repo) = new_repo(K64);
+    let data = mixed(K64 as usize, 9);
+    let mut data = data;
+    data[0] = 1;
+    full_backup(&repo, "vm", "b1", "vda", &data);
+    let hash = repo.manifest("vm", "b1", "vda").unwrap().chunks[0].unwrap();
+    let path = repo.chunks.path(&hash);
+    let good = fs::read(&path).unwrap();
+
+    let header = |encoding: u8, data_len: u32, payload: &[u8]| {
+        let mut f = b"LSNAPCHK".to_vec();
+        f.extend_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(&[encoding, 0]);
+        f.extend_from_slice(&data_len.to_le_bytes());
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(payload);
+        f
+    };
+    // A zstd bomb: 64 MiB of zeros claiming to be a 64 KiB chunk.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("header only", good[..10].to_vec()),
+        ("empty", Vec::new()),
+        ("bad magic", [b"XXXXXXXX".as_slice(), &good[8..]].concat()),
+        ("zstd bomb", header(1, K64 as u32, &bomb)),
+        ("data length beyond chunk size", header(0, 1 << 30, &[0; 16])),
+        ("unknown encoding", header(7, K64 as u32, &good[24..])),
+        ("garbage payload", header(1, K64 as u32, &[0xFF; 100])),
+        ("other content", header(0, K64 as u32, &vec![3u8; K64 as usize])),
+        ("huge file", vec![0u8; 1 << 20]),
+    ];
+    for (what, bytes) in cases {
+        fs::write(&path, &bytes).unwrap();
+        let report = repo.verify("vm", "b1").unwrap();
+        assert_eq!(report.problems.len(), 1, "{what}");
+        assert!(matches!(report.problems[0].fault, ChunkFault::Corrupt(_)), "{what}: {:?}", report.problems[0]);
+    }
+}
+
+#[test]
+fn prune_keeps_the_last_n_and_gc_removes_only_unreferenced_chunks() {
+    let (_dir, repo) = new_repo(K64);
+    let shared = mixed(4 * K64 as usize, 100);
+    for i in 0..4u64 {
+        let mut data = shared.clone();
+        data.extend(mixed(2 * K64 as usize, 200 + i));
+        let mut s = spec("vm", &format!("b{i}"));
+        s.created_unix_us = Some(1_000 + i);
+        let mut w = repo.begin_backup(s).unwrap();
+        w.full("vda", &data).unwrap();
+        w.commit().unwrap();
+    }
+    full_backup(&repo, "other", "x", "vda", &mixed(2 * K64 as usize, 300));
+    let report = repo.prune("vm", NonZeroUsize::new(2).unwrap()).unwrap();
+    assert_eq!(report.deleted, ["b0", "b1"]);
+    assert_eq!(report.kept, ["b2", "b3"]);
+    assert!(report.gc.chunks_removed > 0);
+
+    let ids: Vec<_> = repo.list(None).unwrap().into_iter().map(|b| format!("{}/{}", b.vm, b.id)).collect();
+    assert_eq!(ids, ["other/x", "vm/b2", "vm/b3"]);
+    let mut referenced = std::collections::BTreeSet::new();
+    for b in repo.list(None).unwrap() {
+        for m in repo.get(&b.vm, &b.id).unwrap().manifests {
+            referenced.extend(m.chunks.into_iter().flatten());
+        }
+        assert!(repo.verify(&b.vm, &b.id).unwrap().is_ok());
+    }
+    assert_eq!(stored_chunks(&repo), referenced.into_iter().collect::<Vec<_>>());
+    let again = repo.gc().unwrap();
+    assert_eq!((again.chunks_removed, again.leftovers_removed), (0, 0));
+}
+
+#[test]
+fn a_writer_dropped_before_commit_leaves_no_backup_and_gc_takes_its_chunks() {
+    let (_dir, repo) = new_repo(K64);
+    let data = mixed(4 * K64 as usize, 12);
+    {
+        let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+        w.full("vda", &data).unwrap();
+        assert!(matches!(repo.gc(), Err(Error::Busy)));
+        assert!(matches!(repo.prune("vm", NonZeroUsize::MIN), Err(Error::Busy)));
+    }
+    assert!(repo.list(None).unwrap().is_empty());
+    assert!(matches!(repo.info("vm", "b1"), Err(Error::BackupNotFound { .. })));
+    assert!(!stored_chunks(&repo).is_empty());
+    repo.gc().unwrap();
+    assert!(stored_chunks(&repo).is_empty());
+}
+
+#[test]
+fn gc_removes_leftovers_of_a_crash() {
+    let (_dir, repo) = new_repo(K64);
+    full_backup(&repo, "vm", "b1", "vda", &mixed(2 * K64 as usize, 13));
+    let vm_dir = repo.vm_dir("vm");
+    fs::create_dir(vm_dir.join(".tmp-b2-1-0")).unwrap();
+    fs::write(vm_dir.join(".tmp-b2-1-0").join("vda.manifest"), b"half").unwrap();
+    fs::create_dir(vm_dir.join(".del-b0-1-0")).unwrap();
+    let tmp_chunk = repo.chunks.dir().join("ab").join(".tmp-ab00-1-0");
+    fs::write(&tmp_chunk, b"torn").unwrap();
+    assert_eq!(repo.list(None).unwrap().len(), 1);
+    let report = repo.gc().unwrap();
+    assert_eq!(report.leftovers_removed, 3);
+    assert_eq!(report.chunks_removed, 0);
+    assert!(!tmp_chunk.exists());
+    assert_eq!(fs::read_dir(&vm_dir).unwrap().count(), 1);
+}
+
+#[test]
+fn delete_removes_one_backup_and_gc_frees_its_chunks_only() {
+    let (_dir, repo) = new_repo(K64);
+    full_backup(&repo, "vm", "b1", "vda", &mixed(2 * K64 as usize, 14));
+    let keep = stored_chunks(&repo);
+    full_backup(&repo, "vm", "b2", "vda", &mixed(2 * K64 as usize, 15));
+    repo.delete("vm", "b2").unwrap();
+    assert!(matches!(repo.delete("vm", "b2"), Err(Error::BackupNotFound { .. })));
+    repo.gc().unwrap();
+    assert_eq!(stored_chunks(&repo), keep);
+    assert!(repo.verify("vm", "b1").unwrap().is_ok());
+}
+
+#[test]
+fn damaged_manifests_are_errors_never_panics_and_stop_gc() {
+    let (_dir, repo) = new_repo(K64);
+    full_backup(&repo, "vm", "b1", "vda", &mixed(3 * K64 as usize + 5, 16));
+    let path = repo.manifest_path("vm", "b1", "vda");
+    let good = fs::read(&path).unwrap();
+    let chunks_before = stored_chunks(&repo);
+
+    // A well-formed manifest with garbage metadata and a correct checksum.
+    let resealed = |meta: &[u8], count: u64, table: &[u8]| {
+        let mut f = b"LSNAPMAN".to_vec();
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        f.extend_from_slice(&count.to_le_bytes());
+        f.extend_from_slice(&[0; 8]);
+        f.extend_from_slice(meta);
+        f.extend_from_slice(table);
+        let sum = ChunkHash::of(&f);
+        f.extend_from_slice(&sum.0);
+        f
+    };
+    let meta_len = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+    let meta: serde_json::Value = serde_json::from_slice(&good[32..32 + meta_len]).unwrap();
+    let table = &good[32 + meta_len..good.len() - 32];
+    let with = |key: &str, v: serde_json::Value| {
+        let mut m = meta.clone();
+        m[key] = v;
+        serde_json::to_vec(&m).unwrap()
+    };
+    let mut flipped = good.clone();
+    flipped[40] ^= 1;
+    let mut flipped_table = good.clone();
+    let n = flipped_table.len();
+    flipped_table[n - 40] ^= 1;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("truncated", good[..good.len() - 1].to_vec()),
+        ("half", good[..good.len() / 2].to_vec()),
+        ("flipped metadata byte", flipped),
+        ("flipped table byte", flipped_table),
+        ("bad magic", [b"LSNAPXXX".as_slice(), &good[8..]].concat()),
+        ("version 9", [&good[..8], &9u32.to_le_bytes()[..], &good[12..]].concat()),
+        ("garbage json", resealed(b"{not json", 4, table)),
+        ("wrong chunk count", resealed(&good[32..32 + meta_len], 3, &table[..96])),
+        ("huge chunk count", resealed(&good[32..32 + meta_len], u64::MAX / 16, table)),
+        ("wrong chunk size", resealed(&with("chunk_size", 4096.into()), 4, table)),
+        ("other vm", resealed(&with("vm", "intruder".into()), 4, table)),
+        ("path in name", resealed(&with("disk", "../../etc".into()), 4, table)),
+        ("size overflow", resealed(&with("size", u64::MAX.into()), 4, table)),
+    ];
+    for (what, bytes) in cases {
+        fs::write(&path, &bytes).unwrap();
+        let e = repo.manifest("vm", "b1", "vda").unwrap_err();
+        assert!(matches!(e, Error::Manifest { .. }), "{what}: {e}");
+        assert!(repo.get("vm", "b1").is_err(), "{what}");
+        assert!(repo.verify("vm", "b1").is_err(), "{what}");
+        assert!(repo.restore_raw("vm", "b1", "vda", &_dir.path().join("x")).is_err(), "{what}");
+        assert!(repo.gc().is_err(), "{what}");
+        assert_eq!(stored_chunks(&repo), chunks_before, "{what}: gc removed nothing");
+    }
+    let e = repo.manifest("vm", "b1", "vda").unwrap_err();
+    let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>();
+    assert!(chain[0].starts_with("The manifest"), "{chain:?}");
+    assert!(chain.len() >= 2, "{chain:?}");
+}
+
+#[test]
+fn names_that_are_not_plain_path_components_are_refused() {
+    let (_dir, repo) = new_repo(K64);
+    for bad in ["", "..", ".tmp-x", "a/b", "-x", "x y", &"x".repeat(129)] {
+        assert!(matches!(repo.begin_backup(spec(bad, "b")), Err(Error::InvalidName { .. })), "{bad:?}");
+        assert!(matches!(repo.begin_backup(spec("vm", bad)), Err(Error::InvalidName { .. })), "{bad:?}");
+    }
+    let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+    assert!(matches!(w.full("../x", &vec![1u8; 10]), Err(Error::InvalidName { .. })));
+    w.full("vda", &vec![1u8; 10]).unwrap();
+    assert!(matches!(w.full("vda", &vec![1u8; 10]), Err(Error::DuplicateDisk(_))));
+    w.commit().unwrap();
+    assert!(matches!(repo.begin_backup(spec("vm", "b1")), Err(Error::BackupExists { .. })));
+}
+
+#[test]
+fn a_repository_reopens_with_its_config_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    assert!(matches!(
+        Repository::create(&root, CreateOptions { chunk_size: 3 << 20, ..Default::default() }),
+        Err(Error::InvalidChunkSize(_))
+    ));
+    let repo = Repository::create(&root, CreateOptions::default()).unwrap();
+    assert_eq!(repo.chunk_size(), DEFAULT_CHUNK_SIZE);
+    drop(repo);
+    assert_eq!(Repository::open(&root).unwrap().config().chunk_size, 4 << 20);
+    assert!(matches!(Repository::create(&root, CreateOptions::default()), Err(Error::NotEmpty(_))));
+    assert!(matches!(Repository::open(dir.path()), Err(Error::NotARepository { .. })));
+    let config = root.join("config.json");
+    fs::write(&config, b"{\"format\":").unwrap();
+    assert!(matches!(Repository::open(&root), Err(Error::ConfigParse { .. })));
+    let text = serde_json::json!({"format": "livesnap-repository", "version": 1, "chunk_size": 12345,
+        "hash": "sha256", "compression": "zstd", "compression_level": 3, "created_unix_us": 0});
+    fs::write(&config, text.to_string()).unwrap();
+    assert!(matches!(Repository::open(&root), Err(Error::ConfigInvalid { .. })));
+}
+
+#[test]
+fn a_failing_source_fails_the_disk_with_its_offset() {
+    struct Failing;
+    impl Source for Failing {
+        fn size(&self) -> u64 {
+            4 * K64
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            if off == 2 * K64 {
+                return Err(std::io::Error::other("medium error"));
+            }
+            buf.fill(1);
+            Ok(())
+        }
+    }
+    let (_dir, repo) = new_repo(K64);
+    let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+    let e = w.full("vda", &Failing).unwrap_err();
+    assert!(matches!(e, Error::SourceRead { offset, .. } if offset == 2 * K64), "{e}");
+}
+
+#[test]
+fn progress_reaches_the_total() {
+    let (_dir, repo) = new_repo(K64);
+    let data = mixed(5 * K64 as usize + 3, 17);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+    let s = seen.clone();
+    w.set_progress(Box::new(move |disk, done, total| s.lock().unwrap().push((disk.to_owned(), done, total))));
+    w.full("vda", &data).unwrap();
+    w.commit().unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 6);
+    assert!(seen.iter().any(|(d, done, total)| d == "vda" && *done == *total && *total == data.len() as u64));
+}
+
+fn mib_per_s(bytes: u64, since: Instant) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / since.elapsed().as_secs_f64()
+}
+
+/// Prints the throughput of a full backup of a 512 MiB file of mixed data, of a second one
+/// (everything deduplicated), of verify and of a restore.
+#[test]
+#[ignore = "measurement: run with --run-ignored only --no-capture"]
+fn measure_throughput_of_a_512_mib_full_backup() {
+    let dir = tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").map_or_else(std::env::temp_dir, PathBuf::from)).unwrap();
+    let size = 512usize << 20;
+    let path = dir.path().join("disk.raw");
+    fs::write(&path, mixed(size, 42)).unwrap();
+    let src = FileSource::open(&path).unwrap();
+    // Out of the page cache as far as possible: the source is a disk, not memory.
+    let _ = Command::new("sh").args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"]).status();
+    for threads in [1, 2] {
+        let root = dir.path().join(format!("repo{threads}"));
+        let mut repo = Repository::create(&root, CreateOptions::default()).unwrap();
+        repo.set_threads(threads);
+        let t = Instant::now();
+        let s = full_backup(&repo, "vm", "b1", "vda", &src);
+        let full = mib_per_s(size as u64, t);
+        let t = Instant::now();
+        full_backup(&repo, "vm", "b2", "vda", &src);
+        let dedup = mib_per_s(size as u64, t);
+        let t = Instant::now();
+        assert!(repo.verify("vm", "b1").unwrap().is_ok());
+        let verify = mib_per_s(size as u64, t);
+        let t = Instant::now();
+        repo.restore_raw("vm", "b1", "vda", &dir.path().join(format!("r{threads}.raw"))).unwrap();
+        let restore = mib_per_s(size as u64, t);
+        eprintln!(
+            "threads {threads}: full backup {full:.0} MiB/s (stored {} MiB of 512, {} zero chunks of {}), \
+             second full (dedup) {dedup:.0} MiB/s, verify {verify:.0} MiB/s, restore {restore:.0} MiB/s",
+            s.bytes_stored >> 20, s.chunks_zero, s.chunks_read
+        );
+    }
+}
