@@ -18,5 +18,6 @@ done
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 ci/package-agent.sh
+ci/build-recwriter.sh
 ci/check-agent-deb.sh
 cargo nextest run --workspace --locked --no-fail-fast
