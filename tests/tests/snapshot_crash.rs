@@ -3,7 +3,7 @@
 //! The test VMM writes from 2 queues with several requests in flight; every 4 KiB block it
 //! writes carries its block number and a version (the write's id), repeated over the block with
 //! a check word, so that a block read back names the write it came from and garbage or a torn
-//! write is seen. A model of what was acknowledged and what the last completed FLUSH made
+//! write is seen; some writes are WRITE_ZEROES (holes in the delta), known by version. A model of what was acknowledged and what the last completed FLUSH made
 //! durable says which versions each block may hold after a kill: the one the last completed
 //! FLUSH covered, or any written after it. The test thread cuts snapshots, starts merges,
 //! checkpoints and kills the process at random moments; the base image is read straight from
@@ -142,14 +142,19 @@ fn parse(block: &[u8]) -> Option<(usize, u64)> {
 }
 
 /// Checks every block of `data` (the whole disk) against `allowed(block) = (oldest, newest)`
-/// version; returns the version each block holds. Panics listing the first wrong blocks.
-fn verify(what: &str, data: &[u8], allowed: impl Fn(usize) -> (u64, u64)) -> Vec<u64> {
+/// version; returns the version each block holds. A block of zeroes is the newest WRITE_ZEROES
+/// of `zeroes[block]` in the range, if there is one. Panics listing the first wrong blocks.
+fn verify(what: &str, data: &[u8], zeroes: &[Vec<u64>], allowed: impl Fn(usize) -> (u64, u64)) -> Vec<u64> {
     assert_eq!(data.len() as u64, DISK, "{what}: short read");
     let mut versions = vec![0; BLOCKS];
     let mut bad = Vec::new();
     for (b, blk) in data.chunks_exact(BLOCK).enumerate() {
         let (lo, hi) = allowed(b);
         match parse(blk) {
+            None if blk.iter().all(|&x| x == 0) => match zeroes[b].iter().rev().find(|&&z| lo <= z && z <= hi) {
+                Some(&z) => versions[b] = z,
+                None => bad.push(format!("block {b}: zeroes, but no WRITE_ZEROES of it between versions {lo} and {hi}")),
+            },
             None => bad.push(format!("block {b}: garbage or torn (starts {:02x?})", &blk[..24])),
             Some((other, v)) if other != b => bad.push(format!("block {b}: holds block {other}'s data (version {v})")),
             Some((_, v)) if v < lo => bad.push(format!("block {b}: version {v}, older than {lo}, the oldest allowed")),
@@ -175,27 +180,42 @@ struct Model {
     /// The last version submitted, acknowledged or not.
     submitted: Vec<u64>,
     busy: Vec<bool>,
+    /// The versions of each block that were WRITE_ZEROES, oldest first.
+    zeroes: Vec<Vec<u64>>,
     next_version: u64,
     writes_acked: u64,
     flushes_done: u64,
 }
 
 impl Model {
-    /// A disk whose blocks hold `versions`, all durable.
-    fn new(versions: Vec<u64>, next_version: u64) -> Model {
+    /// A fresh disk: every block holds version 0.
+    fn new() -> Model {
+        let v = vec![0; BLOCKS];
         Model {
-            acked: versions.clone(),
-            floor: versions.clone(),
-            submitted: versions,
+            acked: v.clone(),
+            floor: v.clone(),
+            submitted: v,
             busy: vec![false; BLOCKS],
-            next_version,
+            zeroes: vec![Vec::new(); BLOCKS],
+            next_version: 1,
             writes_acked: 0,
             flushes_done: 0,
         }
     }
 
+    /// After a restart: the disk holds `versions`, durable (a kill keeps what the backend's files
+    /// hold), nothing in flight.
+    fn restart(&mut self, versions: Vec<u64>) {
+        self.acked.clone_from(&versions);
+        self.floor.clone_from(&versions);
+        self.submitted = versions;
+        self.busy.fill(false);
+        self.writes_acked = 0;
+        self.flushes_done = 0;
+    }
+
     /// Picks a range of `n` blocks with no write in flight and gives it the next version.
-    fn reserve(&mut self, rng: &mut Rng, n: usize) -> Option<(usize, u64)> {
+    fn reserve(&mut self, rng: &mut Rng, n: usize, zero: bool) -> Option<(usize, u64)> {
         for _ in 0..8 {
             let start = rng.below((BLOCKS - n + 1) as u64) as usize;
             if self.busy[start..start + n].iter().any(|&b| b) {
@@ -206,6 +226,9 @@ impl Model {
             for b in start..start + n {
                 self.busy[b] = true;
                 self.submitted[b] = v;
+                if zero {
+                    self.zeroes[b].push(v);
+                }
             }
             return Some((start, v));
         }
@@ -258,6 +281,7 @@ impl Load {
 
 #[derive(Debug)]
 enum Pending {
+    /// A WRITE, or a WRITE_ZEROES (with or without unmap).
     Write { start: usize, n: usize, version: u64 },
     /// A FLUSH, with the versions acknowledged when it was sent: what it makes durable.
     Flush(Vec<u64>),
@@ -289,9 +313,15 @@ fn drive(q: &mut BlkQueue, load: &Load, mut rng: Rng) {
                 pending.insert(tag, Pending::Flush(durable));
             } else {
                 let n = write_len(&mut rng);
-                let Some((start, version)) = load.model().reserve(&mut rng, n) else { break };
-                let data = stamped(start, n, version);
-                let tag = q.submit(&Request::Write { sector: start as u64 * SECTORS_PER_BLOCK, data: &data }).unwrap();
+                let zero = rng.chance(1, 12);
+                let Some((start, version)) = load.model().reserve(&mut rng, n, zero) else { break };
+                let sector = start as u64 * SECTORS_PER_BLOCK;
+                let tag = if zero {
+                    let num_sectors = (n as u64 * SECTORS_PER_BLOCK) as u32;
+                    q.submit(&Request::WriteZeroes { sector, num_sectors, unmap: rng.chance(1, 2) }).unwrap()
+                } else {
+                    q.submit(&Request::Write { sector, data: &stamped(start, n, version) }).unwrap()
+                };
                 load.submitted_bytes.fetch_add((n * BLOCK) as u64, Ordering::SeqCst);
                 pending.insert(tag, Pending::Write { start, n, version });
             }
@@ -583,7 +613,7 @@ fn disk_state(st: &pb::VmStatus) -> &pb::DiskState {
 /// Ends a run: merges what is left (calling Merge if the snapshot is still active), checks the
 /// guest still reads `expect`, stops the backend with SIGTERM and checks the base image file
 /// holds exactly `expect`.
-fn finish(rig: &Rig, ctl: &mut Ctl, q: &mut BlkQueue, daemon: Daemon, expect: &[u64], what: &str) {
+fn finish(rig: &Rig, ctl: &mut Ctl, q: &mut BlkQueue, daemon: Daemon, model: &Model, what: &str) {
     let st = ctl.status();
     if let Some(s) = &st.snapshot {
         if phase(disk_state(&st)) == pb::Phase::Active {
@@ -591,10 +621,11 @@ fn finish(rig: &Rig, ctl: &mut Ctl, q: &mut BlkQueue, daemon: Daemon, expect: &[
         }
     }
     ctl.wait_merged();
-    let exact = |b: usize| (expect[b], expect[b]);
-    verify(&format!("{what}: the disk after the merge"), &read_disk(q), exact);
+    assert_eq!(model.in_flight(), 0, "{what}");
+    let exact = |b: usize| (model.acked[b], model.acked[b]);
+    verify(&format!("{what}: the disk after the merge"), &read_disk(q), &model.zeroes, exact);
     sigterm(daemon);
-    verify(&format!("{what}: the base image after the merge and SIGTERM"), &rig.read_base(), exact);
+    verify(&format!("{what}: the base image after the merge and SIGTERM"), &rig.read_base(), &model.zeroes, exact);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -673,7 +704,8 @@ fn crash_script(
                 if rng.chance(1, 2) {
                     // The base is frozen: read straight from the host under load, it is the disk at the cut.
                     let w = cut.as_ref().unwrap();
-                    verify(&format!("{what}: the base image read under load while the snapshot is active"), &rig.read_base(), |b| {
+                    let zeroes = load.model().zeroes.clone();
+                    verify(&format!("{what}: the base image read under load while the snapshot is active"), &rig.read_base(), &zeroes, |b| {
                         (w.lo[b], w.hi[b])
                     });
                 }
@@ -725,8 +757,7 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
     const KILLS: usize = 36;
     let mut rng = seed("kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write");
     let rig = Rig::new(&[], None);
-    let mut versions = vec![0u64; BLOCKS];
-    let mut next_version = 1;
+    let mut model = Model::new();
     let mut kills: HashMap<Kill, usize> = HashMap::new();
     let mut restarted_in: HashMap<(Kill, pb::Phase), usize> = HashMap::new();
     let (mut total_kills, mut iteration, mut exact_cut_blocks, mut acked, mut flushes) = (0, 0, 0usize, 0, 0);
@@ -739,7 +770,7 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
         let mut cut: Option<CutWindow> = None;
         for round in 0.. {
             let what = format!("iteration {iteration} round {round}");
-            let load = Load::new(Model::new(versions.clone(), next_version), None);
+            let load = Load::new(model, None);
             let mut script_rng = rng.fork();
             // Every kind of kill in turn for a run's first kill; then what the phase allows.
             let target = match phase {
@@ -747,16 +778,16 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
                 pb::Phase::Active => ALL_KILLS[2 + rng.below(3) as usize],
                 _ => Kill::Merging,
             };
-            let (back, model, kill) = with_load(qs, load, &mut rng, |load| {
+            let (back, m, kill) = with_load(qs, load, &mut rng, |load| {
                 crash_script(&mut script_rng, load, &mut ctl, daemon, phase, target, &mut cut, &rig, &what)
             });
+            model = m;
             drop(back);
             drop(f);
             total_kills += 1;
             *kills.entry(kill).or_default() += 1;
             acked += model.writes_acked;
             flushes += model.flushes_done;
-            next_version = model.next_version;
             eprintln!(
                 "{what}: killed ({kill:?}) with {} blocks in flight, {} writes and {} flushes acknowledged",
                 model.in_flight(),
@@ -770,12 +801,15 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
             *restarted_in.entry((kill, phase)).or_default() += 1;
             assert!(kill.allows(phase), "{what}: killed {kill:?}, restarted {phase:?}: {st:?}");
             let after = format!("{what}: the disk after kill -9 ({kill:?}) and restart in {phase:?}");
-            versions = verify(&after, &read_disk(&mut qs[0]), |b| (model.floor[b], model.submitted[b]));
+            let found = verify(&after, &read_disk(&mut qs[0]), &model.zeroes, |b| (model.floor[b], model.submitted[b]));
+            model.restart(found);
             match phase {
                 pb::Phase::Active => {
                     let w = cut.as_ref().unwrap();
                     exact_cut_blocks += w.exact_blocks();
-                    verify(&format!("{what}: the base image after kill -9 with the snapshot active"), &rig.read_base(), |b| (w.lo[b], w.hi[b]));
+                    verify(&format!("{what}: the base image after kill -9 with the snapshot active"), &rig.read_base(), &model.zeroes, |b| {
+                        (w.lo[b], w.hi[b])
+                    });
                     assert!(disk_state(&st).abandoned.is_empty(), "{what}: {st:?}");
                 }
                 pb::Phase::Merging => assert!(disk_state(&st).abandoned.is_empty(), "{what}: {st:?}"),
@@ -786,7 +820,7 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
                 break;
             }
         }
-        finish(&rig, &mut ctl, &mut qs[0], daemon, &versions, &format!("iteration {iteration}"));
+        finish(&rig, &mut ctl, &mut qs[0], daemon, &model, &format!("iteration {iteration}"));
         drop(qs);
         drop(f);
     }
@@ -810,14 +844,13 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
     const RUNS: usize = 8;
     let mut rng = seed("changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint");
     let rig = Rig::new(&[], None);
-    let mut versions = vec![0u64; BLOCKS];
-    let mut next_version = 1;
+    let mut model = Model::new();
     for run in 0..RUNS {
         let what = format!("run {run}");
         let (daemon, f, qs, mut ctl) = rig.start();
-        let load = Load::new(Model::new(versions.clone(), next_version), None);
+        let load = Load::new(model, None);
         let mut script_rng = rng.fork();
-        let (back, model, (id, first_after_cut)) = with_load(qs, load, &mut rng, |load| {
+        let (back, m, (id, first_after_cut)) = with_load(qs, load, &mut rng, |load| {
             let r = &mut script_rng;
             r.sleep_ms(20, 150);
             let s = ctl.begin();
@@ -835,9 +868,9 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
             kill9(daemon);
             (s.id, first_after_cut)
         });
+        model = m;
         drop(back);
         drop(f);
-        next_version = model.next_version;
 
         let (daemon, f, mut qs, mut ctl) = rig.start();
         let (page, extents) = ctl.changes(DISK_ID);
@@ -874,10 +907,11 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
             model.in_flight(),
             must.len()
         );
-        versions = verify(&format!("{what}: the disk after kill -9 and restart"), &read_disk(&mut qs[0]), |b| {
+        let found = verify(&format!("{what}: the disk after kill -9 and restart"), &read_disk(&mut qs[0]), &model.zeroes, |b| {
             (model.floor[b], model.submitted[b])
         });
-        finish(&rig, &mut ctl, &mut qs[0], daemon, &versions, &what);
+        model.restart(found);
+        finish(&rig, &mut ctl, &mut qs[0], daemon, &model, &what);
         drop(qs);
         drop(f);
     }
@@ -893,14 +927,14 @@ fn overflow_keeps_every_write(rig: &Rig, test: &str, bytes: u64, reason: &str) {
     let mut rng = seed(test);
     let (daemon, f, qs, mut ctl) = rig.start();
     let s = ctl.begin();
-    let load = Load::new(Model::new(vec![0; BLOCKS], 1), Some(bytes));
+    let load = Load::new(Model::new(), Some(bytes));
     let (mut qs, model, ()) = with_load(qs, load, &mut rng, |_| ());
     // Every write completed with OK (`drive` asserts it) and none is in flight.
     assert_eq!(model.in_flight(), 0);
     let in_delta_at_most = model.acked.iter().filter(|&&v| v > 0).count() as u64 * BLOCK as u64;
     assert!(in_delta_at_most > 2 * MIB, "{test}: only {in_delta_at_most} bytes written");
     let exact = |b: usize| (model.acked[b], model.acked[b]);
-    verify(&format!("{test}: the disk read back after the overflow"), &read_disk(&mut qs[0]), exact);
+    verify(&format!("{test}: the disk read back after the overflow"), &read_disk(&mut qs[0]), &model.zeroes, exact);
 
     let st = ctl.status();
     let seen: Vec<pb::DiskState> = st.disks.clone().into_iter().chain(ctl.wait_merged()).collect();
@@ -923,7 +957,7 @@ fn overflow_keeps_every_write(rig: &Rig, test: &str, bytes: u64, reason: &str) {
     assert_eq!(next.id, s.id + 1);
     ctl.merge(next.id);
     ctl.wait_merged();
-    finish(rig, &mut ctl, &mut qs[0], daemon, &model.acked, test);
+    finish(rig, &mut ctl, &mut qs[0], daemon, &model, test);
     drop(qs);
     drop(f);
 }
@@ -951,7 +985,7 @@ fn checkpoint_of_an_abandoned_snapshot_is_refused_after_its_merge() {
     let mut rng = seed("checkpoint_of_an_abandoned_snapshot_is_refused_after_its_merge");
     let (daemon, f, qs, mut ctl) = rig.start();
     let s = ctl.begin();
-    let load = Load::new(Model::new(vec![0; BLOCKS], 1), Some(4 * MIB));
+    let load = Load::new(Model::new(), Some(4 * MIB));
     let (qs, _, ()) = with_load(qs, load, &mut rng, |_| ());
     ctl.wait_merged();
     assert!(rig.log_text().contains("snapshot abandoned"), "the snapshot was not abandoned");
