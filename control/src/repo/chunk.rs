@@ -125,7 +125,11 @@ pub const TMP_PREFIX: &str = ".tmp-";
 
 impl ChunkStore {
     pub fn new(dir: PathBuf, chunk_size: usize, level: i32) -> ChunkStore {
-        ChunkStore { dir, chunk_size, level }
+        ChunkStore {
+            dir,
+            chunk_size,
+            level,
+        }
     }
 
     /// Creates `chunks/` and its 256 fan-out directories.
@@ -153,11 +157,21 @@ impl ChunkStore {
         let mut decompressor = zstd::bulk::Decompressor::new()
             .map_err(|e| Error::io("set up zstd decompression for", &self.dir, e))?;
         // A chunk fits in one window of its own size: refuse frames that ask for more memory.
-        let window_log = (self.chunk_size.max(1024).next_power_of_two().trailing_zeros()).max(10);
+        let window_log = (self
+            .chunk_size
+            .max(1024)
+            .next_power_of_two()
+            .trailing_zeros())
+        .max(10);
         decompressor
             .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log))
             .map_err(|e| Error::io("set up zstd decompression for", &self.dir, e))?;
-        Ok(Codec { compressor, decompressor, file_buf: Vec::new(), payload: Vec::new() })
+        Ok(Codec {
+            compressor,
+            decompressor,
+            file_buf: Vec::new(),
+            payload: Vec::new(),
+        })
     }
 
     pub fn contains(&self, hash: &ChunkHash) -> bool {
@@ -232,17 +246,31 @@ impl ChunkStore {
         let max_file = (CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(self.chunk_size)) as u64;
         let len = file.metadata().map_err(ReadFailure::Io)?.len();
         if len > max_file {
-            return Err(ReadFailure::Corrupt(Corruption::TooLong { len, max: max_file }));
+            return Err(ReadFailure::Corrupt(Corruption::TooLong {
+                len,
+                max: max_file,
+            }));
         }
         let buf = &mut codec.file_buf;
         buf.clear();
         // Bounded even if the file grows under us.
-        (&mut file).take(max_file + 1).read_to_end(buf).map_err(ReadFailure::Io)?;
-        decode(buf, self.chunk_size, expected_len, out, &mut codec.decompressor)
-            .map_err(ReadFailure::Corrupt)?;
+        (&mut file)
+            .take(max_file + 1)
+            .read_to_end(buf)
+            .map_err(ReadFailure::Io)?;
+        decode(
+            buf,
+            self.chunk_size,
+            expected_len,
+            out,
+            &mut codec.decompressor,
+        )
+        .map_err(ReadFailure::Corrupt)?;
         let actual = ChunkHash::of(out);
         if actual != *hash {
-            return Err(ReadFailure::Corrupt(Corruption::HashMismatch { actual: actual.to_string() }));
+            return Err(ReadFailure::Corrupt(Corruption::HashMismatch {
+                actual: actual.to_string(),
+            }));
         }
         Ok(())
     }
@@ -289,7 +317,10 @@ fn decode(
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> std::result::Result<(), Corruption> {
     if buf.len() < CHUNK_HEADER_LEN {
-        return Err(Corruption::TooShort { len: buf.len() as u64, min: CHUNK_HEADER_LEN as u64 });
+        return Err(Corruption::TooShort {
+            len: buf.len() as u64,
+            min: CHUNK_HEADER_LEN as u64,
+        });
     }
     if &buf[0..8] != CHUNK_MAGIC {
         return Err(Corruption::BadMagic);

@@ -146,7 +146,13 @@ impl Manifest {
         let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let len = f.metadata().map_err(|e| Error::io("read", path, e))?.len();
         if len > MAX_MANIFEST_LEN {
-            return Err(Error::manifest(path, Corruption::TooLong { len, max: MAX_MANIFEST_LEN }));
+            return Err(Error::manifest(
+                path,
+                Corruption::TooLong {
+                    len,
+                    max: MAX_MANIFEST_LEN,
+                },
+            ));
         }
         let mut buf = Vec::with_capacity(len as usize);
         (&mut f)
@@ -166,7 +172,9 @@ impl Manifest {
             .take((HEADER_LEN + MAX_META_LEN) as u64)
             .read_to_end(&mut buf)
             .map_err(|e| Error::io("read", path, e))?;
-        decode_head(&buf, len, chunk_size).map(|(m, ..)| m).map_err(|c| Error::manifest(path, c))
+        decode_head(&buf, len, chunk_size)
+            .map(|(m, ..)| m)
+            .map_err(|c| Error::manifest(path, c))
     }
 }
 
@@ -193,7 +201,9 @@ fn decode_head(
     count_bytes.copy_from_slice(&buf[16..24]);
     let count = u64::from_le_bytes(count_bytes);
     if meta_len > MAX_META_LEN {
-        return Err(Corruption::Invalid(format!("metadata length {meta_len} exceeds {MAX_META_LEN}")));
+        return Err(Corruption::Invalid(format!(
+            "metadata length {meta_len} exceeds {MAX_META_LEN}"
+        )));
     }
     let expected_len = count
         .checked_mul(32)
@@ -212,7 +222,11 @@ fn decode_head(
         min: meta_end as u64,
     })?;
     let meta: ManifestMeta = serde_json::from_slice(meta_bytes).map_err(Corruption::Json)?;
-    for (what, name) in [("VM", &meta.vm), ("disk", &meta.disk), ("backup", &meta.backup)] {
+    for (what, name) in [
+        ("VM", &meta.vm),
+        ("disk", &meta.disk),
+        ("backup", &meta.backup),
+    ] {
         validate_name(what, name).map_err(|e| Corruption::Invalid(e.to_string()))?;
     }
     if meta.chunk_size != chunk_size {
@@ -224,17 +238,24 @@ fn decode_head(
     }
     let want = meta.size.div_ceil(chunk_size);
     if want != count {
-        return Err(Corruption::LengthMismatch { field: "chunk count", expected: want, actual: count });
+        return Err(Corruption::LengthMismatch {
+            field: "chunk count",
+            expected: want,
+            actual: count,
+        });
     }
     if meta.kind == Kind::Full && meta.parent.is_some() {
         return Err(Corruption::Invalid("a full backup names a parent".into()));
     }
     if let Some(w) = &meta.freeze_window {
         if w.thawed_unix_us < w.frozen_unix_us {
-            return Err(Corruption::Invalid("the freeze window ends before it begins".into()));
+            return Err(Corruption::Invalid(
+                "the freeze window ends before it begins".into(),
+            ));
         }
     }
-    let count = usize::try_from(count).map_err(|_| Corruption::Invalid("too many chunks".into()))?;
+    let count =
+        usize::try_from(count).map_err(|_| Corruption::Invalid("too many chunks".into()))?;
     Ok((meta, count, meta_end))
 }
 

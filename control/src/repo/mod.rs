@@ -48,7 +48,10 @@ use serde::{Deserialize, Serialize};
 
 pub use chunk::ChunkHash;
 pub use manifest::{Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
-pub use ops::{Backup, BackupInfo, ChunkFault, ChunkProblem, DiskInfo, GcReport, PruneReport, RestoreStats, VerifyReport};
+pub use ops::{
+    Backup, BackupInfo, ChunkFault, ChunkProblem, DiskInfo, GcReport, PruneReport, RestoreStats,
+    VerifyReport,
+};
 pub use source::{FileSource, Source};
 pub use write::{BackupSpec, BackupWriter, Progress};
 
@@ -107,7 +110,11 @@ pub enum Error {
     #[error("There is no backup {vm}/{id}")]
     BackupNotFound { vm: String, id: String },
     #[error("Backup {vm}/{id} has no disk {disk}")]
-    DiskNotFound { vm: String, id: String, disk: String },
+    DiskNotFound {
+        vm: String,
+        id: String,
+        disk: String,
+    },
     #[error("Disk {0} was written twice in one backup")]
     DuplicateDisk(String),
     #[error("Backup {vm}/{id} has no disk: nothing to commit")]
@@ -125,7 +132,11 @@ pub enum Error {
         source: Corruption,
     },
     #[error("The manifests of backup {vm}/{id} disagree: {reason}")]
-    Inconsistent { vm: String, id: String, reason: String },
+    Inconsistent {
+        vm: String,
+        id: String,
+        reason: String,
+    },
     #[error("Chunk {hash} is missing from the repository")]
     ChunkMissing { hash: ChunkHash },
     #[error("Chunk {hash} is damaged")]
@@ -138,7 +149,7 @@ pub enum Error {
     DestinationExists(PathBuf),
     #[error("Cannot run qemu-img")]
     QemuImgSpawn(#[source] io::Error),
-    #[error("qemu-img convert to qcow2 failed ({status}): {stderr}")]
+    #[error("Converting to qcow2 with qemu-img failed ({status}): {stderr}")]
     QemuImg { status: String, stderr: String },
     #[error("Cannot encode a manifest")]
     Serialize(#[source] serde_json::Error),
@@ -156,7 +167,11 @@ pub enum Corruption {
     #[error("Its format version {0} is not supported")]
     UnsupportedVersion(u32),
     #[error("Its {field} is {actual}, expected {expected}")]
-    LengthMismatch { field: &'static str, expected: u64, actual: u64 },
+    LengthMismatch {
+        field: &'static str,
+        expected: u64,
+        actual: u64,
+    },
     #[error("Its checksum does not match its contents")]
     ChecksumMismatch,
     #[error("Its contents hash to {actual}, not to its name")]
@@ -175,11 +190,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     fn io(op: &'static str, path: &Path, source: io::Error) -> Error {
-        Error::Io { op, path: path.to_owned(), source }
+        Error::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
     }
 
     fn manifest(path: &Path, source: Corruption) -> Error {
-        Error::Manifest { path: path.to_owned(), source }
+        Error::Manifest {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -207,7 +229,10 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { chunk_size: DEFAULT_CHUNK_SIZE, compression_level: 3 }
+        CreateOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression_level: 3,
+        }
     }
 }
 
@@ -260,7 +285,11 @@ impl Repository {
         json.push(b'\n');
         // config.json comes last: its presence says the rest is there.
         chunk::sync_dir(root)?;
-        chunk::write_durably(&root.join(".config.json.tmp"), &root.join("config.json"), &json)?;
+        chunk::write_durably(
+            &root.join(".config.json.tmp"),
+            &root.join("config.json"),
+            &json,
+        )?;
         chunk::sync_dir(root)?;
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             chunk::sync_dir(parent)?;
@@ -276,19 +305,36 @@ impl Repository {
         let mut buf = Vec::new();
         File::open(&config_path)
             .and_then(|f| f.take(MAX_CONFIG_LEN).read_to_end(&mut buf))
-            .map_err(|source| Error::NotARepository { path: root.clone(), source })?;
-        let config: RepoConfig = serde_json::from_slice(&buf)
-            .map_err(|source| Error::ConfigParse { path: config_path.clone(), source })?;
-        let invalid = |reason: String| Error::ConfigInvalid { path: config_path.clone(), reason };
+            .map_err(|source| Error::NotARepository {
+                path: root.clone(),
+                source,
+            })?;
+        let config: RepoConfig =
+            serde_json::from_slice(&buf).map_err(|source| Error::ConfigParse {
+                path: config_path.clone(),
+                source,
+            })?;
+        let invalid = |reason: String| Error::ConfigInvalid {
+            path: config_path.clone(),
+            reason,
+        };
         if config.format != CONFIG_FORMAT {
-            return Err(invalid(format!("format {:?} is not {CONFIG_FORMAT:?}", config.format)));
+            return Err(invalid(format!(
+                "format {:?} is not {CONFIG_FORMAT:?}",
+                config.format
+            )));
         }
         if config.version != CONFIG_VERSION {
-            return Err(invalid(format!("version {} is not supported", config.version)));
+            return Err(invalid(format!(
+                "version {} is not supported",
+                config.version
+            )));
         }
         let cs = config.chunk_size;
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) || !cs.is_power_of_two() {
-            return Err(invalid(format!("chunk size {cs} is not a power of two from 4 KiB to 64 MiB")));
+            return Err(invalid(format!(
+                "chunk size {cs} is not a power of two from 4 KiB to 64 MiB"
+            )));
         }
         if config.hash != "sha256" || config.compression != "zstd" {
             return Err(invalid(format!(
@@ -297,11 +343,21 @@ impl Repository {
             )));
         }
         if !(1..=19).contains(&config.compression_level) {
-            return Err(invalid(format!("zstd level {} is not from 1 to 19", config.compression_level)));
+            return Err(invalid(format!(
+                "zstd level {} is not from 1 to 19",
+                config.compression_level
+            )));
         }
         let chunks = ChunkStore::new(root.join("chunks"), cs as usize, config.compression_level);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        Ok(Repository { root, config, chunks, threads })
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        Ok(Repository {
+            root,
+            config,
+            chunks,
+            threads,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -334,7 +390,8 @@ impl Repository {
     }
 
     fn manifest_path(&self, vm: &str, id: &str, disk: &str) -> PathBuf {
-        self.backup_dir(vm, id).join(format!("{disk}{MANIFEST_SUFFIX}"))
+        self.backup_dir(vm, id)
+            .join(format!("{disk}{MANIFEST_SUFFIX}"))
     }
 
     /// Takes the repository lock: shared for writers, exclusive for garbage collection.
@@ -347,7 +404,11 @@ impl Repository {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        } | libc::LOCK_NB;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc != 0 {
@@ -374,15 +435,22 @@ struct RepoLock {
 pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidName { what, name: name.to_owned() })
+        Err(Error::InvalidName {
+            what,
+            name: name.to_owned(),
+        })
     }
 }
 
 pub(crate) fn now_unix_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }

@@ -7,9 +7,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::chunk::{self, ChunkHash, Codec, TMP_PREFIX};
-use super::manifest::{chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
+use super::manifest::{
+    chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta,
+};
 use super::ops::BackupInfo;
-use super::{now_unix_us, validate_name, Error, RepoLock, Repository, Result, Source, MANIFEST_SUFFIX};
+use super::{
+    now_unix_us, validate_name, Error, RepoLock, Repository, Result, Source, MANIFEST_SUFFIX,
+};
 
 /// What a new backup is.
 #[derive(Clone, Debug)]
@@ -65,7 +69,10 @@ impl Repository {
         let lock = self.lock(false)?;
         let vm_dir = self.vm_dir(&spec.vm);
         if self.backup_dir(&spec.vm, &spec.id).exists() {
-            return Err(Error::BackupExists { vm: spec.vm, id: spec.id });
+            return Err(Error::BackupExists {
+                vm: spec.vm,
+                id: spec.id,
+            });
         }
         fs::create_dir_all(&vm_dir).map_err(|e| Error::io("create", &vm_dir, e))?;
         let tmp_dir = vm_dir.join(format!(
@@ -115,7 +122,10 @@ impl BackupWriter<'_> {
         parent: &Manifest,
         changed: &[(u64, u64)],
     ) -> Result<DiskStats> {
-        let mismatch = |reason: String| Error::ParentMismatch { disk: disk.to_owned(), reason };
+        let mismatch = |reason: String| Error::ParentMismatch {
+            disk: disk.to_owned(),
+            reason,
+        };
         if parent.meta.vm != self.spec.vm || parent.meta.disk != disk {
             return Err(mismatch(format!(
                 "it is disk {} of VM {}",
@@ -123,27 +133,37 @@ impl BackupWriter<'_> {
             )));
         }
         let cs = self.repo.chunk_size();
-        if parent.meta.chunk_size != cs || parent.chunks.len() as u64 != parent.meta.size.div_ceil(cs) {
-            return Err(mismatch("its chunk table does not fit this repository".into()));
+        if parent.meta.chunk_size != cs
+            || parent.chunks.len() as u64 != parent.meta.size.div_ceil(cs)
+        {
+            return Err(mismatch(
+                "its chunk table does not fit this repository".into(),
+            ));
         }
         self.start_disk(disk)?;
         let size = source.size();
         let count = chunk_count(disk, size, cs)?;
 
-        let invalid = |reason: String| Error::InvalidExtents { disk: disk.to_owned(), reason };
+        let invalid = |reason: String| Error::InvalidExtents {
+            disk: disk.to_owned(),
+            reason,
+        };
         let mut touched = vec![false; count];
         let mut prev_off = 0u64;
         let mut covered_end = 0u64;
         let mut bytes_changed = 0u64;
         for &(off, len) in changed {
             if off < prev_off {
-                return Err(invalid(format!("offset {off} comes after offset {prev_off}")));
+                return Err(invalid(format!(
+                    "offset {off} comes after offset {prev_off}"
+                )));
             }
             prev_off = off;
-            let end = off
-                .checked_add(len)
-                .filter(|&e| e <= size)
-                .ok_or_else(|| invalid(format!("extent {off}+{len} ends beyond the disk's {size} bytes")))?;
+            let end = off.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
+                invalid(format!(
+                    "extent {off}+{len} ends beyond the disk's {size} bytes"
+                ))
+            })?;
             if len == 0 {
                 continue;
             }
@@ -176,7 +196,16 @@ impl BackupWriter<'_> {
         }
         let jobs: Vec<usize> = (0..count).filter(|&i| touched[i]).collect();
         let parent_id = Some(parent.meta.backup.clone());
-        self.write_disk(disk, source, table, &jobs, size, bytes_changed, Kind::Incremental, parent_id)
+        self.write_disk(
+            disk,
+            source,
+            table,
+            &jobs,
+            size,
+            bytes_changed,
+            Kind::Incremental,
+            parent_id,
+        )
     }
 
     fn start_disk(&mut self, disk: &str) -> Result<()> {
@@ -207,7 +236,14 @@ impl BackupWriter<'_> {
         let Done { states, results } = parallel(
             repo.threads,
             jobs.len(),
-            || Ok((repo.chunks.codec()?, Vec::new(), DiskStats::default(), [false; 256])),
+            || {
+                Ok((
+                    repo.chunks.codec()?,
+                    Vec::new(),
+                    DiskStats::default(),
+                    [false; 256],
+                ))
+            },
             |(codec, buf, stats, dirty): &mut (Codec, Vec<u8>, DiskStats, [bool; 256]), j| {
                 let i = jobs[j];
                 let len = chunk_len(size, cs, i);
@@ -328,7 +364,12 @@ fn chunk_count(disk: &str, size: u64, chunk_size: u64) -> Result<usize> {
 
 /// Runs `work(state, j)` for `j` in `0..jobs` on up to `threads` threads, each with its own
 /// `init()` state. Stops at the first error. Returns the states and `(j, result)` pairs.
-pub(super) fn parallel<S, T, I, W>(threads: usize, jobs: usize, init: I, work: W) -> Result<Done<S, T>>
+pub(super) fn parallel<S, T, I, W>(
+    threads: usize,
+    jobs: usize,
+    init: I,
+    work: W,
+) -> Result<Done<S, T>>
 where
     S: Send,
     T: Send,
