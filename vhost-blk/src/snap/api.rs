@@ -89,6 +89,8 @@ pub struct DiskState {
     pub delta_extents: u64,
     /// Set while merging.
     pub merge: Option<MergeProgress>,
+    /// The last merge completed since the backend started: its snapshot and the bytes it copied.
+    pub last_merge: Option<(u64, u64)>,
     /// Why the snapshot was abandoned, if it was (its base is then no longer frozen).
     pub abandoned: Option<String>,
 }

@@ -46,6 +46,8 @@ pub struct SnapDisk {
     state: RwLock<DiskMode>,
     /// The generation frozen at the last cut, until its checkpoint.
     pub frozen: Mutex<Option<Arc<Bitmap>>>,
+    /// The last merge this process completed: its snapshot and the bytes it copied.
+    pub last_merge: Mutex<Option<(u64, u64)>>,
     pub counters: Counters,
     vm: Mutex<Weak<VmShared>>,
 }
@@ -82,6 +84,7 @@ impl SnapDisk {
             base_path,
             state: RwLock::new(DiskMode { mode, cbt }),
             frozen: Mutex::new(None),
+            last_merge: Mutex::new(None),
             counters: Counters::default(),
             vm: Mutex::new(Weak::new()),
         }
