@@ -978,12 +978,10 @@ fn enospc_in_the_state_dir_abandons_the_snapshot_and_fails_no_write() {
     overflow_keeps_every_write(&rig, "enospc_in_the_state_dir_abandons_the_snapshot_and_fails_no_write", 8 * MIB, "ENOSPC");
 }
 
-/// The backup of an abandoned snapshot must fail (docs/snapshots.md, "Abandon and overflow"), and
-/// Checkpoint refuses it while the snapshot is merging. Once the merge is complete the engine
-/// forgets the abandon (the record drops the snapshot with its reason) and Checkpoint accepts
-/// the snapshot as if its backup were good.
+/// The backup of an abandoned snapshot must fail (docs/snapshots.md, "Abandon and overflow"):
+/// Checkpoint refuses it while the snapshot is merging and also once the merge is complete and
+/// the snapshot has left the record.
 #[test]
-#[ignore = "bug: the abandon is forgotten once the merge completes; Checkpoint then accepts the snapshot"]
 fn checkpoint_of_an_abandoned_snapshot_is_refused_after_its_merge() {
     let rig = Rig::new(&["--delta-limit", "1048576"], None);
     let mut rng = seed("checkpoint_of_an_abandoned_snapshot_is_refused_after_its_merge");

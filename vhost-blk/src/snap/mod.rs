@@ -150,6 +150,18 @@ fn cbt_name(disk: &str, gen: u64) -> String {
     format!("{disk}.cbt.{gen}")
 }
 
+/// Records in `state` that snapshot `id` was abandoned (the first reason stays): in the
+/// snapshot while it exists, and beside the change maps it froze, so that its checkpoint is
+/// refused also after the merge.
+fn mark_abandoned(state: &mut VmState, id: u64, reason: &str) {
+    if let Some(s) = state.snapshot.as_mut().filter(|s| s.id == id && s.abandoned.is_none()) {
+        s.abandoned = Some(reason.chars().take(512).collect());
+    }
+    for c in state.cbt.iter_mut().filter(|c| c.frozen_for == Some(id)) {
+        c.frozen_abandoned = true;
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -265,7 +277,14 @@ impl Vm {
             }
             None => {
                 let current = fresh(0, "change tracking began after the disk was first served".into())?;
-                state.cbt.push(CbtState { disk: disk.to_owned(), current: 0, frozen: None, frozen_for: None, checkpoint: None });
+                state.cbt.push(CbtState {
+                    disk: disk.to_owned(),
+                    current: 0,
+                    frozen: None,
+                    frozen_for: None,
+                    checkpoint: None,
+                    frozen_abandoned: false,
+                });
                 Ok((current, None))
             }
         }
@@ -441,6 +460,7 @@ impl VmShared {
                 c.frozen = Some(c.current);
                 c.frozen_for = Some(id);
                 c.current = id;
+                c.frozen_abandoned = false;
             }
         }
 
@@ -505,9 +525,9 @@ impl VmShared {
             for (_, p) in &mut s.disks {
                 *p = SnapPhase::Merging;
             }
-            if s.abandoned.is_none() {
-                s.abandoned = abandoned.map(|r| r.chars().take(512).collect());
-            }
+        }
+        if let Some(reason) = abandoned {
+            mark_abandoned(&mut next_state, snap.id, reason);
         }
         let mut guards: Vec<_> = active.iter().map(|&i| self.disks[i].pause()).collect();
         for (guard, &i) in guards.iter().zip(&active) {
@@ -617,6 +637,7 @@ impl VmShared {
         ctl.record.write(&next_state).map_err(record_err)?;
         guard.mode = Mode::Direct;
         drop(guard);
+        *disk.last_merge.lock().unwrap_or_else(PoisonError::into_inner) = Some((delta.snapshot, delta.merged_bytes()));
         ctl.state = next_state;
         drop(ctl);
         for name in [&delta.data_name, &delta.journal_name] {
@@ -697,6 +718,7 @@ impl SnapshotControl for Vm {
                         remaining_bytes: delta_bytes,
                     }),
                     abandoned: ctl.state.snapshot.as_ref().and_then(|s| s.abandoned.clone()).filter(|_| delta.is_some()),
+                    last_merge: *d.last_merge.lock().unwrap_or_else(PoisonError::into_inner),
                 }
             })
             .collect();
@@ -739,9 +761,7 @@ impl SnapshotControl for Vm {
         warn!(vm = %self.shared.name, snapshot = id, reason, "snapshot abandoned");
         if snap.abandoned.is_none() && snap.disks.iter().all(|(_, p)| *p == SnapPhase::Merging) {
             let mut next = ctl.state.clone();
-            if let Some(s) = next.snapshot.as_mut() {
-                s.abandoned = Some(reason.chars().take(512).collect());
-            }
+            mark_abandoned(&mut next, id, reason);
             ctl.record.write(&next).map_err(record_err)?;
             ctl.state = next;
             return Ok(());
@@ -758,6 +778,11 @@ impl SnapshotControl for Vm {
                     return Err(ControlError::State(format!("snapshot {id} was abandoned ({why}); its base was not kept frozen")));
                 }
             }
+        }
+        if ctl.state.cbt.iter().any(|c| c.frozen_for == Some(id) && c.frozen_abandoned) {
+            return Err(ControlError::State(format!(
+                "snapshot {id} was abandoned; its base was not kept frozen, so its backup cannot be acknowledged"
+            )));
         }
         let mut next = ctl.state.clone();
         let mut hit = Vec::new();

@@ -86,6 +86,8 @@ struct Case {
     cut_images: std::collections::BTreeMap<u64, Vec<u64>>,
     /// The base must equal the cut image while the snapshot is active.
     base_frozen_checkable: bool,
+    /// Snapshots seen abandoned: their checkpoints must be refused, also after the merge.
+    abandoned: std::collections::BTreeSet<u64>,
     log: Vec<String>,
 }
 
@@ -108,6 +110,7 @@ impl Case {
             delta_limit,
             cut_images: Default::default(),
             base_frozen_checkable: false,
+            abandoned: Default::default(),
             log: Vec::new(),
         };
         c.open();
@@ -348,10 +351,10 @@ impl Case {
             91..=95 => {
                 let until = self.vm().changes("d").map(|c| c.until_snapshot).unwrap_or(None);
                 let Some(id) = until else { return true };
-                let abandoned = self.vm().status().disks[0].abandoned.is_some();
                 let res = self.vm().checkpoint(id);
                 match res {
-                    Err(ControlError::State(_)) if abandoned => true,
+                    Err(ControlError::State(_)) if self.abandoned.contains(&id) => true,
+                    Ok(()) if self.abandoned.contains(&id) => self.fail(&format!("checkpoint {id} of an abandoned snapshot accepted")),
                     res => self.control(&format!("checkpoint {id}"), res),
                 }
             }
@@ -370,7 +373,11 @@ impl Case {
             self.fuse.arm(budget);
         }
         for _ in 0..ops {
-            if !self.step() {
+            let stepped = self.step();
+            if let Some(s) = self.vm().status().snapshot.filter(|_| self.vm().status().disks[0].abandoned.is_some()) {
+                self.abandoned.insert(s.id);
+            }
+            if !stepped {
                 self.crash();
                 if self.rng.chance(50) {
                     let budget = self.rng.below(300) as i64;

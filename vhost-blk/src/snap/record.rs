@@ -63,6 +63,10 @@ pub struct CbtState {
     pub frozen_for: Option<u64>,
     /// The last acknowledged checkpoint (a snapshot id).
     pub checkpoint: Option<u64>,
+    /// The snapshot `frozen_for` was abandoned: its base was not kept frozen, so its checkpoint
+    /// is refused (the frozen generation joins the next one instead).
+    #[serde(default)]
+    pub frozen_abandoned: bool,
 }
 
 /// Everything persisted about a VM's snapshots.
