@@ -56,12 +56,16 @@ impl FreezeWindow {
 /// What writing one disk of a backup cost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskStats {
-    /// Bytes read from the source.
+    /// Bytes read from the source (the disk being backed up, not the repository).
     pub bytes_read: u64,
     /// Bytes the caller said changed (incremental backups; the disk size for a full one).
     pub bytes_changed: u64,
-    /// Chunks read from the source.
+    /// Chunks built from the source: read whole, or patched (below).
     pub chunks_read: u64,
+    /// Of those, chunks of an incremental backup built from the parent's chunk with only the
+    /// changed bytes read from the source (when at most half of the chunk changed).
+    #[serde(default)]
+    pub chunks_patched: u64,
     /// Chunks of zeros among them (not stored).
     pub chunks_zero: u64,
     /// Chunks that were not in the repository yet.

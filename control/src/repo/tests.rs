@@ -281,9 +281,53 @@ fn incremental_of_scattered_64k_extents_restores_right_and_reports_its_ratio() {
         c.len() as u64
     };
     assert_eq!(stats.chunks_read, distinct_chunks);
+    // Scattered blocks are patched into the parent's chunks: only they are read.
+    assert!(stats.chunks_patched * 2 >= distinct_chunks, "{stats:?}");
+    assert!(stats.bytes_read < 2 * stats.bytes_changed, "{stats:?}");
     let out = dir.path().join("r.raw");
     repo.restore_raw("vm", "b2", "vda", &out).unwrap();
     assert!(fs::read(&out).unwrap() == new);
+}
+
+#[test]
+fn incremental_patches_small_changes_into_the_parent_chunk_and_reads_only_them() {
+    let cs = 256usize << 10;
+    let (dir, repo) = new_repo(cs as u64);
+    let mut old = vec![0u8; 4 * cs];
+    let mut rng = Rng(41);
+    rng.fill(&mut old[..cs]);
+    rng.fill(&mut old[2 * cs..]);
+    let path = dir.path().join("disk.raw");
+    full_backup(&repo, "vm", "b1", "vda", &write_file(&path, &old));
+    let parent = repo.manifest("vm", "b1", "vda").unwrap();
+    assert_eq!(parent.chunks[1], None);
+    // The parent's chunk 3 is damaged: its patch falls back to reading the chunk whole.
+    let p3 = repo.chunks.path(&parent.chunks[3].unwrap());
+    let mut bytes = fs::read(&p3).unwrap();
+    bytes[100] ^= 1;
+    fs::write(&p3, bytes).unwrap();
+
+    let mut new = old.clone();
+    // 100 bytes of chunk 0, 4 KiB of (zero) chunk 1, most of chunk 2, 10 bytes of chunk 3.
+    let extents = [
+        (1000u64, 100u64),
+        (cs as u64 + 8192, 4096),
+        (2 * cs as u64, 200 << 10),
+        (3 * cs as u64 + 5, 10),
+    ];
+    for &(off, len) in &extents {
+        rng.fill(&mut new[off as usize..(off + len) as usize]);
+    }
+    let src = write_file(&path, &new);
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &extents).unwrap();
+    w.commit().unwrap();
+    assert_eq!((stats.chunks_read, stats.chunks_patched), (4, 2));
+    assert_eq!(stats.bytes_read, 100 + 4096 + 2 * cs as u64);
+    let out = dir.path().join("r.raw");
+    repo.restore_raw("vm", "b2", "vda", &out).unwrap();
+    assert_eq!(fs::read(&out).unwrap(), new);
+    assert!(repo.verify("vm", "b2").unwrap().is_ok());
 }
 
 #[test]
@@ -968,8 +1012,8 @@ fn measure_incremental_ratios(repo: &Repository, src: &FileSource) {
         let secs = t.elapsed().as_secs_f64();
         w.commit().unwrap();
         eprintln!(
-            "incremental, {what}: changed {} KiB in {} extents, read {} KiB ({} chunks), ratio {:.2}, {:.0} ms",
-            s.bytes_changed >> 10, extents.len(), s.bytes_read >> 10, s.chunks_read,
+            "incremental, {what}: changed {} KiB in {} extents, read {} KiB ({} chunks, {} patched), ratio {:.2}, {:.0} ms",
+            s.bytes_changed >> 10, extents.len(), s.bytes_read >> 10, s.chunks_read, s.chunks_patched,
             s.bytes_read as f64 / s.bytes_changed as f64, secs * 1000.0
         );
     };

@@ -1,7 +1,7 @@
 //! Writing a backup: chunks first, then each disk's manifest, then one rename that makes the
 //! backup visible.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,6 +30,32 @@ pub struct BackupSpec {
 /// Called from the worker threads as chunks are done: `(disk, bytes_done, bytes_total)` of the
 /// bytes to read for that disk.
 pub type Progress = dyn Fn(&str, u64, u64) + Send + Sync;
+
+/// One chunk to build.
+#[derive(Debug)]
+struct Job {
+    index: usize,
+    /// Build it from the parent's chunk and the changed ranges instead of reading it whole.
+    patch: Option<Patch>,
+}
+
+#[derive(Debug)]
+struct Patch {
+    /// The parent's chunk; `None`: it was zeros.
+    base: Option<ChunkHash>,
+    /// Changed byte ranges within the chunk, sorted, disjoint.
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Job {
+    /// Bytes this job reads from the source.
+    fn source_bytes(&self, size: u64, chunk_size: u64) -> u64 {
+        match &self.patch {
+            Some(p) => p.ranges.iter().map(|(s, e)| (e - s) as u64).sum(),
+            None => chunk_len(size, chunk_size, self.index) as u64,
+        }
+    }
+}
 
 /// A backup being written. Dropped without [`BackupWriter::commit`], it removes what it wrote
 /// except chunks (which [`Repository::gc`] collects if nothing refers to them).
@@ -107,7 +133,7 @@ impl BackupWriter<'_> {
         let size = source.size();
         let count = chunk_count(disk, size, self.repo.chunk_size())?;
         let table = vec![None; count];
-        let jobs: Vec<usize> = (0..count).collect();
+        let jobs: Vec<Job> = (0..count).map(|index| Job { index, patch: None }).collect();
         self.write_disk(disk, source, table, &jobs, size, size, Kind::Full, None)
     }
 
@@ -148,7 +174,8 @@ impl BackupWriter<'_> {
             disk: disk.to_owned(),
             reason,
         };
-        let mut touched = vec![false; count];
+        // The changed ranges within each touched chunk, merged, relative to the chunk.
+        let mut ranges: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
         let mut prev_off = 0u64;
         let mut covered_end = 0u64;
         let mut bytes_changed = 0u64;
@@ -172,29 +199,49 @@ impl BackupWriter<'_> {
                 bytes_changed += end - start;
             }
             covered_end = covered_end.max(end);
-            for t in &mut touched[(off / cs) as usize..=((end - 1) / cs) as usize] {
-                *t = true;
+            for i in off / cs..=(end - 1) / cs {
+                let base = i * cs;
+                let r = (
+                    (off.max(base) - base) as usize,
+                    (end.min(base + cs) - base) as usize,
+                );
+                let v = ranges.entry(i as usize).or_default();
+                match v.last_mut() {
+                    Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
+                    _ => v.push(r),
+                }
             }
         }
 
         let mut table = vec![None; count];
-        for (i, t) in touched.iter_mut().enumerate() {
-            let same_bytes = i < parent.chunks.len()
-                && chunk_len(parent.meta.size, cs, i) == chunk_len(size, cs, i);
-            if !same_bytes {
-                *t = true;
-            } else if !*t {
-                match parent.chunks[i] {
-                    Some(h) if !self.repo.chunks.contains(&h) => {
-                        tracing::warn!(vm = %self.spec.vm, disk, chunk = %h,
-                            "a chunk of the parent is missing: reading it again");
-                        *t = true;
-                    }
-                    h => table[i] = h,
+        let mut jobs = Vec::new();
+        for (i, entry) in table.iter_mut().enumerate() {
+            let len = chunk_len(size, cs, i);
+            let same_bytes = i < parent.chunks.len() && chunk_len(parent.meta.size, cs, i) == len;
+            let old = parent.chunks.get(i).copied().flatten();
+            let old_stored = old.is_none_or(|h| self.repo.chunks.contains(&h));
+            if same_bytes && !old_stored {
+                tracing::warn!(vm = %self.spec.vm, disk, chunk = ?old,
+                    "a chunk of the parent is missing: reading it again");
+            }
+            match ranges.remove(&i) {
+                None if same_bytes && old_stored => *entry = old,
+                None => jobs.push(Job {
+                    index: i,
+                    patch: None,
+                }),
+                Some(r) => {
+                    let covered: usize = r.iter().map(|(s, e)| e - s).sum();
+                    // Patching the parent's chunk reads only the changed bytes from the
+                    // source; not worth it when most of the chunk changed.
+                    let patch = (same_bytes && old_stored && covered <= len / 2).then_some(Patch {
+                        base: old,
+                        ranges: r,
+                    });
+                    jobs.push(Job { index: i, patch });
                 }
             }
         }
-        let jobs: Vec<usize> = (0..count).filter(|&i| touched[i]).collect();
         let parent_id = Some(parent.meta.backup.clone());
         self.write_disk(
             disk,
@@ -222,7 +269,7 @@ impl BackupWriter<'_> {
         disk: &str,
         source: &dyn Source,
         mut table: Vec<Option<ChunkHash>>,
-        jobs: &[usize],
+        jobs: &[Job],
         size: u64,
         bytes_changed: u64,
         kind: Kind,
@@ -230,7 +277,7 @@ impl BackupWriter<'_> {
     ) -> Result<DiskStats> {
         let repo = self.repo;
         let cs = repo.chunk_size();
-        let total: u64 = jobs.iter().map(|&i| chunk_len(size, cs, i) as u64).sum();
+        let total: u64 = jobs.iter().map(|j| j.source_bytes(size, cs)).sum();
         let done = AtomicU64::new(0);
         let progress = self.progress.as_deref();
         let Done { states, results } = parallel(
@@ -245,16 +292,48 @@ impl BackupWriter<'_> {
                 ))
             },
             |(codec, buf, stats, dirty): &mut (Codec, Vec<u8>, DiskStats, [bool; 256]), j| {
-                let i = jobs[j];
+                let job = &jobs[j];
+                let i = job.index;
                 let len = chunk_len(size, cs, i);
                 let off = i as u64 * cs;
-                buf.resize(len, 0);
-                source.read_at(buf, off).map_err(|e| Error::SourceRead {
-                    disk: disk.to_owned(),
-                    offset: off,
-                    source: e,
-                })?;
-                stats.bytes_read += len as u64;
+                let read = |buf: &mut [u8], at: u64| {
+                    source.read_at(buf, at).map_err(|e| Error::SourceRead {
+                        disk: disk.to_owned(),
+                        offset: at,
+                        source: e,
+                    })
+                };
+                let mut from_source = len as u64;
+                let base = match &job.patch {
+                    None => None,
+                    Some(Patch { base: None, ranges }) => {
+                        buf.clear();
+                        buf.resize(len, 0);
+                        Some(ranges)
+                    }
+                    Some(Patch {
+                        base: Some(h),
+                        ranges,
+                    }) => match repo.chunks.read(h, len, buf, codec) {
+                        Ok(()) => Some(ranges),
+                        Err(f) => {
+                            tracing::warn!(disk, chunk = %h, failure = ?f,
+                                    "cannot read the parent's chunk to patch: reading all of it");
+                            None
+                        }
+                    },
+                };
+                if let Some(ranges) = base {
+                    for &(s, e) in ranges {
+                        read(&mut buf[s..e], off + s as u64)?;
+                    }
+                    from_source = ranges.iter().map(|(s, e)| (e - s) as u64).sum();
+                    stats.chunks_patched += 1;
+                } else {
+                    buf.resize(len, 0);
+                    read(buf, off)?;
+                }
+                stats.bytes_read += from_source;
                 stats.chunks_read += 1;
                 let entry = if chunk::is_zero(buf) {
                     stats.chunks_zero += 1;
@@ -269,7 +348,7 @@ impl BackupWriter<'_> {
                     }
                     Some(hash)
                 };
-                let d = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+                let d = done.fetch_add(from_source, Ordering::Relaxed) + from_source;
                 if let Some(p) = progress {
                     p(disk, d, total);
                 }
@@ -283,6 +362,7 @@ impl BackupWriter<'_> {
             stats.chunks_read += s.chunks_read;
             stats.chunks_zero += s.chunks_zero;
             stats.chunks_new += s.chunks_new;
+            stats.chunks_patched += s.chunks_patched;
             stats.bytes_stored += s.bytes_stored;
             for (a, b) in dirty.iter_mut().zip(d) {
                 *a |= *b;
@@ -290,7 +370,7 @@ impl BackupWriter<'_> {
         }
         stats.bytes_changed = bytes_changed;
         for (j, entry) in results {
-            table[jobs[j]] = entry;
+            table[jobs[j].index] = entry;
         }
         // The renames of new chunks become durable before a manifest can name them.
         for (b, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
