@@ -28,7 +28,8 @@ pub struct BackupSpec {
 }
 
 /// Called from the worker threads as chunks are done: `(disk, bytes_done, bytes_total)` of the
-/// bytes to read for that disk.
+/// bytes to read from the source for that disk. `bytes_done` can pass the total when a patch
+/// falls back to reading its chunk whole (a parent chunk that did not read back).
 pub type Progress = dyn Fn(&str, u64, u64) + Send + Sync;
 
 /// One chunk to build.
