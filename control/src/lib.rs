@@ -1,9 +1,13 @@
-//! livesnap's host side. For now: the client of the guest agent.
+//! livesnap's host side: the client of the guest agent and the backup repository (livesnapd
+//! comes with its issue).
 //!
 //! - [`vsock`]: the hybrid vsock connector (a unix socket exposed by the VMM or
 //!   vhost-device-vsock: `CONNECT <port>\n`, `OK <n>\n`, then the stream).
 //! - [`agent`]: the agent client. The guest belongs to a tenant: every reply is hostile input —
 //!   sizes bounded, a timeout on every call, replies validated, garbage answered with an error.
+//! - [`repo`]: the backup repository: content-addressed zstd chunks and one complete manifest
+//!   per disk per backup; full and incremental writes, verify, prune and gc, restore
+//!   (`docs/repository.md`).
 //!
 //! `snapctl` (src/main.rs) is the operators' CLI on top.
 
