@@ -1,7 +1,7 @@
 //! Compiles the `.proto` files with protox (no system `protoc`) and tonic-prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const PROTOS: [&str; 2] = ["agent.proto", "snapshot.proto"];
+    const PROTOS: [&str; 3] = ["agent.proto", "snapshot.proto", "livesnapd.proto"];
     for p in PROTOS {
         println!("cargo:rerun-if-changed={p}");
     }

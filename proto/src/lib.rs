@@ -4,6 +4,8 @@
 //!   by `livesnap-agent` inside the VM over vsock and called by the host (`livesnap-control`).
 //! - [`snapshot`]: the snapshot control service of one `livesnap-blk` process
 //!   (`snapshot.proto`, package `livesnap.snapshot.v1`), served on its `--control` unix socket.
+//! - [`daemon`]: livesnapd's API (`livesnapd.proto`, package `livesnap.daemon.v1`), for
+//!   orchestrators and snapctl.
 //! - [`unix_channel`]: a channel to a gRPC server on a unix socket.
 //!
 //! The code is generated at build time by `build.rs` (protox + tonic-prost-build); no system
@@ -24,6 +26,12 @@ pub mod agent {
 #[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic, clippy::unwrap_used)]
 pub mod snapshot {
     tonic::include_proto!("livesnap.snapshot.v1");
+}
+
+/// livesnapd's API, `livesnap.daemon.v1`.
+#[allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+pub mod daemon {
+    tonic::include_proto!("livesnap.daemon.v1");
 }
 
 /// Connects `endpoint` to a gRPC server on the unix socket at `path` (the endpoint's URI is
