@@ -1,11 +1,37 @@
 #!/usr/bin/env bash
-# The main job, on a fresh Debian 12 machine: installs QEMU and the tools, builds livesnap-blk
-# and the demo guest, then boots a VM on disks served by livesnap-blk, writes a file, reboots,
-# reads it back, and checks the image from the host.
+# The main job, on a fresh Debian 12 machine: a backup of a running VM. Installs QEMU and the
+# tools, builds livesnap-blk, snapctl, the guest image and the static guest agent (release),
+# then boots a VM whose disk livesnap-blk serves and that keeps writing, quiesces it with the
+# guest agent, cuts a snapshot, copies the frozen base as the backup and checks it, merges the
+# snapshot back under the writes, and checks the final image (tests/src/bin/demo.rs).
+#
+#   ci/demo.sh                       # quiesced by the guest agent
+#   ci/demo.sh --crash-consistent    # no agent freeze: a crash-consistent cut
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
 ci/build-guest.sh
-cargo build --release --locked -p livesnap-blk -p livesnap-tests --bin demo
-LIVESNAP_BLK="$PWD/target/release/livesnap-blk" target/release/demo
+# The userspace vsock device the host reaches the guest agent through.
+command -v vhost-device-vsock >/dev/null || cargo install --locked --quiet vhost-device-vsock
+
+cargo build --release --locked -p livesnap-blk -p livesnap-control --bin livesnap-blk --bin snapctl -p livesnap-tests --bin demo
+
+# The guest agent as a static binary (the guest has no libc), as ci/package-agent.sh builds it.
+# With --target, RUSTFLAGS apply to the agent only, not to build scripts and proc macros.
+TARGET=x86_64-unknown-linux-gnu
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p livesnap-agent --target "$TARGET"
+AGENT="target/$TARGET/release/livesnap-agent"
+if ldd "$AGENT" 2>&1 | grep '=>' >/dev/null; then
+    echo "demo: $AGENT is not static:" >&2
+    ldd "$AGENT" >&2
+    exit 1
+fi
+mkdir -p target/guest-bin
+strip -o target/guest-bin/livesnap-agent "$AGENT"
+
+LIVESNAP_BLK="$PWD/target/release/livesnap-blk" \
+SNAPCTL="$PWD/target/release/snapctl" \
+LIVESNAP_AGENT_STATIC="$PWD/target/guest-bin/livesnap-agent" \
+VHOST_DEVICE_VSOCK="$(command -v vhost-device-vsock)" \
+    target/release/demo "$@"
