@@ -1,5 +1,5 @@
-//! livesnap's host side: the client of the guest agent and the backup repository (livesnapd
-//! comes with its issue).
+//! livesnap's host side: the host daemon livesnapd, the client of the guest agent and the
+//! backup repository.
 //!
 //! - [`vsock`]: the hybrid vsock connector (a unix socket exposed by the VMM or
 //!   vhost-device-vsock: `CONNECT <port>\n`, `OK <n>\n`, then the stream).
@@ -8,9 +8,11 @@
 //! - [`repo`]: the backup repository: content-addressed zstd chunks and one complete manifest
 //!   per disk per backup; full and incremental writes, verify, prune and gc, restore
 //!   (`docs/repository.md`).
+//! - [`daemon`]: livesnapd, the host daemon (`proto/livesnapd.proto`; binary src/bin/livesnapd.rs).
 //!
 //! `snapctl` (src/main.rs) is the operators' CLI on top.
 
 pub mod agent;
+pub mod daemon;
 pub mod repo;
 pub mod vsock;

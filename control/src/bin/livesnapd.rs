@@ -1,0 +1,86 @@
+//! `livesnapd`: livesnap's host daemon (`proto/livesnapd.proto`). One per host.
+//!
+//! `livesnapd [--config PATH]` serves; `livesnapd check-config` checks the configuration and
+//! exits; `livesnapd jobs` prints the job history as JSON lines (with the daemon stopped: the
+//! state database is opened by one process at a time).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use livesnap_control::daemon::{service, Config, Daemon};
+use tracing_subscriber::EnvFilter;
+
+/// livesnap's host daemon: snapshots and backups of the host's VMs over gRPC.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The configuration file.
+    #[arg(long, default_value = "/etc/livesnap/livesnapd.toml", value_name = "PATH")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Check the configuration file and exit.
+    CheckConfig,
+    /// Print the recorded jobs, oldest first, one JSON object a line.
+    Jobs,
+}
+
+fn run() -> Result<()> {
+    let args = Args::parse();
+    let config = Config::load(&args.config)?;
+    match args.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            println!("{}: {} VMs, configuration valid", args.config.display(), config.vms.len());
+            Ok(())
+        }
+        Command::Jobs => {
+            for j in Daemon::jobs(&config.state)? {
+                println!("{}", serde_json::to_string(&j)?);
+            }
+            Ok(())
+        }
+        Command::Serve => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+            rt.block_on(async {
+                let daemon = Daemon::open(config)?;
+                daemon.recover().await?;
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("cannot handle SIGTERM")?;
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    tracing::info!("stopping");
+                };
+                service::serve(daemon, shutdown).await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("livesnapd: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

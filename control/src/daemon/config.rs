@@ -1,0 +1,336 @@
+//! livesnapd's configuration: a TOML file, checked whole before the daemon starts.
+//!
+//! ```toml
+//! repository = "/var/lib/livesnap/repo"     # created (empty directory) if missing
+//! socket = "/run/livesnap/livesnapd.sock"   # local clients (snapctl), mode 0600, no token
+//! state = "/var/lib/livesnap/livesnapd.redb"
+//! # scratch = "/var/tmp"                    # where qcow2 bases are unpacked for reading
+//!
+//! [tcp]                                     # optional: orchestrators, TLS and a bearer token
+//! listen = "0.0.0.0:7736"
+//! cert = "/etc/livesnap/tls/cert.pem"
+//! key = "/etc/livesnap/tls/key.pem"
+//! token_file = "/etc/livesnap/token"
+//!
+//! [defaults]
+//! freeze_timeout_ms = 10000                 # the agent's lease when a request gives none
+//! # read_bytes_per_sec = 0                  # bound on reading frozen bases (0: none)
+//!
+//! [[vm]]
+//! name = "web01"
+//! control = "/run/livesnap/web01/control.sock"
+//! agent = { vsock = "/run/livesnap/web01/vsock.sock:7735" }   # or { cid = 3, port = 7735 }
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::repo::validate_name;
+use crate::vsock::HybridAddr;
+
+/// The agent port the guest agent listens on by default.
+pub const DEFAULT_AGENT_PORT: u32 = 7735;
+const MAX_FREEZE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot read the config file `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The config file `{}` is not valid", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("The config file `{}` is invalid: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error("Cannot read the token file `{}`", path.display())]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    repository: PathBuf,
+    socket: PathBuf,
+    state: PathBuf,
+    scratch: Option<PathBuf>,
+    tcp: Option<TcpFile>,
+    #[serde(default)]
+    defaults: DefaultsFile,
+    #[serde(default)]
+    vm: Vec<VmFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TcpFile {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    token_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultsFile {
+    freeze_timeout_ms: Option<u64>,
+    read_bytes_per_sec: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmFile {
+    name: String,
+    control: PathBuf,
+    agent: Option<AgentFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    vsock: Option<String>,
+    cid: Option<u32>,
+    port: Option<u32>,
+    unix: Option<PathBuf>,
+}
+
+/// The checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub repository: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    /// Where qcow2 bases are unpacked to raw for reading.
+    pub scratch: PathBuf,
+    pub tcp: Option<Tcp>,
+    pub freeze_timeout: Duration,
+    /// Bound on the rate frozen bases are read at; `None`: as fast as the repository takes.
+    pub read_bytes_per_sec: Option<u64>,
+    pub vms: Vec<VmConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tcp {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub token_file: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub name: String,
+    /// The control socket of the VM's livesnap-blk.
+    pub control: PathBuf,
+    pub agent: Option<AgentEndpoint>,
+}
+
+/// Where a VM's agent listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A guest port behind a hybrid vsock unix socket (Cloud Hypervisor, Firecracker,
+    /// vhost-device-vsock).
+    Hybrid(HybridAddr),
+    /// A guest's CID and port over AF_VSOCK.
+    Vsock { cid: u32, port: u32 },
+    /// A plain unix socket (an agent run with `--unix`; tests).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for AgentEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentEndpoint::Hybrid(a) => write!(f, "hybrid vsock {}:{}", a.path.display(), a.port),
+            AgentEndpoint::Vsock { cid, port } => write!(f, "vsock {cid}:{port}"),
+            AgentEndpoint::Unix(p) => write!(f, "unix {}", p.display()),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and checks `text`; `path` names the file in errors and anchors nothing (every
+    /// path in the file must be absolute).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
+        let f: File = toml::from_str(text).map_err(|source| Error::Parse { path: path.to_owned(), source: Box::new(source) })?;
+        let invalid = |reason: String| Error::Invalid { path: path.to_owned(), reason };
+        let absolute = |what: &str, p: &Path| {
+            if p.is_absolute() {
+                Ok(())
+            } else {
+                Err(invalid(format!("{what} `{}` must be an absolute path", p.display())))
+            }
+        };
+        absolute("repository", &f.repository)?;
+        absolute("socket", &f.socket)?;
+        absolute("state", &f.state)?;
+        let scratch = match f.scratch {
+            Some(s) => {
+                absolute("scratch", &s)?;
+                s
+            }
+            None => f.state.parent().map_or_else(|| PathBuf::from("/var/tmp"), Path::to_owned),
+        };
+        let tcp = match f.tcp {
+            None => None,
+            Some(t) => {
+                let listen = t
+                    .listen
+                    .parse()
+                    .map_err(|_| invalid(format!("tcp.listen {:?} is not an address and port such as 0.0.0.0:7736", t.listen)))?;
+                absolute("tcp.cert", &t.cert)?;
+                absolute("tcp.key", &t.key)?;
+                absolute("tcp.token_file", &t.token_file)?;
+                Some(Tcp { listen, cert: t.cert, key: t.key, token_file: t.token_file })
+            }
+        };
+        let freeze_ms = f.defaults.freeze_timeout_ms.unwrap_or(10_000);
+        if freeze_ms == 0 || freeze_ms > MAX_FREEZE_TIMEOUT_MS {
+            return Err(invalid(format!(
+                "defaults.freeze_timeout_ms {freeze_ms} is not from 1 to {MAX_FREEZE_TIMEOUT_MS}"
+            )));
+        }
+        let mut names = HashSet::new();
+        let mut vms = Vec::with_capacity(f.vm.len());
+        for v in f.vm {
+            validate_name("VM", &v.name).map_err(|e| invalid(e.to_string()))?;
+            if !names.insert(v.name.clone()) {
+                return Err(invalid(format!("VM {} is configured twice", v.name)));
+            }
+            absolute(&format!("vm {}: control", v.name), &v.control)?;
+            let agent = match v.agent {
+                None => None,
+                Some(a) => Some(agent_endpoint(&v.name, a).map_err(invalid)?),
+            };
+            vms.push(VmConfig { name: v.name, control: v.control, agent });
+        }
+        Ok(Config {
+            repository: f.repository,
+            socket: f.socket,
+            state: f.state,
+            scratch,
+            tcp,
+            freeze_timeout: Duration::from_millis(freeze_ms),
+            read_bytes_per_sec: f.defaults.read_bytes_per_sec.filter(|&r| r > 0),
+            vms,
+        })
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&VmConfig> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+}
+
+fn agent_endpoint(vm: &str, a: AgentFile) -> Result<AgentEndpoint, String> {
+    match (a.vsock, a.cid, a.unix) {
+        (Some(s), None, None) => {
+            if a.port.is_some() {
+                return Err(format!("vm {vm}: agent.port goes with agent.cid; with vsock the port follows the path (PATH:PORT)"));
+            }
+            let addr: HybridAddr = s.parse().map_err(|e| format!("vm {vm}: agent.vsock {e}"))?;
+            if !addr.path.is_absolute() {
+                return Err(format!("vm {vm}: agent.vsock `{}` must be an absolute path", addr.path.display()));
+            }
+            Ok(AgentEndpoint::Hybrid(addr))
+        }
+        (None, Some(cid), None) => {
+            // 0, 1 and 2 are the hypervisor, the local and the host's CIDs, never a guest's.
+            if cid < 3 || cid == u32::MAX {
+                return Err(format!("vm {vm}: agent.cid {cid} is not a guest CID (3 to 4294967294)"));
+            }
+            Ok(AgentEndpoint::Vsock { cid, port: a.port.unwrap_or(DEFAULT_AGENT_PORT) })
+        }
+        (None, None, Some(p)) => {
+            if a.port.is_some() {
+                return Err(format!("vm {vm}: agent.port goes with agent.cid"));
+            }
+            if !p.is_absolute() {
+                return Err(format!("vm {vm}: agent.unix `{}` must be an absolute path", p.display()));
+            }
+            Ok(AgentEndpoint::Unix(p))
+        }
+        (None, None, None) => Err(format!("vm {vm}: agent needs one of vsock = \"PATH:PORT\", cid = N or unix = \"PATH\"")),
+        _ => Err(format!("vm {vm}: agent takes only one of vsock, cid and unix")),
+    }
+}
+
+/// Reads the bearer token: the file's first line, without surrounding whitespace.
+pub fn read_token(path: &Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Token { path: path.to_owned(), source })?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.len() < 16 {
+        return Err(Error::Token {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the token must be at least 16 characters"),
+        });
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(Path::new("/etc/livesnap/livesnapd.toml"), text)
+    }
+
+    const BASE: &str = "repository = \"/r\"\nsocket = \"/s.sock\"\nstate = \"/var/lib/l/state.redb\"\n";
+
+    #[test]
+    fn a_full_config_parses_with_every_agent_kind() {
+        let c = parse(&format!(
+            "{BASE}[tcp]\nlisten = \"127.0.0.1:7736\"\ncert = \"/c\"\nkey = \"/k\"\ntoken_file = \"/t\"\n\
+             [defaults]\nfreeze_timeout_ms = 5000\n\
+             [[vm]]\nname = \"a\"\ncontrol = \"/a.sock\"\nagent = {{ vsock = \"/v.sock:7735\" }}\n\
+             [[vm]]\nname = \"b\"\ncontrol = \"/b.sock\"\nagent = {{ cid = 5 }}\n\
+             [[vm]]\nname = \"c\"\ncontrol = \"/c.sock\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.freeze_timeout, Duration::from_secs(5));
+        assert_eq!(c.scratch, PathBuf::from("/var/lib/l"));
+        assert_eq!(c.vms.len(), 3);
+        assert_eq!(c.vms[0].agent, Some(AgentEndpoint::Hybrid(HybridAddr { path: "/v.sock".into(), port: 7735 })));
+        assert_eq!(c.vms[1].agent, Some(AgentEndpoint::Vsock { cid: 5, port: DEFAULT_AGENT_PORT }));
+        assert_eq!(c.vms[2].agent, None);
+        assert!(c.tcp.is_some());
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_what_is_wrong() {
+        let cases = [
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\n[[vm]]\nname = \"a\"\ncontrol = \"/b\"\n"), "twice"),
+            (format!("{BASE}[[vm]]\nname = \"../x\"\ncontrol = \"/a\"\n"), "name"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"rel.sock\"\n"), "absolute"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ cid = 2 }}\n"), "guest CID"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ vsock = \"/v\" }}\n"), "<unix-socket-path>:<port>"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ cid = 3, vsock = \"/v:1\" }}\n"), "only one"),
+            (format!("{BASE}[tcp]\nlisten = \"nowhere\"\ncert = \"/c\"\nkey = \"/k\"\ntoken_file = \"/t\"\n"), "tcp.listen"),
+            (format!("{BASE}[defaults]\nfreeze_timeout_ms = 0\n"), "freeze_timeout_ms"),
+            (format!("{BASE}colour = 1\n"), "not valid"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}"));
+            let chain = format!("{e} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+            assert!(chain.contains(want), "{want:?} not in {chain:?}");
+        }
+    }
+}

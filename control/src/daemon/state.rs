@@ -1,0 +1,237 @@
+//! livesnapd's own state in an embedded database (redb: pure Rust, one file, crash-safe
+//! transactions with checksummed pages; no C to build).
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `jobs` | job id | [`JobState`] as JSON |
+//! | `backups` | `VM/ID` | [`BackupState`] as JSON |
+//! | `meta` | `job_seq` | the last job number handed out |
+//!
+//! The repository stays the source of truth for what a backup holds: the `backups` table only
+//! adds what the repository does not know (the snapshot it was cut from, its kind, the note),
+//! and a backup the repository no longer has is not listed.
+//!
+//! Every call is a blocking transaction (a commit syncs the file): call it from a blocking
+//! thread.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("The state database `{}` cannot be opened", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("The state database failed")]
+    Db(#[source] Box<redb::Error>),
+    #[error("A record of the state database is damaged: {0}")]
+    Record(String),
+}
+
+impl<E: Into<redb::Error>> From<E> for Error {
+    fn from(e: E) -> Self {
+        Error::Db(Box::new(e.into()))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobResult {
+    Ok,
+    Failed,
+}
+
+/// One CreateSnapshot job, from its start to its end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobState {
+    pub version: u32,
+    pub id: String,
+    pub vm: String,
+    /// The stage reached: starting, quiesce, cut, thaw, backup, merge, record, done.
+    pub stage: String,
+    pub started_unix_us: u64,
+    pub finished_unix_us: Option<u64>,
+    /// `None` while the job runs (or when the daemon died under it).
+    pub result: Option<JobResult>,
+    pub reason: String,
+    /// The backend's snapshot, once cut.
+    pub snapshot_id: Option<u64>,
+}
+
+impl JobState {
+    pub fn new(id: String, vm: String, started_unix_us: u64) -> JobState {
+        JobState {
+            version: STATE_VERSION,
+            id,
+            vm,
+            stage: "starting".into(),
+            started_unix_us,
+            finished_unix_us: None,
+            result: None,
+            reason: String::new(),
+            snapshot_id: None,
+        }
+    }
+}
+
+/// What the daemon knows of a backup beyond its manifests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupState {
+    pub version: u32,
+    pub vm: String,
+    pub id: String,
+    pub job: String,
+    pub snapshot_id: u64,
+    /// full or incremental (incremental when every disk was).
+    pub kind: String,
+    /// application or crash.
+    pub consistency: String,
+    pub freeze_window_us: u64,
+    pub note: String,
+}
+
+impl BackupState {
+    pub fn current_version() -> u32 {
+        STATE_VERSION
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Record(format!("{key}: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::Record(e.to_string()))
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`; one process at a time.
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::create(path).map_err(|e| Error::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
+        let tx = db.begin_write()?;
+        tx.open_table(JOBS)?;
+        tx.open_table(BACKUPS)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        Ok(Store { db })
+    }
+
+    /// The next job number (persisted, so ids are never reused across restarts).
+    pub fn next_job_seq(&self) -> Result<u64> {
+        let tx = self.db.begin_write()?;
+        let n = {
+            let mut t = tx.open_table(META)?;
+            let n = t.get("job_seq")?.map_or(0, |v| v.value()) + 1;
+            t.insert("job_seq", n)?;
+            n
+        };
+        tx.commit()?;
+        Ok(n)
+    }
+
+    pub fn put_job(&self, job: &JobState) -> Result<()> {
+        let bytes = encode(job)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(JOBS)?.insert(job.id.as_str(), bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobState>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(JOBS)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(decode::<JobState>(k.value(), v.value())?);
+        }
+        out.sort_by(|a, b| (a.started_unix_us, &a.id).cmp(&(b.started_unix_us, &b.id)));
+        Ok(out)
+    }
+
+    pub fn put_backup(&self, b: &BackupState) -> Result<()> {
+        let bytes = encode(b)?;
+        let key = format!("{}/{}", b.vm, b.id);
+        let tx = self.db.begin_write()?;
+        tx.open_table(BACKUPS)?.insert(key.as_str(), bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn backup(&self, vm: &str, id: &str) -> Result<Option<BackupState>> {
+        let key = format!("{vm}/{id}");
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(BACKUPS)?;
+        let v = t.get(key.as_str())?;
+        v.map(|v| decode(&key, v.value())).transpose()
+    }
+
+    pub fn remove_backups(&self, vm: &str, ids: &[String]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(BACKUPS)?;
+            for id in ids {
+                t.remove(format!("{vm}/{id}").as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_and_backups_survive_a_reopen() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("state.redb");
+        {
+            let s = Store::open(&path)?;
+            assert_eq!(s.next_job_seq()?, 1);
+            let mut j = JobState::new("j1".into(), "vm1".into(), 5);
+            j.snapshot_id = Some(3);
+            s.put_job(&j)?;
+            let b = BackupState {
+                version: 1,
+                vm: "vm1".into(),
+                id: "b1".into(),
+                job: "j1".into(),
+                snapshot_id: 3,
+                kind: "full".into(),
+                consistency: "crash".into(),
+                freeze_window_us: 0,
+                note: "no agent".into(),
+            };
+            s.put_backup(&b)?;
+        }
+        let s = Store::open(&path)?;
+        assert_eq!(s.next_job_seq()?, 2, "job numbers are not reused");
+        let jobs = s.jobs()?;
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].snapshot_id, Some(3));
+        assert_eq!(jobs[0].result, None);
+        assert_eq!(s.backup("vm1", "b1")?.map(|b| b.note), Some("no agent".into()));
+        s.remove_backups("vm1", &["b1".into()])?;
+        assert_eq!(s.backup("vm1", "b1")?, None);
+        Ok(())
+    }
+}

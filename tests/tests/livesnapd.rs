@@ -1,0 +1,493 @@
+//! livesnapd against real processes: livesnap-blk serving a raw image (written by the test VMM
+//! over its vhost-user socket), livesnapd started with a generated config, gRPC over its unix
+//! socket (and TCP with TLS).
+//!
+//! Needs `cargo build -p livesnap-blk -p livesnap-control` first (both binaries are found
+//! beside the test binary, or through `LIVESNAP_BLK` / `LIVESNAPD`); `openssl` for the TLS test.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livesnap_proto::daemon as pb;
+use livesnap_proto::daemon::livesnapd_client::LivesnapdClient;
+use livesnap_proto::snapshot as spb;
+use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
+use livesnap_tests::blk::BlkQueue;
+use livesnap_tests::daemon::{livesnap_blk_path, Daemon};
+use livesnap_tests::frontend::{Frontend, Options};
+use tonic::transport::{Channel, Endpoint};
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 64 * MIB;
+/// The backend's change-tracking granularity.
+const TRACK: u64 = 64 * 1024;
+const WAIT: Duration = Duration::from_secs(60);
+/// Hang guard for a whole job or a merge (not a measurement).
+const JOB_WAIT: Duration = Duration::from_secs(180);
+const VM: &str = "vm1";
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The initial content: differs at every 4 KiB and is never all zeros.
+fn pattern(len: u64) -> Vec<u8> {
+    (0..len).map(|i| (i / 4096 * 7 + i % 251 + 1) as u8).collect()
+}
+
+fn livesnapd_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("LIVESNAPD") {
+        return PathBuf::from(p);
+    }
+    let blk = livesnap_blk_path().unwrap();
+    let p = blk.with_file_name("livesnapd");
+    assert!(p.is_file(), "livesnapd not found beside {}; cargo build -p livesnap-control", blk.display());
+    p
+}
+
+/// One VM on livesnap-blk, the test VMM connected, and livesnapd's files.
+struct Rig {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    control: PathBuf,
+    socket: PathBuf,
+    config: PathBuf,
+    _blk: Daemon,
+    _frontend: Frontend,
+    queue: Option<BlkQueue>,
+    /// What the guest reads now.
+    model: Vec<u8>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Rig {
+    /// `extra` goes at the end of livesnapd's config (after the VM's table: `[[vm]]` fields).
+    fn new(top: &str, defaults: &str) -> Rig {
+        let dir = tempfile::Builder::new().prefix("livesnapd-test").tempdir().unwrap();
+        let image = dir.path().join("vda.raw");
+        let model = pattern(DISK);
+        std::fs::write(&image, &model).unwrap();
+        let (vhost, control) = (dir.path().join("vda.sock"), dir.path().join("control.sock"));
+        let log = std::fs::File::create(dir.path().join("livesnap-blk.log")).unwrap();
+        let mut cmd = Command::new(livesnap_blk_path().unwrap());
+        cmd.args(["--vm", VM, "--queues", "1", "--disk"])
+            .arg(format!("id=vda,image={},socket={},format=raw", image.display(), vhost.display()))
+            .arg("--state-dir")
+            .arg(dir.path().join("blk-state"))
+            .arg("--control")
+            .arg(&control)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let blk = Daemon::spawn("livesnap-blk", cmd, &[&vhost, &control]).unwrap();
+        let mut f = Frontend::connect(&vhost, &Options { queues: 1, timeout: WAIT, ..Options::default() }).unwrap();
+        let queue = f.take_queues().into_iter().next().map(|v| BlkQueue::new(v, 8, MIB as u32).unwrap());
+        let socket = dir.path().join("livesnapd.sock");
+        let config = dir.path().join("livesnapd.toml");
+        let d = dir.path().display();
+        std::fs::write(
+            &config,
+            format!(
+                "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n{top}\n\
+                 [defaults]\n{defaults}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\n",
+                socket.display(),
+                control.display()
+            ),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        Rig { image, control, socket, config, _blk: blk, _frontend: f, queue, model, rt, dir }
+    }
+
+    fn start(&self) -> Daemon {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("livesnapd.log")).unwrap();
+        let mut cmd = Command::new(livesnapd_path());
+        cmd.arg("--config").arg(&self.config).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
+        Daemon::spawn("livesnapd", cmd, &[&self.socket]).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("livesnapd.log")).unwrap_or_default()
+    }
+
+    fn client(&self) -> LivesnapdClient<Channel> {
+        let ch = self
+            .rt
+            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://livesnapd.invalid"), self.socket.clone()))
+            .unwrap();
+        LivesnapdClient::new(ch)
+    }
+
+    fn backend(&self) -> SnapshotControlClient<Channel> {
+        let ch = self
+            .rt
+            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://blk.invalid"), self.control.clone()))
+            .unwrap();
+        SnapshotControlClient::new(ch)
+    }
+
+    fn backend_status(&self) -> spb::VmStatus {
+        let mut b = self.backend();
+        self.rt.block_on(b.status(spb::StatusRequest {})).unwrap().into_inner()
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(async { tokio::time::timeout(JOB_WAIT, f).await }).expect("no answer in time")
+    }
+
+    /// Writes `data` at `off` through the test VMM and keeps the model.
+    fn write(&mut self, off: u64, data: &[u8]) {
+        self.queue.as_mut().unwrap().write(off / 512, data).unwrap();
+        self.model[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+
+    fn restore(&self, c: &mut LivesnapdClient<Channel>, id: &str, name: &str) -> Vec<u8> {
+        let target = self.dir.path().join(name);
+        let req = pb::RestoreRequest { vm: VM.into(), id: id.into(), disk: "vda".into(), target_path: target.display().to_string(), format: 0 };
+        let last = self.block_on(async {
+            let mut s = c.restore_backup(req).await.unwrap().into_inner();
+            let mut last = None;
+            while let Some(p) = s.message().await.unwrap() {
+                last = Some(p);
+            }
+            last
+        });
+        assert!(last.unwrap().done, "the restore stream ended without done");
+        std::fs::read(target).unwrap()
+    }
+}
+
+/// A job's outcome: its events and the backup, or the status code and reason.
+struct Outcome {
+    events: Vec<pb::snapshot_event::Event>,
+    result: Result<pb::Backup, (tonic::Code, String, String)>,
+}
+
+/// Runs CreateSnapshot to its end; `on_event` sees each event as it comes.
+fn snapshot(rig: &Rig, req: pb::CreateSnapshotRequest, mut on_event: impl FnMut(&pb::snapshot_event::Event)) -> Outcome {
+    let mut c = rig.client();
+    rig.block_on(async {
+        let mut stream = match c.create_snapshot(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return Outcome { events: vec![], result: Err((s.code(), s.message().to_owned(), String::new())) },
+        };
+        let mut events = Vec::new();
+        while let Some(e) = stream.message().await.unwrap() {
+            let e = e.event.unwrap();
+            on_event(&e);
+            events.push(e.clone());
+            match e {
+                pb::snapshot_event::Event::Done(b) => return Outcome { events, result: Ok(b) },
+                pb::snapshot_event::Event::Failed(f) => {
+                    return Outcome { events, result: Err((tonic::Code::from(f.code), f.reason, f.stage)) }
+                }
+                _ => {}
+            }
+        }
+        panic!("the event stream ended without Done or Failed: {events:?}");
+    })
+}
+
+fn req(backup: pb::BackupMode, quiesce: pb::QuiesceMode) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest { vm: VM.into(), backup: backup as i32, quiesce: quiesce as i32, freeze_timeout_ms: 0 }
+}
+
+fn stamp(len: usize, version: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ version).collect()
+}
+
+#[test]
+fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() {
+    // Reading at 32 MiB/s makes the backup last long enough for the writes below to overlap it.
+    let mut rig = Rig::new("", "read_bytes_per_sec = 33554432");
+    let _d = rig.start();
+    let at_cut = rig.model.clone();
+
+    // The VMM writes while the backup of the first snapshot runs (after the cut).
+    let queue = rig.queue.take().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut q = queue;
+            let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
+            started_rx.recv().unwrap();
+            let mut i = 0u64;
+            // At least 4 writes, at most 100 (their changes must stay a small part of the disk).
+            while (!stop.load(Ordering::Relaxed) || i < 4) && i < 100 {
+                // 16 KiB at a different 1 MiB each time, wrapping around the disk.
+                let off = (i * 5 % 64) * MIB + (i % 7) * 4096;
+                let data = stamp(16 * 1024, (i as u8).wrapping_add(1));
+                q.write(off / 512, &data).unwrap();
+                done.push((off, data));
+                i += 1;
+            }
+            (q, done)
+        })
+    };
+    let mut started = Some(started_tx);
+    let first = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Preferred), |e| {
+        if matches!(e, pb::snapshot_event::Event::Cut(_)) {
+            if let Some(tx) = started.take() {
+                tx.send(()).unwrap();
+            }
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (q, writes) = writer.join().unwrap();
+    rig.queue = Some(q);
+    for (off, data) in &writes {
+        rig.model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    let b1 = first.result.unwrap_or_else(|e| panic!("first backup failed: {e:?}\n{}", rig.log()));
+    let cut = first.events.iter().find_map(|e| if let pb::snapshot_event::Event::Cut(c) = e { Some(c.clone()) } else { None }).unwrap();
+    assert!(cut.crash_consistent_reason.contains("no agent"), "{cut:?}");
+    assert!(first.events.iter().any(|e| matches!(e, pb::snapshot_event::Event::BackingUp(_))));
+    assert!(first.events.iter().any(|e| matches!(e, pb::snapshot_event::Event::Merging(_))));
+    assert_eq!(b1.kind, pb::BackupKind::Full as i32);
+    assert_eq!(b1.consistency, pb::Consistency::Crash as i32);
+    assert_eq!(b1.freeze_window_us, 0, "nothing was frozen");
+    assert_eq!(b1.snapshot_id, cut.snapshot_id);
+    assert!(b1.note.contains("crash-consistent") && b1.note.contains("full"), "{}", b1.note);
+    eprintln!("cut pause {} µs; {} writes during the backup", cut.pause_us, writes.len());
+
+    let mut c = rig.client();
+    assert!(rig.restore(&mut c, &b1.id, "r1.raw") == at_cut, "the first restore differs from the disk at the cut");
+    assert!(rig.backend_status().snapshot.is_none(), "the snapshot was merged");
+    assert_eq!(std::fs::read(&rig.image).unwrap(), rig.model, "after the merge the base holds every write");
+
+    // More writes, then an automatic backup: incremental, reading about only what changed.
+    for k in 0..6u64 {
+        rig.write(k * 10 * MIB + 3 * TRACK, &stamp(TRACK as usize * 2, 100 + k as u8));
+    }
+    let at_cut2 = rig.model.clone();
+    let second = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {});
+    let b2 = second.result.unwrap_or_else(|e| panic!("second backup failed: {e:?}\n{}", rig.log()));
+    assert_eq!(b2.kind, pb::BackupKind::Incremental as i32, "note: {}", b2.note);
+    let d = &b2.disks[0];
+    // Changed at the tracking granularity: the 6 ranges above and the writer's 16 KiB pieces.
+    let max_changed = (6 * 2 + 2 * writes.len() as u64) * TRACK;
+    assert!(d.bytes_changed > 0 && d.bytes_changed <= max_changed, "{d:?}, at most {max_changed}");
+    assert!(d.bytes_read * 10 <= d.bytes_changed * 11, "read {} for {} changed", d.bytes_read, d.bytes_changed);
+    eprintln!("incremental: {} bytes read for {} changed", d.bytes_read, d.bytes_changed);
+    assert!(rig.restore(&mut c, &b2.id, "r2.raw") == at_cut2, "the incremental restore differs from the disk at its cut");
+
+    // Listing, verify, prune.
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner().backups;
+    assert_eq!(list.iter().map(|b| b.id.clone()).collect::<Vec<_>>(), vec![b1.id.clone(), b2.id.clone()]);
+    let got = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
+    assert_eq!(got.snapshot_id, b2.snapshot_id);
+    let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
+    assert_eq!((vms[0].backend_reachable, vms[0].last_backup.as_str(), vms[0].agent), (true, b2.id.as_str(), pb::AgentState::None as i32));
+    for b in [&b1, &b2] {
+        let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b.id.clone() })).unwrap().into_inner();
+        assert!(v.ok && v.chunks_checked > 0, "{v:?}");
+    }
+    let p = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 1 })).unwrap().into_inner();
+    assert_eq!(p.deleted, vec![b1.id.clone()]);
+    let e = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: b1.id.clone() })).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
+    assert!(v.ok, "the kept backup lost chunks to the prune: {v:?}");
+    assert!(rig.restore(&mut c, &b2.id, "r3.raw") == at_cut2);
+    let e = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 0 })).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let target = rig.dir.path().join("r3.raw").display().to_string();
+    let e = rig
+        .block_on(c.restore_backup(pb::RestoreRequest { vm: VM.into(), id: b2.id.clone(), disk: "vda".into(), target_path: target, format: 0 }))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+
+    // A damaged chunk is found by verify.
+    let chunk = walk(&rig.dir.path().join("repo/chunks")).into_iter().next().unwrap();
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&chunk, bytes).unwrap();
+    let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
+    assert!(!v.ok && !v.problems.is_empty(), "{v:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn quiesce_required_without_an_agent_fails_before_any_cut() {
+    let rig = Rig::new("", "");
+    let _d = rig.start();
+    let out = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Required), |_| {});
+    let (code, reason, _) = out.result.err().unwrap();
+    assert_eq!(code, tonic::Code::FailedPrecondition, "{reason}");
+    assert!(!out.events.iter().any(|e| matches!(e, pb::snapshot_event::Event::Cut(_))));
+    let st = rig.backend_status();
+    assert!(st.snapshot.is_none(), "{st:?}");
+    let stats = rig.block_on(rig.backend().stats(spb::StatsRequest {})).unwrap().into_inner();
+    assert_eq!(stats.disks[0].cuts, 0, "the backend cut a snapshot");
+    // An incremental backup with nothing to start from fails before the cut too.
+    let out = snapshot(&rig, req(pb::BackupMode::Incremental, pb::QuiesceMode::Off), |_| {});
+    assert_eq!(out.result.err().unwrap().0, tonic::Code::FailedPrecondition);
+    let stats = rig.block_on(rig.backend().stats(spb::StatsRequest {})).unwrap().into_inner();
+    assert_eq!(stats.disks[0].cuts, 0, "the backend cut a snapshot");
+    // An unknown VM.
+    let mut r = req(pb::BackupMode::Auto, pb::QuiesceMode::Off);
+    r.vm = "nope".into();
+    assert_eq!(snapshot(&rig, r, |_| {}).result.err().unwrap().0, tonic::Code::NotFound);
+}
+
+#[test]
+fn a_second_snapshot_while_one_runs_is_refused() {
+    let rig = Rig::new("", "read_bytes_per_sec = 16777216");
+    let _d = rig.start();
+    let mut c = rig.client();
+    let mut c2 = rig.client();
+    let (second, last) = rig.block_on(async {
+        let mut stream = c.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off)).await.unwrap().into_inner();
+        let mut second = None;
+        let mut last = None;
+        while let Some(e) = stream.message().await.unwrap() {
+            let e = e.event.unwrap();
+            if matches!(e, pb::snapshot_event::Event::Cut(_)) {
+                second = Some(c2.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off)).await.map(|_| ()));
+            }
+            last = Some(e);
+        }
+        (second, last)
+    });
+    assert!(matches!(last, Some(pb::snapshot_event::Event::Done(_))), "the first job did not finish: {last:?}");
+    let e = second.expect("no Cut event").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("job running"), "{e:?}");
+    // Once the first is done, the VM takes a new job.
+    snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+}
+
+#[test]
+fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
+    // 4 MiB/s: the 64 MiB backup takes 16 s, so the kill lands inside it.
+    let rig = Rig::new("", "read_bytes_per_sec = 4194304");
+    let d = rig.start();
+    let mut c = rig.client();
+    let mut stream = rig.block_on(c.create_snapshot(req(pb::BackupMode::Auto, pb::QuiesceMode::Off))).unwrap().into_inner();
+    let snap = rig.block_on(async {
+        let mut snap = None;
+        while let Some(e) = stream.message().await.unwrap() {
+            match e.event.unwrap() {
+                pb::snapshot_event::Event::Cut(c) => snap = Some(c.snapshot_id),
+                pb::snapshot_event::Event::BackingUp(p) if p.bytes_read > 0 => break,
+                pb::snapshot_event::Event::Done(_) | pb::snapshot_event::Event::Failed(_) => panic!("the job ended before the kill"),
+                _ => {}
+            }
+        }
+        snap.unwrap()
+    });
+    let status = d.stop(libc::SIGKILL, WAIT).unwrap();
+    assert!(!status.success());
+    let st = rig.backend_status();
+    assert_eq!(st.snapshot.as_ref().map(|s| s.id), Some(snap), "the snapshot is active while its job is dead");
+
+    let d = rig.start();
+    // The restarted daemon abandoned the snapshot before serving; wait for its merge.
+    let start = Instant::now();
+    loop {
+        let st = rig.backend_status();
+        match &st.snapshot {
+            None => break,
+            Some(_) => {
+                assert!(!st.disks.iter().any(|d| d.phase == spb::Phase::Active as i32 && d.abandoned.is_empty()), "still active: {st:?}");
+            }
+        }
+        assert!(start.elapsed() < JOB_WAIT, "the abandoned snapshot never merged: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Never checkpointed: the change map still starts before the killed job's snapshot.
+    let mut b = rig.backend();
+    let page = rig.block_on(async { b.changes(spb::ChangesRequest { disk: "vda".into() }).await.unwrap().into_inner().message().await.unwrap().unwrap() });
+    assert_ne!(page.since_checkpoint, Some(snap), "the killed job's snapshot was checkpointed");
+    let mut c = rig.client();
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner();
+    assert!(list.backups.is_empty(), "a backup appeared from the killed job: {list:?}");
+    let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
+    assert!(vms[0].running_job.is_empty(), "{vms:?}");
+
+    // The job is recorded failed (the database is read with the daemon stopped).
+    assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success());
+    let out = Command::new(livesnapd_path()).arg("--config").arg(&rig.config).arg("jobs").stderr(Stdio::inherit()).output().unwrap();
+    assert!(out.status.success());
+    let jobs: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["result"], "failed", "{jobs:?}");
+    assert!(jobs[0]["reason"].as_str().unwrap().contains("daemon restarted"), "{jobs:?}");
+    assert_eq!(jobs[0]["snapshot_id"], snap);
+
+    // And the VM backs up again.
+    let _d = rig.start();
+    let b = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+    assert!(rig.backend_status().snapshot.is_none());
+    assert_eq!(b.kind, pb::BackupKind::Full as i32);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn tcp_without_the_token_is_unauthenticated() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=livesnap test CA"]);
+    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    openssl(dir, &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let d = dir.display();
+    let rig = Rig::new(
+        &format!("[tcp]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\ntoken_file = \"{d}/token\"\n"),
+        "",
+    );
+    let _daemon = rig.start();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(dir.join("ca.pem")).unwrap()))
+        .domain_name("localhost");
+    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap().tls_config(tls).unwrap();
+    // The daemon listens once its unix socket is there, TCP a moment later at most.
+    let start = Instant::now();
+    let channel = loop {
+        match rig.rt.block_on(endpoint.connect()) {
+            Ok(c) => break c,
+            Err(e) => assert!(start.elapsed() < WAIT, "cannot connect over TLS: {e:?}\n{}", rig.log()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut c = LivesnapdClient::new(channel.clone());
+    let e = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let with = |token: &'static str| {
+        LivesnapdClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            Ok(r)
+        })
+    };
+    let e = rig.block_on(with("wrong-token-0123456789").list_vms(pb::ListVmsRequest {})).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let vms = rig.block_on(with(TOKEN).list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
+    assert_eq!(vms.len(), 1);
+    assert!(vms[0].backend_reachable);
+    // The unix socket needs no token, and is the owner's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&rig.socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    rig.block_on(rig.client().list_vms(pb::ListVmsRequest {})).unwrap();
+}
