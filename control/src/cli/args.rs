@@ -1,0 +1,150 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use super::agent::{AgentAction, Conn};
+
+/// livesnapd's unix socket when neither `--socket` nor `LIVESNAP_SOCKET` names another.
+pub const DEFAULT_SOCKET: &str = "/run/livesnap/livesnapd.sock";
+/// The environment variable that overrides [`DEFAULT_SOCKET`].
+pub const SOCKET_ENV: &str = "LIVESNAP_SOCKET";
+
+/// livesnap's command line: snapshots and backups of the host's VMs through livesnapd.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub daemon: DaemonOpts,
+    /// Print JSON instead of text (`vm snapshot`: one object per line, one line per event).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where livesnapd is.
+#[derive(Debug, Args)]
+pub struct DaemonOpts {
+    /// livesnapd's unix socket [env: LIVESNAP_SOCKET] [default: /run/livesnap/livesnapd.sock].
+    #[arg(long, global = true, value_name = "PATH", conflicts_with = "addr")]
+    pub socket: Option<PathBuf>,
+    /// livesnapd's TCP endpoint instead, with TLS: https://HOST:PORT.
+    #[arg(long, global = true, value_name = "URL")]
+    pub addr: Option<String>,
+    /// The bearer token for --addr: the file's first line.
+    #[arg(long, global = true, value_name = "FILE", requires = "addr")]
+    pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed livesnapd's certificate, for --addr; without it
+    /// the system's roots.
+    #[arg(long, global = true, value_name = "FILE", requires = "addr")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The host's VMs: list them, snapshot one.
+    Vm {
+        #[command(subcommand)]
+        action: VmAction,
+    },
+    /// Backups in the repository: list, show, verify, restore, delete, prune.
+    Backup {
+        #[command(subcommand)]
+        action: BackupAction,
+    },
+    /// Talk to one guest agent directly (debugging).
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmAction {
+    /// The VMs of livesnapd's configuration, with their backend, agent, last backup and job.
+    List,
+    /// Snapshot a VM, back it up and merge, with live progress; ends with the backup's summary.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The VM's name in livesnapd's configuration.
+    pub vm: String,
+    /// A full backup, even if an incremental one is possible.
+    #[arg(long, conflicts_with = "incremental")]
+    pub full: bool,
+    /// An incremental backup, or fail (exit 5) if there is no usable parent or change map.
+    /// Without --full or --incremental: incremental when possible, else full.
+    #[arg(long)]
+    pub incremental: bool,
+    /// Do not ask the guest agent to freeze: a crash-consistent snapshot.
+    #[arg(long, conflicts_with = "require_quiesce")]
+    pub no_quiesce: bool,
+    /// Fail before cutting if the guest cannot be frozen. Without --no-quiesce or
+    /// --require-quiesce: frozen if the agent answers, else crash-consistent.
+    #[arg(long)]
+    pub require_quiesce: bool,
+    /// Longest the guest may stay frozen (e.g. 10s, 500ms); default: livesnapd's.
+    #[arg(long, value_name = "DURATION", value_parser = parse_freeze_timeout)]
+    pub freeze_timeout: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupAction {
+    /// The backups of one VM, or of every VM, oldest first.
+    List {
+        /// Only this VM's backups.
+        vm: Option<String>,
+    },
+    /// One backup: kind, consistency and why, freeze window, each disk's bytes.
+    Show { vm: String, id: String },
+    /// Re-read and re-hash every chunk of a backup; exit 1 if any is damaged.
+    Verify { vm: String, id: String },
+    /// Write one disk of a backup to a new image file on livesnapd's host.
+    Restore {
+        vm: String,
+        id: String,
+        /// The disk's id (`snapctl backup show VM ID` lists them).
+        #[arg(long)]
+        disk: String,
+        /// The new image file (an existing one is refused); a relative path is taken from
+        /// snapctl's working directory when livesnapd is local.
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// The image format [default: qcow2 if PATH ends in .qcow2, else raw].
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+    },
+    /// Delete one backup (chunks other backups use stay).
+    Delete { vm: String, id: String },
+    /// Keep a VM's newest N backups, delete the others and their unused chunks.
+    Prune {
+        vm: String,
+        /// How many of the newest backups to keep (at least 1; `backup delete` removes the
+        /// last ones).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+/// A duration of at least 1 ms that fits the request's u32 of milliseconds.
+fn parse_freeze_timeout(s: &str) -> Result<u32, String> {
+    let d: Duration = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    let ms = d.as_millis();
+    if ms == 0 {
+        return Err("must be at least 1ms".into());
+    }
+    u32::try_from(ms).map_err(|_| format!("must be at most {}ms", u32::MAX))
+}

@@ -1,0 +1,332 @@
+//! `vm list` and the `backup` commands: one call each (restore follows a stream).
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use livesnap_proto::daemon::{BackupRef, ImageFormat, ListBackupsRequest, ListVmsRequest, PruneRequest, RestoreRequest};
+use serde_json::{json, Value};
+
+use super::args::{BackupAction, Format};
+use super::connect::Daemon;
+use super::error::Error;
+use super::render::{self, bytes, clean, micros};
+
+/// Bound on a call that only reads or deletes records (not verify, prune or restore, whose
+/// time grows with the data).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `fut`, at most [`CALL_TIMEOUT`].
+async fn bounded<T>(d: &Daemon, action: &str, fut: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, Error> {
+    match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+        Err(_) => Err(Error::Unreachable {
+            target: d.target.clone(),
+            reason: format!("{action}: no reply within {} s", CALL_TIMEOUT.as_secs()),
+        }),
+        Ok(r) => r.map_err(|s| d.error(action, &s)),
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+/// Rows as columns padded to their widest cell (the last column is not padded).
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line += c;
+            } else {
+                line += &format!("{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out += line.trim_end();
+        out += "\n";
+    }
+    out
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        clean(s)
+    }
+}
+
+pub async fn vm_list(d: &mut Daemon, json: bool) -> Result<(), Error> {
+    let action = "cannot list VMs";
+    let mut client = d.client.clone();
+    let reply = bounded(d, action, client.list_vms(ListVmsRequest {})).await?.into_inner();
+    if json {
+        print_json(&json!({ "vms": reply.vms.iter().map(render::vm_json).collect::<Vec<_>>() }));
+        return Ok(());
+    }
+    if reply.vms.is_empty() {
+        println!("no VMs in livesnapd's configuration");
+        return Ok(());
+    }
+    let mut rows = vec![["NAME", "BACKEND", "AGENT", "DISKS", "SNAPSHOT", "LAST BACKUP", "JOB"].map(String::from).to_vec()];
+    for v in &reply.vms {
+        rows.push(vec![
+            clean(&v.name),
+            if v.backend_reachable { "reachable".into() } else { "unreachable".into() },
+            render::agent(v.agent),
+            if v.disks.is_empty() { "-".into() } else { clean(&v.disks.join(",")) },
+            if v.active_snapshot == 0 { "-".into() } else { v.active_snapshot.to_string() },
+            or_dash(&v.last_backup),
+            or_dash(&v.running_job),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+pub async fn backup(d: &mut Daemon, action: BackupAction, json: bool) -> Result<(), Error> {
+    match action {
+        BackupAction::List { vm } => list(d, vm, json).await,
+        BackupAction::Show { vm, id } => show(d, vm, id, json).await,
+        BackupAction::Verify { vm, id } => verify(d, vm, id, json).await,
+        BackupAction::Restore { vm, id, disk, to, format } => restore(d, vm, id, disk, to, format, json).await,
+        BackupAction::Delete { vm, id } => delete(d, vm, id, json).await,
+        BackupAction::Prune { vm, keep } => prune(d, vm, keep, json).await,
+    }
+}
+
+async fn list(d: &mut Daemon, vm: Option<String>, json: bool) -> Result<(), Error> {
+    let vm = vm.unwrap_or_default();
+    let action = if vm.is_empty() { "cannot list backups".to_owned() } else { format!("cannot list the backups of {}", clean(&vm)) };
+    let mut client = d.client.clone();
+    let reply = bounded(d, &action, client.list_backups(ListBackupsRequest { vm: vm.clone() })).await?.into_inner();
+    if json {
+        print_json(&json!({ "backups": reply.backups.iter().map(render::backup_json).collect::<Vec<_>>() }));
+        return Ok(());
+    }
+    if reply.backups.is_empty() {
+        if vm.is_empty() {
+            println!("no backups");
+        } else {
+            println!("no backups of {}", clean(&vm));
+        }
+        return Ok(());
+    }
+    let mut rows =
+        vec![["VM", "ID", "CREATED", "KIND", "CONSISTENCY", "FREEZE", "SIZE", "STORED"].map(String::from).to_vec()];
+    for b in &reply.backups {
+        let size = b.disks.iter().fold(0u64, |s, d| s.saturating_add(d.size));
+        rows.push(vec![
+            clean(&b.vm),
+            clean(&b.id),
+            render::time(b.created_unix),
+            render::kind(b.kind),
+            render::consistency(b.consistency),
+            if b.freeze_window_us == 0 { "-".into() } else { micros(b.freeze_window_us) },
+            bytes(size),
+            bytes(render::totals(b).2),
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+async fn show(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {
+    let action = format!("cannot show backup {} of {}", clean(&id), clean(&vm));
+    let mut client = d.client.clone();
+    let b = bounded(d, &action, client.get_backup(BackupRef { vm, id })).await?.into_inner();
+    if json {
+        print_json(&render::backup_json(&b));
+    } else {
+        println!("{}", render::backup_text(&b));
+    }
+    Ok(())
+}
+
+async fn verify(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {
+    let action = format!("cannot verify backup {} of {}", clean(&id), clean(&vm));
+    let name = format!("backup {} of {}", clean(&id), clean(&vm));
+    let r = d.client.verify_backup(BackupRef { vm, id }).await.map_err(|s| d.error(&action, &s))?.into_inner();
+    // A reply that says ok and lists problems is not ok.
+    let ok = r.ok && r.problems.is_empty();
+    if json {
+        print_json(&json!({
+            "ok": ok,
+            "chunks_checked": r.chunks_checked,
+            "problems": r.problems.iter().map(render::problem_json).collect::<Vec<_>>(),
+        }));
+    } else if ok {
+        println!("{name}: ok, {} chunks checked", r.chunks_checked);
+    } else {
+        println!("{name}: DAMAGED, {} problem(s) in {} chunks checked", r.problems.len(), r.chunks_checked);
+        for p in &r.problems {
+            println!(
+                "  disk {} chunk {} at offset {} ({}): {}",
+                clean(&p.disk),
+                p.chunk_index,
+                p.offset,
+                or_dash(&p.hash),
+                or_dash(&p.fault)
+            );
+        }
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Failed(format!("{name} is damaged: {} problem(s)", r.problems.len())))
+    }
+}
+
+/// The path livesnapd gets: its host's. A relative path is made absolute from snapctl's working
+/// directory when livesnapd is on this host; for a remote one it means nothing and is refused.
+fn target_path(d: &Daemon, to: &Path) -> Result<PathBuf, Error> {
+    if to.is_absolute() {
+        return Ok(to.to_owned());
+    }
+    if !d.local {
+        return Err(Error::Usage(format!(
+            "--to {}: give an absolute path on livesnapd's host",
+            to.display()
+        )));
+    }
+    std::path::absolute(to).map_err(|e| Error::Usage(format!("--to {}: {e}", to.display())))
+}
+
+async fn restore(
+    d: &mut Daemon,
+    vm: String,
+    id: String,
+    disk: String,
+    to: PathBuf,
+    format: Option<Format>,
+    json: bool,
+) -> Result<(), Error> {
+    let path = target_path(d, &to)?;
+    let format = format.unwrap_or(if path.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
+    let action = format!("cannot restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
+    let target_path = path.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", path.display())))?;
+    let req = RestoreRequest {
+        vm: vm.clone(),
+        id: id.clone(),
+        disk: disk.clone(),
+        target_path: target_path.to_owned(),
+        format: match format {
+            Format::Raw => ImageFormat::Raw,
+            Format::Qcow2 => ImageFormat::Qcow2,
+        }
+        .into(),
+    };
+    let mut stream = d.client.restore_backup(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
+    let bar = (!json && std::io::stdout().is_terminal()).then(|| {
+        let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+        if let Ok(style) = ProgressStyle::with_template(
+            "   restoring [{bar:32.cyan/blue}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb
+    });
+    let (written, total) = loop {
+        match stream.message().await {
+            Ok(Some(p)) => {
+                if let Some(pb) = &bar {
+                    pb.set_length(p.bytes_total.max(p.bytes_written));
+                    pb.set_position(p.bytes_written);
+                }
+                if p.done {
+                    break (p.bytes_written, p.bytes_total);
+                }
+            }
+            Ok(None) => {
+                if let Some(pb) = &bar {
+                    pb.abandon();
+                }
+                return Err(Error::BadReply {
+                    action,
+                    reason: format!(
+                        "livesnapd's progress stream ended before the restore was done; {} may be incomplete",
+                        path.display()
+                    ),
+                });
+            }
+            Err(s) => {
+                if let Some(pb) = &bar {
+                    pb.abandon();
+                }
+                return Err(d.error(&action, &s));
+            }
+        }
+    };
+    if let Some(pb) = &bar {
+        pb.finish();
+    }
+    let format_name = match format {
+        Format::Raw => "raw",
+        Format::Qcow2 => "qcow2",
+    };
+    if json {
+        print_json(&json!({
+            "vm": vm, "id": id, "disk": disk, "path": target_path, "format": format_name,
+            "bytes_written": written, "bytes_total": total,
+        }));
+    } else {
+        println!(
+            "restored disk {} of backup {} of {} to {} ({format_name}, {} written)",
+            clean(&disk),
+            clean(&id),
+            clean(&vm),
+            clean(target_path),
+            bytes(written)
+        );
+    }
+    Ok(())
+}
+
+async fn delete(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {
+    let action = format!("cannot delete backup {} of {}", clean(&id), clean(&vm));
+    let mut client = d.client.clone();
+    bounded(d, &action, client.delete_backup(BackupRef { vm: vm.clone(), id: id.clone() })).await?;
+    if json {
+        print_json(&json!({ "vm": vm, "id": id, "deleted": true }));
+    } else {
+        println!("deleted backup {} of {}", clean(&id), clean(&vm));
+    }
+    Ok(())
+}
+
+async fn prune(d: &mut Daemon, vm: String, keep: u32, json: bool) -> Result<(), Error> {
+    let action = format!("cannot prune the backups of {}", clean(&vm));
+    let r = d
+        .client
+        .prune(PruneRequest { vm: vm.clone(), keep_last: keep })
+        .await
+        .map_err(|s| d.error(&action, &s))?
+        .into_inner();
+    if json {
+        print_json(&json!({
+            "vm": vm, "keep": keep, "deleted": r.deleted, "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed,
+        }));
+    } else if r.deleted.is_empty() {
+        println!("nothing to prune: {} has at most {keep} backup(s)", clean(&vm));
+    } else {
+        println!(
+            "kept the newest {keep} backup(s) of {}; deleted {}: {}; removed {} chunks, freed {}",
+            clean(&vm),
+            r.deleted.len(),
+            r.deleted.iter().map(|s| clean(s)).collect::<Vec<_>>().join(", "),
+            r.chunks_removed,
+            bytes(r.bytes_freed)
+        );
+    }
+    Ok(())
+}
