@@ -205,7 +205,7 @@ impl Ctl {
                         let parts: Vec<String> = m
                             .disks
                             .iter()
-                            .map(|d| if d.done { format!("{}: done", d.id) } else { format!("{}: {} merged, {} left", d.id, d.merged_bytes, d.remaining_bytes) })
+                            .map(|d| if d.done { format!("{}: done, {} merged", d.id, d.merged_bytes) } else { format!("{}: {} merged, {} left", d.id, d.merged_bytes, d.remaining_bytes) })
                             .collect();
                         format!("snapshot {}: {}{}", m.snapshot_id, parts.join("; "), if m.done { " — merge complete" } else { "" })
                     });
