@@ -484,25 +484,27 @@ fn snapshot_json_prints_one_object_per_event_and_ends_with_done() -> Result<()> 
     Ok(())
 }
 
+fn failing(code: Code, reason: &str, stage: &str) -> Vec<Step> {
+    use snapshot_event::Event;
+    vec![
+        Step::Event(Event::Quiescing(Quiescing {})),
+        Step::Event(Event::Failed(Failed { code: code as i32, reason: reason.into(), stage: stage.into() })),
+    ]
+}
+
 #[test]
 fn snapshot_failed_event_exits_1_with_the_stage_and_reason() -> Result<()> {
-    use snapshot_event::Event;
     let fake = Fake::start(Script {
-        snapshot: Ok(vec![
-            Step::Event(Event::Quiescing(Quiescing {})),
-            Step::Event(Event::Failed(Failed {
-                code: Code::FailedPrecondition as i32,
-                reason: "the agent did not answer within 5 s and quiesce is required".into(),
-                stage: "quiesce".into(),
-            })),
-        ]),
+        snapshot: Ok(failing(Code::Internal, "cannot write chunk 12: No space left on device", "backup")),
         ..Script::default()
     })?;
-    let r = fake.run(&["vm", "snapshot", "web01", "--require-quiesce"])?;
+    let r = fake.run(&["vm", "snapshot", "web01"])?;
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains(
-        "snapctl: snapshot of web01 failed in quiesce: the agent did not answer within 5 s and quiesce is required [failed_precondition]"
-    ));
+    assert_eq!(
+        r.stderr.trim(),
+        "snapctl: snapshot of web01 failed in backup: cannot write chunk 12: No space left on device [internal]"
+    );
+    assert!(r.stdout.contains("failed in backup"));
     assert!(!r.stdout.contains("backup "), "no summary after a failure");
 
     let r = fake.run(&["vm", "snapshot", "web01", "--json"])?;
@@ -510,8 +512,22 @@ fn snapshot_failed_event_exits_1_with_the_stage_and_reason() -> Result<()> {
     let lines = json_lines(&r.stdout)?;
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1]["event"], "failed");
-    assert_eq!(lines[1]["code"], "failed_precondition");
-    assert_eq!(lines[1]["stage"], "quiesce");
+    assert_eq!(lines[1]["code"], "internal");
+    assert_eq!(lines[1]["stage"], "backup");
+    Ok(())
+}
+
+#[test]
+fn snapshot_failed_event_with_a_refusal_code_exits_5_like_the_refusal_before_the_stream() -> Result<()> {
+    let fake = Fake::start(Script {
+        snapshot: Ok(failing(Code::FailedPrecondition, "the agent is unreachable and quiesce is required", "quiesce")),
+        ..Script::default()
+    })?;
+    let r = fake.run(&["vm", "snapshot", "web01", "--require-quiesce"])?;
+    assert_eq!(r.code, 5);
+    assert!(r.stderr.contains(
+        "snapshot of web01 failed in quiesce: the agent is unreachable and quiesce is required [failed_precondition]"
+    ));
     Ok(())
 }
 
@@ -655,7 +671,7 @@ fn backup_list_and_show_print_each_backup_and_json() -> Result<()> {
                 backup("b2", BackupKind::Incremental, Consistency::Application, ""),
             ],
         }),
-        backup: Ok(backup("b1", BackupKind::Full, Consistency::Crash, "no agent configured")),
+        backup: Ok(backup("b1", BackupKind::Full, Consistency::Crash, "Crash-consistent: no agent configured")),
         ..Script::default()
     })?;
     let r = fake.run(&["backup", "list", "web01"])?;
@@ -940,5 +956,104 @@ fn snapshot_on_a_terminal_draws_bars_then_the_summary() -> Result<()> {
     assert!(out.contains("merging ["));
     let summary = out.find("backup b2 of web01: incremental, application-consistent").context("no summary")?;
     assert!(out[summary..].contains("total          read 12.00 MiB"));
+    Ok(())
+}
+
+/// livesnapd beside livesnap-blk in target/, or `LIVESNAPD`.
+fn livesnapd_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LIVESNAPD") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = livesnap_tests::daemon::livesnap_blk_path()?.with_file_name("livesnapd");
+    if !p.is_file() {
+        bail!("livesnapd not found at {}; cargo build -p livesnap-control", p.display());
+    }
+    Ok(p)
+}
+
+/// The whole path once, against the real daemon: livesnap-blk serving a raw disk to the test
+/// VMM, livesnapd with a config naming it (no agent), snapctl for every step. Needs
+/// `cargo build -p livesnap-blk -p livesnap-control`.
+#[test]
+fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_and_deletes() -> Result<()> {
+    use livesnap_tests::daemon::{livesnap_blk_path, Daemon};
+    use livesnap_tests::frontend::{Frontend, Options};
+
+    let dir = tempfile::Builder::new().prefix("snapctl-real").tempdir()?;
+    let d = dir.path();
+    let image = d.join("vda.raw");
+    let content: Vec<u8> = (0..16 * MIB).map(|i| (i / 4096 * 7 + i % 251 + 1) as u8).collect();
+    std::fs::write(&image, &content)?;
+    let (vhost, control, socket) = (d.join("vda.sock"), d.join("control.sock"), d.join("livesnapd.sock"));
+    let mut blk = Command::new(livesnap_blk_path()?);
+    blk.args(["--vm", "vm1", "--queues", "1", "--disk"])
+        .arg(format!("id=vda,image={},socket={},format=raw", image.display(), vhost.display()))
+        .arg("--state-dir")
+        .arg(d.join("blk-state"))
+        .arg("--control")
+        .arg(&control)
+        .stdout(std::fs::File::create(d.join("livesnap-blk.log"))?)
+        .stderr(std::fs::File::create(d.join("livesnap-blk.err"))?);
+    let _blk = Daemon::spawn("livesnap-blk", blk, &[&vhost, &control])?;
+    let _vmm = Frontend::connect(&vhost, &Options { timeout: Duration::from_secs(30), ..Options::default() })?;
+    let config = d.join("livesnapd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "repository = \"{dd}/repo\"\nsocket = \"{}\"\nstate = \"{dd}/livesnapd.redb\"\n\n[[vm]]\nname = \"vm1\"\ncontrol = \"{}\"\n",
+            socket.display(),
+            control.display(),
+            dd = d.display()
+        ),
+    )?;
+    let mut daemon = Command::new(livesnapd_path()?);
+    daemon.arg("--config").arg(&config).stdout(Stdio::null()).stderr(std::fs::File::create(d.join("livesnapd.log"))?);
+    let _daemon = Daemon::spawn("livesnapd", daemon, &[&socket])?;
+    let snapctl = |args: &[&str]| -> Result<Run> {
+        let mut c = Command::new(snapctl_path()?);
+        c.arg("--socket").arg(&socket).args(args).current_dir(d).stdin(Stdio::null());
+        run(c)
+    };
+
+    let r = snapctl(&["vm", "list", "--json"])?;
+    assert_eq!(r.code, 0);
+    let v: Value = serde_json::from_str(&r.stdout)?;
+    assert_eq!((v["vms"][0]["name"].as_str(), v["vms"][0]["agent"].as_str()), (Some("vm1"), Some("none")));
+    assert_eq!(v["vms"][0]["backend_reachable"], true);
+
+    assert_eq!(snapctl(&["vm", "snapshot", "vm9"])?.code, 4, "an unknown VM");
+
+    let r = snapctl(&["vm", "snapshot", "vm1", "--full", "--json"])?;
+    assert_eq!(r.code, 0, "{}", std::fs::read_to_string(d.join("livesnapd.log")).unwrap_or_default());
+    let lines = json_lines(&r.stdout)?;
+    let done = lines.last().context("no events")?;
+    assert_eq!(done["event"], "done");
+    assert!(lines.iter().any(|l| l["event"] == "cut"));
+    let b = &done["backup"];
+    assert_eq!((b["kind"].as_str(), b["consistency"].as_str()), (Some("full"), Some("crash")));
+    let id = b["id"].as_str().context("no backup id")?.to_owned();
+
+    let r = snapctl(&["backup", "list", "vm1"])?;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.lines().nth(1).is_some_and(|l| l.contains(&id) && l.contains("full") && l.contains("crash")));
+    let r = snapctl(&["backup", "show", "vm1", &id])?;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains(&format!("backup {id} of vm1: full, crash-consistent")));
+    assert!(!r.stdout.contains("crash-consistent (crash-consistent"), "the daemon's note does not repeat it");
+    assert_eq!(snapctl(&["backup", "show", "vm1", "no-such-backup"])?.code, 4);
+
+    let r = snapctl(&["backup", "verify", "vm1", &id])?;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains(": ok, "));
+
+    let r = snapctl(&["backup", "restore", "vm1", &id, "--disk", "vda", "--to", "restored.raw"])?;
+    assert_eq!(r.code, 0);
+    assert!(std::fs::read(d.join("restored.raw"))? == content, "the restore is the disk at the cut");
+    let r = snapctl(&["backup", "restore", "vm1", &id, "--disk", "vda", "--to", "restored.raw"])?;
+    assert_eq!(r.code, 5, "an existing target is refused");
+
+    let r = snapctl(&["backup", "delete", "vm1", &id])?;
+    assert_eq!(r.code, 0);
+    assert_eq!(snapctl(&["backup", "list", "vm1"])?.stdout.trim(), "no backups of vm1");
     Ok(())
 }

@@ -75,6 +75,9 @@ pub enum Error {
          and `snapctl backup list {vm}`"
     )]
     Detached { job: String, vm: String },
+    /// A snapshot's Failed event: `code` is its gRPC code.
+    #[error("{message}")]
+    SnapshotFailed { message: String, code: i32 },
     /// The operation ran and failed; what to say was already printed or is in the message.
     #[error("{0}")]
     Failed(String),
@@ -88,6 +91,12 @@ impl Error {
             Error::Status { code, .. } => exit_for_code(*code),
             Error::BadReply { .. } | Error::Failed(_) => Exit::Failed,
             Error::Detached { .. } => Exit::Interrupted,
+            // A refusal found during the job (quiesce required, the agent unreachable) exits
+            // like the same refusal before the stream; any other failure is a failure.
+            Error::SnapshotFailed { code, .. } => match exit_for_code(Code::from_i32(*code)) {
+                e @ (Exit::Refused | Exit::NotFound) => e,
+                _ => Exit::Failed,
+            },
         }
     }
 

@@ -157,10 +157,16 @@ pub fn consistency_line(b: &Backup) -> String {
         Ok(Consistency::Crash) => "crash-consistent".to_owned(),
         _ => format!("consistency {}", consistency(b.consistency)),
     };
-    if b.note.is_empty() {
+    // The note may say the consistency again ("crash-consistent: no agent ..."): once is enough.
+    let note = b.note.trim();
+    let note = match note.get(..c.len() + 1) {
+        Some(head) if head.eq_ignore_ascii_case(&format!("{c}:")) => note[c.len() + 1..].trim_start(),
+        _ => note,
+    };
+    if note.is_empty() {
         c
     } else {
-        format!("{c} ({})", clean(&b.note))
+        format!("{c} ({})", clean(note))
     }
 }
 

@@ -47,13 +47,14 @@ pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), E
     let mut stream = d.client.create_snapshot(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
     let mut view = View::new(json);
     let mut job = String::new();
-    // One listener for the whole stream: a Ctrl-C between two events is not lost.
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // Registered now (not at a first poll), for the whole stream: from here a Ctrl-C
+    // detaches, it does not kill snapctl mid-line.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Error::Failed(format!("cannot handle Ctrl-C: {e}")))?;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
-            _ = &mut ctrl_c => {
+            _ = interrupt.recv() => {
                 view.abandon();
                 return Err(Error::Detached { job: clean(&job), vm: clean(&vm) });
             }
@@ -91,11 +92,10 @@ pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), E
                 view.abandon();
                 let stage = if f.stage.is_empty() { String::new() } else { format!(" in {}", clean(&f.stage)) };
                 let reason = if f.reason.is_empty() { "no reason given".to_owned() } else { clean(&f.reason) };
-                return Err(Error::Failed(format!(
-                    "snapshot of {} failed{stage}: {reason} [{}]",
-                    clean(&vm),
-                    render::code(f.code)
-                )));
+                return Err(Error::SnapshotFailed {
+                    message: format!("snapshot of {} failed{stage}: {reason} [{}]", clean(&vm), render::code(f.code)),
+                    code: f.code,
+                });
             }
             _ => {}
         }
