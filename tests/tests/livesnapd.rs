@@ -37,6 +37,12 @@ fn pattern(len: u64) -> Vec<u8> {
     (0..len).map(|i| (i / 4096 * 7 + i % 251 + 1) as u8).collect()
 }
 
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn livesnapd_path() -> PathBuf {
     if let Some(p) = std::env::var_os("LIVESNAPD") {
         return PathBuf::from(p);
@@ -63,17 +69,31 @@ struct Rig {
 }
 
 impl Rig {
-    /// `extra` goes at the end of livesnapd's config (after the VM's table: `[[vm]]` fields).
+    /// A raw disk; `top` goes at the top level of livesnapd's config, `defaults` in its
+    /// `[defaults]`.
     fn new(top: &str, defaults: &str) -> Rig {
+        Rig::with(top, defaults, "", false)
+    }
+
+    /// `vm_extra` goes in the VM's table; `qcow2`: the disk is a qcow2 image.
+    fn with(top: &str, defaults: &str, vm_extra: &str, qcow2: bool) -> Rig {
         let dir = tempfile::Builder::new().prefix("livesnapd-test").tempdir().unwrap();
-        let image = dir.path().join("vda.raw");
+        let raw = dir.path().join("vda.raw");
         let model = pattern(DISK);
-        std::fs::write(&image, &model).unwrap();
+        std::fs::write(&raw, &model).unwrap();
+        let (image, format) = if qcow2 {
+            let q = dir.path().join("vda.qcow2");
+            qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]);
+            std::fs::remove_file(&raw).unwrap();
+            (q, "qcow2")
+        } else {
+            (raw, "raw")
+        };
         let (vhost, control) = (dir.path().join("vda.sock"), dir.path().join("control.sock"));
         let log = std::fs::File::create(dir.path().join("livesnap-blk.log")).unwrap();
         let mut cmd = Command::new(livesnap_blk_path().unwrap());
         cmd.args(["--vm", VM, "--queues", "1", "--disk"])
-            .arg(format!("id=vda,image={},socket={},format=raw", image.display(), vhost.display()))
+            .arg(format!("id=vda,image={},socket={},format={format}", image.display(), vhost.display()))
             .arg("--state-dir")
             .arg(dir.path().join("blk-state"))
             .arg("--control")
@@ -90,7 +110,7 @@ impl Rig {
             &config,
             format!(
                 "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n{top}\n\
-                 [defaults]\n{defaults}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\n",
+                 [defaults]\n{defaults}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\n{vm_extra}\n",
                 socket.display(),
                 control.display()
             ),
@@ -490,4 +510,156 @@ fn tcp_without_the_token_is_unauthenticated() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&rig.socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     rig.block_on(rig.client().list_vms(pb::ListVmsRequest {})).unwrap();
+}
+
+/// The real agent service with a fake freezer (no filesystem is frozen), on a unix socket.
+struct FakeAgent {
+    fake: livesnap_agent::fake::FakeFreezer,
+    _home: livesnap_agent::fake::AgentHome,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl FakeAgent {
+    fn start(rig: &Rig, socket: &Path) -> FakeAgent {
+        let home_dir = rig.dir.path().join("agent-home");
+        std::fs::create_dir_all(&home_dir).unwrap();
+        let home = livesnap_agent::fake::AgentHome::new(&home_dir).unwrap();
+        let fake = livesnap_agent::fake::FakeFreezer::new(&["/data", "/"]);
+        let agent = livesnap_agent::agent::Agent::new(fake.clone(), home.config());
+        let _enter = rig.rt.enter();
+        let listener = livesnap_agent::serve::bind_unix(socket).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        rig.rt.spawn(livesnap_agent::serve::serve_unix(agent, listener, async {
+            let _ = rx.await;
+        }));
+        FakeAgent { fake, _home: home, _stop: tx }
+    }
+}
+
+/// A rig whose VM has an agent on a unix socket (in a directory of its own, returned).
+fn agent_rig(defaults: &str) -> (Rig, PathBuf, tempfile::TempDir) {
+    let adir = tempfile::Builder::new().prefix("livesnapd-agent").tempdir().unwrap();
+    let socket = adir.path().join("agent.sock");
+    let rig = Rig::with("", defaults, &format!("agent = {{ unix = \"{}\" }}", socket.display()), false);
+    (rig, socket, adir)
+}
+
+fn thawed_us(o: &Outcome) -> u64 {
+    o.events.iter().find_map(|e| if let pb::snapshot_event::Event::Thawed(t) = e { Some(t.freeze_window_us) } else { None }).unwrap()
+}
+
+#[test]
+fn an_agent_quiesces_the_guest_around_the_cut_and_a_failed_freeze_goes_on_crash_consistent() {
+    let (rig, socket, _adir) = agent_rig("");
+    let agent = FakeAgent::start(&rig, &socket);
+    let _d = rig.start();
+    let mut c = rig.client();
+    let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
+    assert_eq!(vms[0].agent, pb::AgentState::Reachable as i32);
+
+    // Application-consistent: frozen, cut, thawed, in that order; the window recorded.
+    let mut windows = Vec::new();
+    for i in 0..20 {
+        let o = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Preferred), |_| {});
+        let events: Vec<&str> = o
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                pb::snapshot_event::Event::Quiescing(_) => Some("quiescing"),
+                pb::snapshot_event::Event::Frozen(_) => Some("frozen"),
+                pb::snapshot_event::Event::Cut(_) => Some("cut"),
+                pb::snapshot_event::Event::Thawed(_) => Some("thawed"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(events, ["quiescing", "frozen", "cut", "thawed"]);
+        let w = thawed_us(&o);
+        let pause = o.events.iter().find_map(|e| if let pb::snapshot_event::Event::Cut(c) = e { Some(c.pause_us) } else { None }).unwrap();
+        eprintln!("snapshot {i}: freeze window {w} µs, the backend's pause {pause} µs");
+        let b = o.result.unwrap_or_else(|e| panic!("backup {i} failed: {e:?}\n{}", rig.log()));
+        assert_eq!(b.consistency, pb::Consistency::Application as i32, "{}", b.note);
+        assert!(w > 0 && b.freeze_window_us == w, "window {w}, backup says {}", b.freeze_window_us);
+        assert!(agent.fake.frozen().is_empty(), "left frozen: {:?}", agent.fake.frozen());
+        windows.push(w);
+    }
+    let log = agent.fake.log();
+    assert_eq!(log.iter().filter(|l| l.starts_with("freeze")).count(), 40, "{log:?}");
+    windows.sort_unstable();
+    eprintln!(
+        "freeze window over {} snapshots (fake freezer, no hooks): p50 {} µs, p99 {} µs, max {} µs",
+        windows.len(),
+        windows[windows.len() / 2],
+        windows[(windows.len() * 99).div_ceil(100) - 1],
+        windows[windows.len() - 1]
+    );
+
+    // A freeze that fails: preferred goes on crash-consistent and says why; required fails
+    // before the cut.
+    agent.fake.fail_freeze_of("/data");
+    let o = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Preferred), |_| {});
+    let b = o.result.unwrap();
+    assert_eq!(b.consistency, pb::Consistency::Crash as i32);
+    assert!(b.note.contains("freeze failed"), "{}", b.note);
+    assert!(agent.fake.frozen().is_empty(), "left frozen: {:?}", agent.fake.frozen());
+    let cuts = |rig: &Rig| rig.block_on(rig.backend().stats(spb::StatsRequest {})).unwrap().into_inner().disks[0].cuts;
+    let before = cuts(&rig);
+    let o = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Required), |_| {});
+    let (code, reason, stage) = o.result.err().unwrap();
+    assert_eq!((code, stage.as_str()), (tonic::Code::FailedPrecondition, "quiesce"), "{reason}");
+    assert_eq!(cuts(&rig), before, "cut although the guest could not be frozen");
+    assert!(agent.fake.frozen().is_empty());
+}
+
+#[test]
+fn a_restarted_livesnapd_thaws_the_guest_of_a_killed_job() {
+    let (rig, socket, _adir) = agent_rig("read_bytes_per_sec = 4194304");
+    let agent = FakeAgent::start(&rig, &socket);
+    let d = rig.start();
+    let mut c = rig.client();
+    let mut stream = rig.block_on(c.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Required))).unwrap().into_inner();
+    rig.block_on(async {
+        while let Some(e) = stream.message().await.unwrap() {
+            if matches!(e.event.unwrap(), pb::snapshot_event::Event::BackingUp(_)) {
+                break;
+            }
+        }
+    });
+    d.stop(libc::SIGKILL, WAIT).unwrap();
+    // As if the daemon had died while the guest was frozen.
+    let a = rig.block_on(livesnap_control::agent::AgentClient::connect(
+        livesnap_control::agent::Target::Unix(socket.clone()),
+        livesnap_control::agent::Limits::default(),
+    ))
+    .unwrap();
+    rig.block_on(a.freeze(Duration::from_secs(600), "left-behind")).unwrap();
+    assert!(!agent.fake.frozen().is_empty());
+    let _d = rig.start();
+    assert!(agent.fake.frozen().is_empty(), "the restarted daemon left the guest frozen: {:?}", agent.fake.frozen());
+    let st = rig.backend_status();
+    assert!(!st.disks.iter().any(|d| d.phase == spb::Phase::Active as i32 && d.abandoned.is_empty()), "{st:?}");
+}
+
+#[test]
+fn a_qcow2_disk_backs_up_full_and_incremental_and_restores_to_raw_and_qcow2() {
+    let mut rig = Rig::with("", "", "", true);
+    let _d = rig.start();
+    let at_cut = rig.model.clone();
+    let b1 = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+    assert_eq!(b1.kind, pb::BackupKind::Full as i32);
+    let mut c = rig.client();
+    assert!(rig.restore(&mut c, &b1.id, "r1.raw") == at_cut);
+    rig.write(5 * MIB, &stamp(3 * TRACK as usize, 9));
+    rig.write(40 * MIB + 4096, &stamp(4096, 10));
+    let b2 = snapshot(&rig, req(pb::BackupMode::Incremental, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+    assert_eq!(b2.kind, pb::BackupKind::Incremental as i32);
+    assert!(rig.restore(&mut c, &b2.id, "r2.raw") == rig.model);
+    let q = rig.dir.path().join("r2.qcow2");
+    let req = pb::RestoreRequest { vm: VM.into(), id: b2.id.clone(), disk: "vda".into(), target_path: q.display().to_string(), format: pb::ImageFormat::Qcow2 as i32 };
+    rig.block_on(async {
+        let mut s = c.restore_backup(req).await.unwrap().into_inner();
+        while s.message().await.unwrap().is_some() {}
+    });
+    let expect = rig.dir.path().join("expect.raw");
+    std::fs::write(&expect, &rig.model).unwrap();
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), expect.to_str().unwrap()]);
 }
