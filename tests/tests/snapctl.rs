@@ -222,7 +222,10 @@ impl Livesnapd for FakeDaemon {
 
     type RestoreBackupStream = EventStream<RestoreProgress>;
 
-    async fn restore_backup(&self, req: Request<RestoreRequest>) -> Result<Response<Self::RestoreBackupStream>, Status> {
+    async fn restore_backup(
+        &self,
+        req: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreBackupStream>, Status> {
         self.seen().restores.push(req.into_inner());
         let steps = self.script.restore.clone().map_err(status)?;
         Ok(Response::new(self.stream(steps, restore_progress)))
@@ -247,11 +250,7 @@ impl Fake {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("livesnapd.sock");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let daemon = FakeDaemon {
-            script: Arc::new(script),
-            seen: Arc::default(),
-            conns: Arc::default(),
-        };
+        let daemon = FakeDaemon { script: Arc::new(script), seen: Arc::default(), conns: Arc::default() };
         let listener = {
             let _g = rt.enter();
             tokio::net::UnixListener::bind(&socket)?
@@ -307,7 +306,13 @@ fn run(mut cmd: Command) -> Result<Run> {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
-    eprintln!("snapctl {:?}: exit {}\n--- stdout\n{}--- stderr\n{}", cmd.get_args().collect::<Vec<_>>(), r.code, r.stdout, r.stderr);
+    eprintln!(
+        "snapctl {:?}: exit {}\n--- stdout\n{}--- stderr\n{}",
+        cmd.get_args().collect::<Vec<_>>(),
+        r.code,
+        r.stdout,
+        r.stderr
+    );
     Ok(r)
 }
 
@@ -335,14 +340,30 @@ fn backup(id: &str, kind: BackupKind, consistency: Consistency, note: &str) -> B
         freeze_window_us: 23_400,
         snapshot_id: 7,
         disks: vec![
-            DiskBackup { disk: "vda".into(), size: 100 * MIB, bytes_read: 8 * MIB, bytes_changed: 6 * MIB, bytes_stored: 2 * MIB },
-            DiskBackup { disk: "vdb".into(), size: 50 * MIB, bytes_read: 4 * MIB, bytes_changed: 3 * MIB, bytes_stored: MIB },
+            DiskBackup {
+                disk: "vda".into(),
+                size: 100 * MIB,
+                bytes_read: 8 * MIB,
+                bytes_changed: 6 * MIB,
+                bytes_stored: 2 * MIB,
+            },
+            DiskBackup {
+                disk: "vdb".into(),
+                size: 50 * MIB,
+                bytes_read: 4 * MIB,
+                bytes_changed: 3 * MIB,
+                bytes_stored: MIB,
+            },
         ],
     }
 }
 
 fn progress(disk: &str, read: u64, total: u64) -> Step {
-    Step::Event(snapshot_event::Event::BackingUp(DiskProgress { disk: disk.into(), bytes_read: read, bytes_total: total }))
+    Step::Event(snapshot_event::Event::BackingUp(DiskProgress {
+        disk: disk.into(),
+        bytes_read: read,
+        bytes_total: total,
+    }))
 }
 
 /// A whole snapshot: quiesce, freeze, cut, thaw, two disks read in many small steps, merge,
@@ -378,7 +399,10 @@ fn vm_list_prints_each_vm_and_json_names_unknown_agent_states() -> Result<()> {
     down.backend_reachable = false;
     down.disks.clear();
     down.running_job = "j4".into();
-    let fake = Fake::start(Script { vms: Ok(ListVmsReply { vms: vec![vm("web01", AgentState::Reachable.into()), down] }), ..Script::default() })?;
+    let fake = Fake::start(Script {
+        vms: Ok(ListVmsReply { vms: vec![vm("web01", AgentState::Reachable.into()), down] }),
+        ..Script::default()
+    })?;
 
     let r = fake.run(&["vm", "list"])?;
     assert_eq!(r.code, 0);
@@ -445,7 +469,10 @@ fn snapshot_flags_map_to_the_request_and_conflicting_flags_are_usage_errors() ->
         let seen = fake.daemon.seen();
         assert_eq!((seen.snapshots[0].backup(), seen.snapshots[0].quiesce()), (BackupMode::Full, QuiesceMode::Off));
         assert_eq!(seen.snapshots[0].freeze_timeout_ms, 0, "0: the daemon's default");
-        assert_eq!((seen.snapshots[1].backup(), seen.snapshots[1].quiesce()), (BackupMode::Auto, QuiesceMode::Preferred));
+        assert_eq!(
+            (seen.snapshots[1].backup(), seen.snapshots[1].quiesce()),
+            (BackupMode::Auto, QuiesceMode::Preferred)
+        );
     }
     for bad in [
         &["vm", "snapshot", "web01", "--full", "--incremental"][..],
@@ -712,13 +739,25 @@ fn backup_show_of_a_missing_backup_exits_4() -> Result<()> {
 
 #[test]
 fn backup_verify_exits_0_when_clean_and_1_on_damage_or_data_loss() -> Result<()> {
-    let fake = Fake::start(Script { verify: Ok(VerifyReply { ok: true, chunks_checked: 42, problems: vec![] }), ..Script::default() })?;
+    let fake = Fake::start(Script {
+        verify: Ok(VerifyReply { ok: true, chunks_checked: 42, problems: vec![] }),
+        ..Script::default()
+    })?;
     let r = fake.run(&["backup", "verify", "web01", "b1"])?;
     assert_eq!(r.code, 0);
     assert_eq!(r.stdout.trim(), "backup b1 of web01: ok, 42 chunks checked");
 
-    let problem = ChunkProblem { disk: "vda".into(), chunk_index: 3, offset: 12 * MIB, hash: "ab12".into(), fault: "corrupt: hash mismatch".into() };
-    let fake = Fake::start(Script { verify: Ok(VerifyReply { ok: false, chunks_checked: 42, problems: vec![problem.clone()] }), ..Script::default() })?;
+    let problem = ChunkProblem {
+        disk: "vda".into(),
+        chunk_index: 3,
+        offset: 12 * MIB,
+        hash: "ab12".into(),
+        fault: "corrupt: hash mismatch".into(),
+    };
+    let fake = Fake::start(Script {
+        verify: Ok(VerifyReply { ok: false, chunks_checked: 42, problems: vec![problem.clone()] }),
+        ..Script::default()
+    })?;
     let r = fake.run(&["backup", "verify", "web01", "b1"])?;
     assert_eq!(r.code, 1);
     assert!(r.stdout.contains("DAMAGED, 1 problem(s) in 42 chunks checked"));
@@ -731,10 +770,14 @@ fn backup_verify_exits_0_when_clean_and_1_on_damage_or_data_loss() -> Result<()>
     assert_eq!(v["problems"][0]["fault"], "corrupt: hash mismatch");
 
     // "ok" with problems listed is not believed.
-    let fake = Fake::start(Script { verify: Ok(VerifyReply { ok: true, chunks_checked: 1, problems: vec![problem] }), ..Script::default() })?;
+    let fake = Fake::start(Script {
+        verify: Ok(VerifyReply { ok: true, chunks_checked: 1, problems: vec![problem] }),
+        ..Script::default()
+    })?;
     assert_eq!(fake.run(&["backup", "verify", "web01", "b1"])?.code, 1);
 
-    let fake = Fake::start(Script { verify: Err((Code::DataLoss, "the manifest of vda is damaged")), ..Script::default() })?;
+    let fake =
+        Fake::start(Script { verify: Err((Code::DataLoss, "the manifest of vda is damaged")), ..Script::default() })?;
     let r = fake.run(&["backup", "verify", "web01", "b1"])?;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("cannot verify backup b1 of web01: the manifest of vda is damaged"));
@@ -761,16 +804,34 @@ fn backup_restore_sends_an_absolute_path_and_infers_qcow2() -> Result<()> {
         assert_eq!(Path::new(&req.target_path), want);
         assert_eq!(req.format(), ImageFormat::Qcow2);
     }
-    assert!(r.stdout.contains(&format!("restored disk vda of backup b1 of web01 to {} (qcow2, 100.00 MiB written)", want.display())));
+    assert!(r.stdout.contains(&format!(
+        "restored disk vda of backup b1 of web01 to {} (qcow2, 100.00 MiB written)",
+        want.display()
+    )));
 
-    let r = fake.run(&["backup", "restore", "web01", "b1", "--disk", "vda", "--to", "/tmp/x.qcow2", "--format", "raw", "--json"])?;
+    let r = fake.run(&[
+        "backup",
+        "restore",
+        "web01",
+        "b1",
+        "--disk",
+        "vda",
+        "--to",
+        "/tmp/x.qcow2",
+        "--format",
+        "raw",
+        "--json",
+    ])?;
     assert_eq!(r.code, 0);
     assert_eq!(fake.daemon.seen().restores[1].format(), ImageFormat::Raw, "--format wins over the name");
     let v: Value = serde_json::from_str(&r.stdout)?;
     assert_eq!((v["format"].as_str(), v["bytes_written"].as_u64()), (Some("raw"), Some(100 * MIB)));
 
     assert_eq!(fake.run(&["backup", "restore", "web01", "b1", "--to", "/tmp/x"])?.code, 2, "--disk is required");
-    assert_eq!(fake.run(&["backup", "restore", "web01", "b1", "--disk", "vda", "--to", "/tmp/x", "--format", "vmdk"])?.code, 2);
+    assert_eq!(
+        fake.run(&["backup", "restore", "web01", "b1", "--disk", "vda", "--to", "/tmp/x", "--format", "vmdk"])?.code,
+        2
+    );
     Ok(())
 }
 
@@ -825,7 +886,10 @@ fn backup_delete_and_prune_report_what_went() -> Result<()> {
     assert_eq!(fake.run(&["backup", "prune", "web01"])?.code, 2);
     assert_eq!(fake.daemon.seen().prunes.len(), 2);
 
-    let fake = Fake::start(Script { delete: Err((Code::FailedPrecondition, "backup b3 is being restored")), ..Script::default() })?;
+    let fake = Fake::start(Script {
+        delete: Err((Code::FailedPrecondition, "backup b3 is being restored")),
+        ..Script::default()
+    })?;
     assert_eq!(fake.run(&["backup", "delete", "web01", "b3"])?.code, 5);
     Ok(())
 }
@@ -878,7 +942,9 @@ fn no_daemon_exits_3_and_says_how_to_start_it() -> Result<()> {
     cmd.args(["--socket"]).arg(&stale).args(["backup", "list"]).env("LIVESNAP_SOCKET", &missing);
     let r = run(cmd)?;
     assert_eq!(r.code, 3);
-    assert!(r.stderr.contains(&format!("livesnapd is not running at {} (nothing listens on the socket)", stale.display())));
+    assert!(r
+        .stderr
+        .contains(&format!("livesnapd is not running at {} (nothing listens on the socket)", stale.display())));
     Ok(())
 }
 
@@ -909,7 +975,10 @@ fn tcp_endpoint_needs_https_and_readable_files() -> Result<()> {
         c
     })?;
     assert_eq!(r.code, 3);
-    assert_eq!(r.stderr.trim(), format!("snapctl: cannot reach livesnapd at https://127.0.0.1:{port}: Connection refused (os error 111)"));
+    assert_eq!(
+        r.stderr.trim(),
+        format!("snapctl: cannot reach livesnapd at https://127.0.0.1:{port}: Connection refused (os error 111)")
+    );
 
     let r = run({
         let mut c = Command::new(&bin);
@@ -1055,5 +1124,125 @@ fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_
     let r = snapctl(&["backup", "delete", "vm1", &id])?;
     assert_eq!(r.code, 0);
     assert_eq!(snapctl(&["backup", "list", "vm1"])?.stdout.trim(), "no backups of vm1");
+    Ok(())
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl").args(args).current_dir(dir).output()?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A CA (ca.pem) and a certificate for 127.0.0.1 it signed (cert.pem, key.pem) in `dir`; a
+/// second CA (other-ca.pem) that signed nothing.
+fn certificates(dir: &Path) -> Result<()> {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=snapctl test CA"],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "other.key", "-out", "other-ca.pem", "-days", "2", "-subj", "/CN=other CA"],
+        ]
+        .concat(),
+    )?;
+    openssl(dir, &[&["req"][..], &ec, &["-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost"]].concat())?;
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    )
+}
+
+/// The fake daemon over TCP with TLS (cert.pem, key.pem in `dir`); its port.
+fn start_tls(script: Script, dir: &Path) -> Result<(tokio::runtime::Runtime, FakeDaemon, u16)> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let daemon = FakeDaemon { script: Arc::new(script), seen: Arc::default(), conns: Arc::default() };
+    let identity =
+        tonic::transport::Identity::from_pem(std::fs::read(dir.join("cert.pem"))?, std::fs::read(dir.join("key.pem"))?);
+    let listener = {
+        let _g = rt.enter();
+        let std = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)?
+    };
+    let port = listener.local_addr()?.port();
+    let server = tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .add_service(LivesnapdServer::new(daemon.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    rt.spawn(server);
+    Ok((rt, daemon, port))
+}
+
+#[test]
+fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exits_3() -> Result<()> {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("skipped: no openssl to make certificates");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    certificates(d)?;
+    std::fs::write(d.join("token"), "secret-token-0123456789\nsecond line ignored\n")?;
+    let (_rt, daemon, port) = start_tls(
+        Script { vms: Ok(ListVmsReply { vms: vec![vm("web01", AgentState::Reachable.into())] }), ..Script::default() },
+        d,
+    )?;
+    let addr = format!("https://127.0.0.1:{port}");
+    let snapctl = |ca: &str, args: &[&str]| -> Result<Run> {
+        let mut c = Command::new(snapctl_path()?);
+        c.args(["--addr", &addr, "--token-file"]).arg(d.join("token")).arg("--ca-cert").arg(d.join(ca)).args(args);
+        run(c)
+    };
+    let r = snapctl("ca.pem", &["vm", "list"])?;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("web01"));
+    assert_eq!(daemon.seen().authorization, ["Bearer secret-token-0123456789"]);
+
+    let r = snapctl("other-ca.pem", &["vm", "list"])?;
+    assert_eq!(r.code, 3);
+    assert!(r.stderr.starts_with(&format!("snapctl: cannot reach livesnapd at {addr}: ")), "{}", r.stderr);
+    assert!(r.stderr.to_lowercase().contains("certificate"), "says what is wrong: {}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1);
+    assert_eq!(daemon.seen().authorization.len(), 1, "no request over a connection snapctl does not trust");
+
+    let (_rt2, _daemon2, port2) =
+        start_tls(Script { vms: Err((Code::Unauthenticated, "a bearer token is required")), ..Script::default() }, d)?;
+    let mut c = Command::new(snapctl_path()?);
+    c.args(["--addr", &format!("https://127.0.0.1:{port2}"), "--ca-cert"]).arg(d.join("ca.pem")).args(["vm", "list"]);
+    let r = run(c)?;
+    assert_eq!(r.code, 3);
+    assert_eq!(
+        r.stderr.trim(),
+        "snapctl: cannot list VMs: a bearer token is required (livesnapd wants its token: --token-file FILE)"
+    );
     Ok(())
 }

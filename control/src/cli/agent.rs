@@ -41,7 +41,6 @@ pub struct Conn {
     timeout: Duration,
 }
 
-
 fn print_json(v: &impl Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v).context("cannot encode JSON")?);
     Ok(())
@@ -50,7 +49,13 @@ fn print_json(v: &impl Serialize) -> Result<()> {
 fn print_fs(fss: &[Filesystem]) {
     for f in fss {
         let err = if f.error.is_empty() { String::new() } else { format!(": {}", f.error) };
-        println!("  {:<14} {} ({}, {}){err}", format!("{:?}", f.outcome).to_lowercase(), f.mount_point, f.fs_type, f.source);
+        println!(
+            "  {:<14} {} ({}, {}){err}",
+            format!("{:?}", f.outcome).to_lowercase(),
+            f.mount_point,
+            f.fs_type,
+            f.source
+        );
     }
 }
 
@@ -78,7 +83,12 @@ pub async fn run(action: AgentAction, conn: Conn, json: bool) -> Result<bool> {
             if json {
                 print_json(&r)?;
             } else {
-                println!("livesnap-agent {} ({}); max deadline {} ms", r.version, r.capabilities.join(", "), r.max_deadline_ms);
+                println!(
+                    "livesnap-agent {} ({}); max deadline {} ms",
+                    r.version,
+                    r.capabilities.join(", "),
+                    r.max_deadline_ms
+                );
             }
         }
         AgentAction::Status => {
@@ -88,7 +98,10 @@ pub async fn run(action: AgentAction, conn: Conn, json: bool) -> Result<bool> {
             } else if r.frozen {
                 println!("frozen (snapshot {:?}), {} ms until the lease thaws", r.snapshot_id, r.remaining_ms);
             } else {
-                println!("not frozen (last thaw: {})", if r.last_thaw_reason.is_empty() { "none" } else { &r.last_thaw_reason });
+                println!(
+                    "not frozen (last thaw: {})",
+                    if r.last_thaw_reason.is_empty() { "none" } else { &r.last_thaw_reason }
+                );
             }
         }
         AgentAction::Freeze { deadline, snapshot_id } => match client.freeze(deadline, &snapshot_id).await {

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use livesnap_proto::daemon::{BackupRef, ImageFormat, ListBackupsRequest, ListVmsRequest, PruneRequest, RestoreRequest};
+use livesnap_proto::daemon::{
+    BackupRef, ImageFormat, ListBackupsRequest, ListVmsRequest, PruneRequest, RestoreRequest,
+};
 use serde_json::{json, Value};
 
 use super::args::{BackupAction, Format};
@@ -78,7 +80,8 @@ pub async fn vm_list(d: &mut Daemon, json: bool) -> Result<(), Error> {
         println!("no VMs in livesnapd's configuration");
         return Ok(());
     }
-    let mut rows = vec![["NAME", "BACKEND", "AGENT", "DISKS", "SNAPSHOT", "LAST BACKUP", "JOB"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["NAME", "BACKEND", "AGENT", "DISKS", "SNAPSHOT", "LAST BACKUP", "JOB"].map(String::from).to_vec()];
     for v in &reply.vms {
         rows.push(vec![
             clean(&v.name),
@@ -107,7 +110,11 @@ pub async fn backup(d: &mut Daemon, action: BackupAction, json: bool) -> Result<
 
 async fn list(d: &mut Daemon, vm: Option<String>, json: bool) -> Result<(), Error> {
     let vm = vm.unwrap_or_default();
-    let action = if vm.is_empty() { "cannot list backups".to_owned() } else { format!("cannot list the backups of {}", clean(&vm)) };
+    let action = if vm.is_empty() {
+        "cannot list backups".to_owned()
+    } else {
+        format!("cannot list the backups of {}", clean(&vm))
+    };
     let mut client = d.client.clone();
     let reply = bounded(d, &action, client.list_backups(ListBackupsRequest { vm: vm.clone() })).await?.into_inner();
     if json {
@@ -194,10 +201,7 @@ fn target_path(d: &Daemon, to: &Path) -> Result<PathBuf, Error> {
         return Ok(to.to_owned());
     }
     if !d.local {
-        return Err(Error::Usage(format!(
-            "--to {}: give an absolute path on livesnapd's host",
-            to.display()
-        )));
+        return Err(Error::Usage(format!("--to {}: give an absolute path on livesnapd's host", to.display())));
     }
     std::path::absolute(to).map_err(|e| Error::Usage(format!("--to {}: {e}", to.display())))
 }
@@ -212,7 +216,8 @@ async fn restore(
     json: bool,
 ) -> Result<(), Error> {
     let path = target_path(d, &to)?;
-    let format = format.unwrap_or(if path.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
+    let format =
+        format.unwrap_or(if path.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
     let action = format!("cannot restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
     let target_path = path.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", path.display())))?;
     let req = RestoreRequest {

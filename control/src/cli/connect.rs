@@ -71,16 +71,17 @@ pub async fn connect(opts: &DaemonOpts) -> Result<Daemon, Error> {
 async fn connect_unix(path: PathBuf) -> Result<Daemon, Error> {
     let target = path.display().to_string();
     let endpoint = Endpoint::from_static("http://x.invalid");
-    let channel = match tokio::time::timeout(CONNECT_TIMEOUT, livesnap_proto::unix_channel(endpoint, path.clone())).await {
-        Err(_) => {
-            return Err(Error::Unreachable {
-                target,
-                reason: format!("no answer within {} s (is livesnapd stuck?)", CONNECT_TIMEOUT.as_secs()),
-            })
-        }
-        Ok(Err(e)) => return Err(unix_error(&path, &e)),
-        Ok(Ok(c)) => c,
-    };
+    let channel =
+        match tokio::time::timeout(CONNECT_TIMEOUT, livesnap_proto::unix_channel(endpoint, path.clone())).await {
+            Err(_) => {
+                return Err(Error::Unreachable {
+                    target,
+                    reason: format!("no answer within {} s (is livesnapd stuck?)", CONNECT_TIMEOUT.as_secs()),
+                })
+            }
+            Ok(Err(e)) => return Err(unix_error(&path, &e)),
+            Ok(Ok(c)) => c,
+        };
     Ok(Daemon { client: LivesnapdClient::with_interceptor(channel, Auth(None)), target, local: true })
 }
 

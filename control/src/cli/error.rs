@@ -115,9 +115,11 @@ impl Error {
             m => super::render::clean(m),
         };
         let message = match status.code() {
-            Code::Unauthenticated => format!("{message} (livesnapd refused the token; check --token-file)"),
+            Code::Unauthenticated => format!("{message} (livesnapd wants its token: --token-file FILE)"),
             Code::PermissionDenied => format!("{message} (livesnapd refused the request; check --token-file)"),
-            Code::Unimplemented => format!("{message} (this livesnapd does not know the call: is it older than snapctl?)"),
+            Code::Unimplemented => {
+                format!("{message} (this livesnapd does not know the call: is it older than snapctl?)")
+            }
             _ => message,
         };
         Error::Status { action, code: status.code(), message }

@@ -179,13 +179,7 @@ pub fn totals(b: &Backup) -> (u64, u64, u64) {
 
 /// A backup as a block of text: the summary after a snapshot and `backup show`.
 pub fn backup_text(b: &Backup) -> String {
-    let mut out = format!(
-        "backup {} of {}: {}, {}\n",
-        clean(&b.id),
-        clean(&b.vm),
-        kind(b.kind),
-        consistency_line(b)
-    );
+    let mut out = format!("backup {} of {}: {}, {}\n", clean(&b.id), clean(&b.vm), kind(b.kind), consistency_line(b));
     out += &format!("  created        {}\n", time(b.created_unix));
     out += &format!("  snapshot       {}\n", b.snapshot_id);
     out += &format!(

@@ -11,7 +11,9 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use livesnap_proto::daemon::{snapshot_event::Event, Backup, BackupMode, CreateSnapshotRequest, QuiesceMode, SnapshotEvent};
+use livesnap_proto::daemon::{
+    snapshot_event::Event, Backup, BackupMode, CreateSnapshotRequest, QuiesceMode, SnapshotEvent,
+};
 
 use super::args::SnapshotArgs;
 use super::connect::Daemon;
@@ -170,7 +172,9 @@ fn say(line: &str) {
 fn stage_line(ev: &SnapshotEvent) -> Option<String> {
     Some(match ev.event.as_ref()? {
         Event::Quiescing(_) => "quiescing the guest".to_owned(),
-        Event::Frozen(f) => format!("frozen: {} filesystem{}", f.filesystems, if f.filesystems == 1 { "" } else { "s" }),
+        Event::Frozen(f) => {
+            format!("frozen: {} filesystem{}", f.filesystems, if f.filesystems == 1 { "" } else { "s" })
+        }
         Event::Cut(c) => {
             let crash = if c.crash_consistent_reason.is_empty() {
                 String::new()
@@ -186,7 +190,9 @@ fn stage_line(ev: &SnapshotEvent) -> Option<String> {
                 format!("thawed: freeze window {}", micros(t.freeze_window_us))
             }
         }
-        Event::Failed(f) => format!("failed{}", if f.stage.is_empty() { String::new() } else { format!(" in {}", clean(&f.stage)) }),
+        Event::Failed(f) => {
+            format!("failed{}", if f.stage.is_empty() { String::new() } else { format!(" in {}", clean(&f.stage)) })
+        }
         Event::BackingUp(_) | Event::Merging(_) | Event::Done(_) => return None,
     })
 }
