@@ -11,10 +11,15 @@ use super::agent::{AgentAction, Conn};
 pub const DEFAULT_SOCKET: &str = "/run/livesnap/livesnapd.sock";
 /// The environment variable that overrides [`DEFAULT_SOCKET`].
 pub const SOCKET_ENV: &str = "LIVESNAP_SOCKET";
+const HEADING: &str = "Reaching livesnapd";
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 the operation failed (a snapshot failed, verify found damage); \
+2 usage error; 3 cannot reach livesnapd (or the token was refused); 4 no such VM, backup or disk; \
+5 refused in the current state (a job is running, the target exists...); 130 Ctrl-C while following a \
+snapshot (the job goes on).";
 
 /// livesnap's command line: snapshots and backups of the host's VMs through livesnapd.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(flatten)]
     pub daemon: DaemonOpts,
@@ -29,17 +34,17 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct DaemonOpts {
     /// livesnapd's unix socket [env: LIVESNAP_SOCKET] [default: /run/livesnap/livesnapd.sock].
-    #[arg(long, global = true, value_name = "PATH", conflicts_with = "addr")]
+    #[arg(long, global = true, value_name = "PATH", conflicts_with = "addr", help_heading = HEADING)]
     pub socket: Option<PathBuf>,
     /// livesnapd's TCP endpoint instead, with TLS: https://HOST:PORT.
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL", help_heading = HEADING)]
     pub addr: Option<String>,
     /// The bearer token for --addr: the file's first line.
-    #[arg(long, global = true, value_name = "FILE", requires = "addr")]
+    #[arg(long, global = true, value_name = "FILE", requires = "addr", help_heading = HEADING)]
     pub token_file: Option<PathBuf>,
     /// The CA certificate (PEM) that signed livesnapd's certificate, for --addr; without it
     /// the system's roots.
-    #[arg(long, global = true, value_name = "FILE", requires = "addr")]
+    #[arg(long, global = true, value_name = "FILE", requires = "addr", help_heading = HEADING)]
     pub ca_cert: Option<PathBuf>,
 }
 
