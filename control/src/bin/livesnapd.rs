@@ -3,6 +3,10 @@
 //! `livesnapd [--config PATH]` serves; `livesnapd check-config` checks the configuration and
 //! exits; `livesnapd jobs` prints the job history as JSON lines (with the daemon stopped: the
 //! state database is opened by one process at a time).
+//!
+//! SIGTERM or SIGINT stops serving and exits within about 2 s; a job running then is cut short
+//! as by a kill, and the next start cleans it up: the guest thawed, the snapshot abandoned (its
+//! delta merges), the job marked failed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,9 +55,10 @@ fn run() -> Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-            rt.block_on(async {
+            let served = rt.block_on(async {
                 let daemon = Daemon::open(config)?;
                 daemon.recover().await?;
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -67,7 +72,11 @@ fn run() -> Result<()> {
                 };
                 service::serve(daemon, shutdown).await?;
                 Ok(())
-            })
+            });
+            // A job still running is cut short, as by a kill: the next start cleans it up
+            // (thaw, abandon, job marked failed).
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            served
         }
     }
 }

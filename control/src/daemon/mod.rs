@@ -401,3 +401,34 @@ pub(crate) fn backup_pb(i: &repo::BackupInfo, s: Option<&BackupState>) -> pb::Ba
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn errors_map_to_the_codes_the_api_promises() {
+        let cases: Vec<(Error, Code)> = vec![
+            (Error::UnknownVm("x".into()), Code::NotFound),
+            (Error::JobRunning { vm: "x".into(), job: "j".into() }, Code::FailedPrecondition),
+            (Error::QuiesceImpossible("no agent".into()), Code::FailedPrecondition),
+            (Error::NotIncremental { disk: "vda".into(), reason: "r".into() }, Code::FailedPrecondition),
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (Error::BackendUnavailable { vm: "x".into(), socket: "/s".into(), reason: "r".into() }, Code::Unavailable),
+            (Error::Backend { vm: "x".into(), what: "Begin", status: tonic::Status::failed_precondition("busy") }, Code::FailedPrecondition),
+            (Error::Backend { vm: "x".into(), what: "Begin", status: tonic::Status::unknown("?") }, Code::Internal),
+            (Error::Repo(repo::Error::BackupNotFound { vm: "x".into(), id: "b".into() }), Code::NotFound),
+            (Error::Repo(repo::Error::DestinationExists("/t".into())), Code::AlreadyExists),
+            (Error::Repo(repo::Error::Busy), Code::Unavailable),
+            (Error::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
+            (Error::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = tonic::Status::from(e);
+            assert_eq!(s.code(), code, "{msg}");
+            assert!(s.message().starts_with(&msg), "{:?} does not start with {msg:?}", s.message());
+        }
+    }
+}

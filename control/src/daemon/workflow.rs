@@ -324,13 +324,36 @@ impl Job {
         if let (Some(a), Some((t0, t0_unix))) = (&agent, frozen) {
             let r = a.thaw().await;
             let w = t0.elapsed();
-            window = Some(FreezeWindow { frozen_unix_us: t0_unix, thawed_unix_us: t0_unix + us(w) });
-            if let Err(e) = r {
-                thaw_note = format!("the thaw failed ({}); the agent's watchdog thaws at its deadline", error_chain(&e));
-                error!(vm = %name, note = %thaw_note);
+            match r {
+                Ok(r) if !r.was_frozen => {
+                    // The agent's lease ran out before the thaw: it may have thawed before the cut.
+                    crash_reason = format!("the agent thawed by itself (its {:?} lease ran out) before the thaw", self.freeze_timeout);
+                    warn!(vm = %name, reason = %crash_reason);
+                }
+                Ok(_) => window = Some(FreezeWindow { frozen_unix_us: t0_unix, thawed_unix_us: t0_unix + us(w) }),
+                Err(e) => {
+                    window = Some(FreezeWindow { frozen_unix_us: t0_unix, thawed_unix_us: t0_unix + us(w) });
+                    thaw_note = format!("the thaw failed ({}); the agent's watchdog thaws at its deadline", error_chain(&e));
+                    error!(vm = %name, note = %thaw_note);
+                }
             }
         }
-        let snap = begin.map_err(at("cut"))?.snapshot.ok_or_else(|| Failure {
+        let begin = match begin {
+            Ok(b) => b,
+            Err(e) => {
+                // A Begin that timed out may still have cut: a snapshot that appeared is given up.
+                if let Ok(st) = backend::status(&name, &backend, CALL_TIMEOUT).await {
+                    if let Some(s) = st.snapshot {
+                        let mut c = backend.clone();
+                        let reason = format!("job {}: the cut failed: {}", self.state.id, error_chain(&e));
+                        let r = backend::call(&name, "Abandon", CALL_TIMEOUT, c.abandon(spb::AbandonRequest { snapshot_id: s.id, reason })).await;
+                        warn!(vm = %name, snapshot = s.id, abandoned = r.is_ok(), "a snapshot appeared although Begin failed");
+                    }
+                }
+                return Err(Failure { stage: "cut", error: e });
+            }
+        };
+        let snap = begin.snapshot.ok_or_else(|| Failure {
             stage: "cut",
             error: Error::Backend { vm: name.clone(), what: "Begin", status: tonic::Status::internal("the reply carries no snapshot") },
         })?;
