@@ -346,7 +346,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn quiesce_required_without_an_agent_fails_before_any_cut() {
-    let rig = Rig::new("", "");
+    // A second VM whose backend is not there.
+    let rig = Rig::with("", "", "[[vm]]\nname = \"ghost\"\ncontrol = \"/nonexistent/control.sock\"", false);
     let _d = rig.start();
     let out = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Required), |_| {});
     let (code, reason, _) = out.result.err().unwrap();
@@ -365,6 +366,14 @@ fn quiesce_required_without_an_agent_fails_before_any_cut() {
     let mut r = req(pb::BackupMode::Auto, pb::QuiesceMode::Off);
     r.vm = "nope".into();
     assert_eq!(snapshot(&rig, r, |_| {}).result.err().unwrap().0, tonic::Code::NotFound);
+    // A VM whose backend does not answer.
+    let mut r = req(pb::BackupMode::Auto, pb::QuiesceMode::Off);
+    r.vm = "ghost".into();
+    let (code, reason, stage) = snapshot(&rig, r, |_| {}).result.err().unwrap();
+    assert_eq!((code, stage.as_str()), (tonic::Code::Unavailable, "cut"), "{reason}");
+    let vms = rig.block_on(rig.client().list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
+    assert_eq!(vms.iter().map(|v| (v.name.as_str(), v.backend_reachable)).collect::<Vec<_>>(), [(VM, true), ("ghost", false)]);
+    assert_eq!(vms[0].disks, ["vda"]);
 }
 
 #[test]
