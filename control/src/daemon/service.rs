@@ -55,7 +55,10 @@ impl Livesnapd for Service {
 
     type CreateSnapshotStream = BoxStream<pb::SnapshotEvent>;
 
-    async fn create_snapshot(&self, r: Request<pb::CreateSnapshotRequest>) -> Result<Response<Self::CreateSnapshotStream>, Status> {
+    async fn create_snapshot(
+        &self,
+        r: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<Self::CreateSnapshotStream>, Status> {
         let (_, rx) = self.0.create_snapshot(r.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
@@ -78,9 +81,14 @@ impl Livesnapd for Service {
 
     type RestoreBackupStream = BoxStream<pb::RestoreProgress>;
 
-    async fn restore_backup(&self, r: Request<pb::RestoreRequest>) -> Result<Response<Self::RestoreBackupStream>, Status> {
+    async fn restore_backup(
+        &self,
+        r: Request<pb::RestoreRequest>,
+    ) -> Result<Response<Self::RestoreBackupStream>, Status> {
         let rx = self.0.restore(r.into_inner()).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|r| r.map_err(Status::from)))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|r| r.map_err(Status::from)),
+        )))
     }
 
     async fn prune(&self, r: Request<pb::PruneRequest>) -> Result<Response<pb::PruneReply>, Status> {
@@ -111,18 +119,27 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl tonic::service::Interceptor for TokenCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(t) if same(t.trim().as_bytes(), self.0.as_bytes()) => Ok(req),
             Some(_) => Err(Status::unauthenticated("the bearer token is wrong")),
-            None => Err(Status::unauthenticated("a bearer token is required (authorization: Bearer <token>)")),
+            None => Err(Status::unauthenticated(
+                "a bearer token is required (authorization: Bearer <token>)",
+            )),
         }
     }
 }
 
 /// Binds the unix socket with mode 0600 (a stale socket file is replaced).
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
-    let err = |source| Error::Unix { path: path.to_owned(), source };
+    let err = |source| Error::Unix {
+        path: path.to_owned(),
+        source,
+    };
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if m.file_type().is_socket() {
             std::fs::remove_file(path).map_err(err)?;
@@ -140,7 +157,10 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
 }
 
 /// Serves until `shutdown` resolves: the unix socket, and TCP if configured.
-pub async fn serve(daemon: Arc<Daemon>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let cfg = daemon.config().clone();
     let unix = bind_unix(&cfg.socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -161,10 +181,18 @@ pub async fn serve(daemon: Arc<Daemon>, shutdown: impl std::future::Future<Outpu
         });
     }
     if let Some(tcp) = &cfg.tcp {
-        let read = |what, p: &Path| std::fs::read(p).map_err(|source| Error::TlsFile { what, path: p.to_owned(), source });
+        let read = |what, p: &Path| {
+            std::fs::read(p).map_err(|source| Error::TlsFile {
+                what,
+                path: p.to_owned(),
+                source,
+            })
+        };
         let identity = Identity::from_pem(read("certificate", &tcp.cert)?, read("key", &tcp.key)?);
         let token = read_token(&tcp.token_file)?;
-        let mut server = Server::builder().tls_config(ServerTlsConfig::new().identity(identity)).map_err(Error::Serve)?;
+        let mut server = Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(Error::Serve)?;
         let addr = tcp.listen;
         let rx = stop_rx.clone();
         info!(%addr, "serving on TCP (TLS, bearer token)");
