@@ -1,10 +1,16 @@
 //! [`SnapDisk`]: what the virtio layer sees of a disk when snapshots are enabled. It serves the
-//! base directly, or base and delta combined, and switches between them only while every
-//! request to it has completed (the mode's write lock).
+//! base directly, or base and delta combined.
+//!
+//! Each request takes a [`Ticket`] when it starts: the mode and change map it runs in, and a
+//! token of the mode's epoch. A switch of mode (the cut, the start and the end of a merge)
+//! holds new requests off only while it swaps the mode (the lock is never held across I/O), and
+//! returns a [`Drain`] of the old epoch: waiting on it waits for the requests that started
+//! before the switch, without holding the guest.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::Duration;
 
 use super::cbt::Bitmap;
 use super::delta::{Change, Delta, WriteError};
@@ -23,6 +29,38 @@ pub struct DiskMode {
     pub mode: Mode,
     /// The change-map generation receiving marks.
     pub cbt: Arc<Bitmap>,
+    /// Held by every request started in this mode.
+    epoch: Arc<()>,
+}
+
+impl DiskMode {
+    /// Starts a new epoch: requests from now on run in this (changed) mode. The returned drain
+    /// waits for the requests of the old one.
+    pub fn new_epoch(&mut self) -> Drain {
+        Drain(std::mem::replace(&mut self.epoch, Arc::new(())))
+    }
+}
+
+/// What one request runs in, from its start to its end.
+struct Ticket {
+    mode: Mode,
+    cbt: Arc<Bitmap>,
+    _epoch: Arc<()>,
+}
+
+/// The requests of a past epoch.
+#[derive(Debug)]
+pub struct Drain(Arc<()>);
+
+impl Drain {
+    /// Waits until every request of the epoch has completed.
+    pub fn wait(self) {
+        let mut pause = Duration::from_micros(20);
+        while Arc::strong_count(&self.0) > 1 {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,7 +120,7 @@ impl SnapDisk {
             size: base.size(),
             base,
             base_path,
-            state: RwLock::new(DiskMode { mode, cbt }),
+            state: RwLock::new(DiskMode { mode, cbt, epoch: Arc::new(()) }),
             frozen: Mutex::new(None),
             last_merge: Mutex::new(None),
             counters: Counters::default(),
@@ -98,17 +136,32 @@ impl SnapDisk {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for every request to this disk to complete and holds new ones off.
+    /// Holds new requests off (while the guard lives) to change the mode; requests already
+    /// started go on in theirs. Call [`DiskMode::new_epoch`] when the mode changes.
     pub fn pause(&self) -> RwLockWriteGuard<'_, DiskMode> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Commits a merging delta's records: the base (the merger's copies, guest writes) and the
+    /// delta (writes of the active phase not yet synced) are made durable first.
+    pub fn commit_merging(&self, delta: &Delta) -> disk::Result<()> {
+        delta.commit(|| {
+            self.base.flush()?;
+            delta.data.flush()
+        })
+    }
+
+    fn ticket(&self) -> Ticket {
+        let st = self.read_state();
+        Ticket { mode: st.mode.clone(), cbt: st.cbt.clone(), _epoch: st.epoch.clone() }
     }
 
     fn change(&self, change: Change<'_>, offset: u64, len: u64) -> disk::Result<()> {
         check_range(self.size, offset, len)?;
         loop {
-            let st = self.read_state();
-            st.cbt.mark(offset, offset + len);
-            let delta = match &st.mode {
+            let t = self.ticket();
+            t.cbt.mark(offset, offset + len);
+            let delta = match &t.mode {
                 Mode::Direct => return change.apply(&*self.base, offset, len),
                 Mode::Merging(d) => return d.write_merging(&*self.base, change, offset, len),
                 Mode::Active(d) => d.clone(),
@@ -117,7 +170,8 @@ impl SnapDisk {
                 Ok(()) => return Ok(()),
                 Err(WriteError::Disk(e)) => return Err(e),
                 Err(WriteError::Overflow(reason)) => {
-                    drop(st);
+                    // Abandoning switches the mode; this request must not hold the old one.
+                    drop(t);
                     if !self.overflow(delta.snapshot, &reason) {
                         return Err(disk::Error::Failed);
                     }
@@ -157,16 +211,16 @@ impl DiskFile for SnapDisk {
         check_range(self.size, offset, len)?;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
-        let st = self.read_state();
-        match &st.mode {
+        let t = self.ticket();
+        match &t.mode {
             Mode::Direct => self.base.read_vectored_at(bufs, offset),
             Mode::Active(d) | Mode::Merging(d) => self.read_piecewise(d, bufs, offset),
         }
     }
 
     fn read_batch(&self, reads: &[(u64, &[Buf<'_>])]) -> Vec<disk::Result<()>> {
-        let st = self.read_state();
-        let delta = match &st.mode {
+        let t = self.ticket();
+        let delta = match &t.mode {
             Mode::Direct => {
                 for (_, bufs) in reads {
                     self.counters.reads.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +259,7 @@ impl DiskFile for SnapDisk {
         for (i, r) in delta_idx.into_iter().zip(delta.data.read_batch(&delta_reads)) {
             results[i] = Some(r);
         }
-        drop(st);
+        drop(t);
         results.into_iter().map(|r| r.unwrap_or(Err(disk::Error::Failed))).collect()
     }
 
@@ -218,24 +272,22 @@ impl DiskFile for SnapDisk {
 
     fn flush(&self) -> disk::Result<()> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        let st = self.read_state();
-        match &st.mode {
+        let t = self.ticket();
+        match &t.mode {
             Mode::Direct => self.base.flush(),
-            Mode::Active(d) => {
-                // Writes to the base from before the cut are covered by this flush too.
-                self.base.flush()?;
-                d.commit(|| d.data.flush())
-            }
-            Mode::Merging(d) => d.commit(|| self.base.flush()),
+            // Writes to the base from before the cut are covered by this flush too. While
+            // merging, the delta may still hold writes of the active phase not yet synced (the
+            // switch to merging commits nothing): syncing it costs nothing once it is clean.
+            Mode::Active(d) | Mode::Merging(d) => self.commit_merging(d),
         }
     }
 
     fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {
         check_range(self.size, offset, len)?;
-        let st = self.read_state();
-        match &st.mode {
+        let t = self.ticket();
+        match &t.mode {
             Mode::Direct => {
-                st.cbt.mark(offset, offset + len);
+                t.cbt.mark(offset, offset + len);
                 self.base.discard(offset, len)
             }
             // Discarded content is unspecified: keeping it is allowed and keeps the base frozen

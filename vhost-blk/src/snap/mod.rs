@@ -23,6 +23,8 @@ pub mod record;
 pub mod store;
 
 #[cfg(test)]
+mod cut_tests;
+#[cfg(test)]
 mod model_tests;
 
 use std::collections::HashSet;
@@ -335,7 +337,7 @@ impl Vm {
                     break;
                 }
             }
-            delta.commit(|| disk.base.flush())?;
+            disk.commit_merging(&delta)?;
             if delta.is_empty() {
                 self.shared.finish_merge(i).map_err(|e| crate::disk::Error::Io(std::io::Error::other(e)))?;
             } else {
@@ -464,12 +466,10 @@ impl VmShared {
             }
         }
 
-        // The cut: every request to these disks completes, none starts, until the record says
-        // the snapshot exists and every disk writes to its delta.
-        let t0 = Instant::now();
-        let mut guards: Vec<_> = chosen.iter().map(|&i| self.disks[i].pause()).collect();
+        // The record first, while the guest runs: from the switch on, writes land in deltas
+        // that a restart must find. Writes until the switch still go to the bases, and count
+        // as before the cut (their change-map marks go to the generation frozen with it).
         if let Err(e) = ctl.record.write(&next_state) {
-            drop(guards);
             for (i, delta, _) in &prepared {
                 let _ = self.dir.remove(&delta.data_name);
                 let _ = self.dir.remove(&delta.journal_name);
@@ -478,13 +478,23 @@ impl VmShared {
             error!(vm = %self.name, snapshot = id, error = %e, "snapshot failed: cannot record the cut");
             return Err(record_err(e));
         }
+        // The cut: on every disk at once, requests from now on write to the delta. The guest
+        // is held only while the modes are swapped; requests started before go on in theirs.
+        let t0 = Instant::now();
+        let mut guards: Vec<_> = chosen.iter().map(|&i| self.disks[i].pause()).collect();
         let mut old_gens = Vec::new();
+        let mut drains = Vec::new();
         for (guard, (_, delta, next)) in guards.iter_mut().zip(&prepared) {
             guard.mode = Mode::Active(delta.clone());
             old_gens.push(std::mem::replace(&mut guard.cbt, next.clone()));
+            drains.push(guard.new_epoch());
         }
         drop(guards);
         let pause = t0.elapsed();
+        // The bases are frozen once the requests from before the cut have completed.
+        for d in drains {
+            d.wait();
+        }
         // No write reaches these bases any more; a format that caches metadata (qcow2) writes
         // it out now, so that a reader of the file sees the disk as it was at the cut.
         for &i in &chosen {
@@ -529,24 +539,22 @@ impl VmShared {
         if let Some(reason) = abandoned {
             mark_abandoned(&mut next_state, snap.id, reason);
         }
-        let mut guards: Vec<_> = active.iter().map(|&i| self.disks[i].pause()).collect();
-        for (guard, &i) in guards.iter().zip(&active) {
-            if let Mode::Active(d) = &guard.mode {
-                let base = &self.disks[i].base;
-                d.commit(|| {
-                    base.flush()?;
-                    d.data.flush()
-                })
-                .map_err(|e| ControlError::Io { message: "cannot commit the delta".into(), source: std::io::Error::other(e) })?;
-            }
-        }
+        // Recorded first: a restart resumes the merge, which copies what the journal holds. The
+        // switch commits nothing: commits while merging sync the delta too.
         ctl.record.write(&next_state).map_err(record_err)?;
+        let mut guards: Vec<_> = active.iter().map(|&i| self.disks[i].pause()).collect();
+        let mut drains = Vec::new();
         for guard in &mut guards {
             if let Mode::Active(d) = &guard.mode {
                 guard.mode = Mode::Merging(d.clone());
+                drains.push(guard.new_epoch());
             }
         }
         drop(guards);
+        // No merger starts while a write of the active phase could still add to the map.
+        for d in drains {
+            d.wait();
+        }
         ctl.state = next_state;
         if self.opts.background_merge {
             for &i in &active {
@@ -594,7 +602,7 @@ impl VmShared {
                 }
             };
             since_commit = 0;
-            if let Err(e) = delta.commit(|| disk.base.flush()) {
+            if let Err(e) = disk.commit_merging(&delta) {
                 error!(disk = %disk.id, error = %e, "cannot record merge progress; retrying");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
@@ -619,13 +627,14 @@ impl VmShared {
     fn finish_merge(&self, i: usize) -> Result<(), ControlError> {
         let disk = &self.disks[i];
         let mut ctl = self.ctl();
-        let mut guard = disk.pause();
-        let Mode::Merging(delta) = guard.mode.clone() else { return Ok(()) };
+        let Mode::Merging(delta) = disk.read_state().mode.clone() else { return Ok(()) };
+        // The map only shrinks while merging (the writes of the active phase were drained at
+        // its start), so an empty map stays empty: the base is made durable and the end
+        // recorded while the guest runs, then only the mode is swapped.
         if !delta.is_empty() {
             return Ok(());
         }
-        delta
-            .commit(|| disk.base.flush())
+        disk.commit_merging(&delta)
             .map_err(|e| ControlError::Io { message: "cannot commit the merge".into(), source: std::io::Error::other(e) })?;
         let mut next_state = ctl.state.clone();
         if let Some(s) = next_state.snapshot.as_mut() {
@@ -635,7 +644,10 @@ impl VmShared {
             }
         }
         ctl.record.write(&next_state).map_err(record_err)?;
+        let mut guard = disk.pause();
         guard.mode = Mode::Direct;
+        // Merging writes still running over an empty map write the base, as direct ones do.
+        drop(guard.new_epoch());
         drop(guard);
         *disk.last_merge.lock().unwrap_or_else(PoisonError::into_inner) = Some((delta.snapshot, delta.merged_bytes()));
         ctl.state = next_state;
