@@ -95,6 +95,12 @@ pub trait DiskFile: Send + Sync + fmt::Debug {
     fn write_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Makes every completed write visible to another process reading the image file, durable
+    /// or not. A raw image needs nothing (the page cache is shared); a format that caches
+    /// metadata in memory writes it out.
+    fn publish(&self) -> Result<()> {
+        Ok(())
+    }
     /// Tells the disk that a range is no longer needed; its content becomes unspecified.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes a range read as zeroes; `unmap` allows freeing its storage.

@@ -289,6 +289,11 @@ impl DiskFile for Qcow2Disk {
         Ok(())
     }
 
+    /// qcow2-rs keeps table updates in memory until a flush: the whole flush it is.
+    fn publish(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// Discard is a hint, and qcow2-rs cannot free clusters: the data stays.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(self.size, offset, len)

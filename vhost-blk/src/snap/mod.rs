@@ -496,10 +496,12 @@ impl VmShared {
             d.wait();
         }
         // No write reaches these bases any more; a format that caches metadata (qcow2) writes
-        // it out now, so that a reader of the file sees the disk as it was at the cut.
+        // it out now, so that a reader of the file sees the disk as it was at the cut. (Not a
+        // flush: syncing a raw base, dirty with the guest's recent writes, could take seconds,
+        // and a guest frozen for the cut waits for `begin` to return.)
         for &i in &chosen {
-            if let Err(e) = self.disks[i].base.flush() {
-                error!(vm = %self.name, disk = %self.disks[i].id, snapshot = id, error = %e, "cannot flush the frozen base");
+            if let Err(e) = self.disks[i].base.publish() {
+                error!(vm = %self.name, disk = %self.disks[i].id, snapshot = id, error = %e, "cannot write out the frozen base's metadata");
             }
         }
 
