@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The main job, on a fresh Debian 12 machine: a backup of a running VM. Installs QEMU and the
-# tools, builds livesnap-blk, snapctl, the guest image and the static guest agent (release),
-# then boots a VM whose disk livesnap-blk serves and that keeps writing, quiesces it with the
-# guest agent, cuts a snapshot, copies the frozen base as the backup and checks it, merges the
-# snapshot back under the writes, and checks the final image (tests/src/bin/demo.rs).
+# The main job, on a fresh Debian 12 machine: backups of a running VM. Installs QEMU and the
+# tools, builds livesnap-blk, livesnapd, snapctl, the guest image and the static guest agent
+# (release), then boots a VM whose disk livesnap-blk serves, with the agent inside and a workload
+# that keeps writing; starts livesnapd on a generated config and, while the guest writes, runs
+# `snapctl vm snapshot demo` twice (a full backup, then an incremental one), lists, verifies and
+# restores both, and checks each restore: e2fsck-clean and holding every line fsync'd before
+# its freeze; then a backup of the idle disk whose restore qemu-img compares identical to it
+# (tests/src/bin/demo.rs). Everything lands in target/demo/.
 #
 #   ci/demo.sh                       # quiesced by the guest agent
-#   ci/demo.sh --crash-consistent    # no agent freeze: a crash-consistent cut
+#   ci/demo.sh --crash-consistent    # snapctl vm snapshot --no-quiesce: crash-consistent backups
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +18,8 @@ ci/build-guest.sh
 # The userspace vsock device the host reaches the guest agent through.
 command -v vhost-device-vsock >/dev/null || cargo install --locked --quiet vhost-device-vsock
 
-cargo build --release --locked -p livesnap-blk -p livesnap-control --bin livesnap-blk --bin snapctl -p livesnap-tests --bin demo
+cargo build --release --locked -p livesnap-blk -p livesnap-control --bin livesnap-blk --bin livesnapd --bin snapctl \
+    -p livesnap-tests --bin demo
 
 # The guest agent as a static binary (the guest has no libc), as ci/package-agent.sh builds it.
 # With --target, RUSTFLAGS apply to the agent only, not to build scripts and proc macros.
@@ -31,6 +35,7 @@ mkdir -p target/guest-bin
 strip -o target/guest-bin/livesnap-agent "$AGENT"
 
 LIVESNAP_BLK="$PWD/target/release/livesnap-blk" \
+LIVESNAPD="$PWD/target/release/livesnapd" \
 SNAPCTL="$PWD/target/release/snapctl" \
 LIVESNAP_AGENT_STATIC="$PWD/target/guest-bin/livesnap-agent" \
 VHOST_DEVICE_VSOCK="$(command -v vhost-device-vsock)" \
