@@ -537,6 +537,10 @@ impl Job {
         ch: &spb::ChangesPage,
         snapshot: Option<u64>,
     ) -> Result<std::result::Result<Manifest, String>> {
+        // The first backup of a disk says so, rather than why its change map is untrusted.
+        let Some(since) = ch.since_checkpoint else {
+            return Ok(Err("no earlier backup of it was checkpointed (the first backup of a disk is full)".into()));
+        };
         if !ch.trusted {
             return Ok(Err(format!("its change map is not trusted: {}", ch.untrusted_reason)));
         }
@@ -545,9 +549,6 @@ impl Job {
                 return Ok(Err(format!("its change map does not end at the cut of snapshot {id}")));
             }
         }
-        let Some(since) = ch.since_checkpoint else {
-            return Ok(Err("no backup was checkpointed yet".into()));
-        };
         let (vm, disk) = (self.vm.name.clone(), disk.to_owned());
         self.d
             .blocking(move |repo, store| {
@@ -662,19 +663,19 @@ impl Job {
                 });
             }));
             for p in &plans {
-                let total = match &p.plan {
-                    Plan::Full => p.size,
-                    Plan::Incremental { extents, .. } => extents.iter().map(|e| e.1).sum(),
-                };
-                let e = pb::snapshot_event::Event::BackingUp(pb::DiskProgress {
-                    disk: p.disk.clone(),
-                    bytes_read: 0,
-                    bytes_total: total,
-                });
-                let _ = tx.try_send(pb::SnapshotEvent {
-                    job_id: job_id.clone(),
-                    event: Some(e),
-                });
+                // An incremental's first report comes from the writer, which knows how much it
+                // will read (whole chunks where most changed); a full one reads the disk.
+                if matches!(p.plan, Plan::Full) {
+                    let e = pb::snapshot_event::Event::BackingUp(pb::DiskProgress {
+                        disk: p.disk.clone(),
+                        bytes_read: 0,
+                        bytes_total: p.size,
+                    });
+                    let _ = tx.try_send(pb::SnapshotEvent {
+                        job_id: job_id.clone(),
+                        event: Some(e),
+                    });
+                }
                 let base = Base::open(
                     std::path::Path::new(&p.base_path),
                     &p.base_format,
