@@ -63,7 +63,7 @@ pub struct DiskStats {
     /// Chunks built from the source: read whole, or patched (below).
     pub chunks_read: u64,
     /// Of those, chunks of an incremental backup built from the parent's chunk with only the
-    /// changed bytes read from the source (when at most half of the chunk changed).
+    /// changed bytes read from the source (every touched chunk not wholly changed).
     #[serde(default)]
     pub chunks_patched: u64,
     /// Chunks of zeros among them (not stored).

@@ -234,8 +234,9 @@ impl BackupWriter<'_> {
                 Some(r) => {
                     let covered: usize = r.iter().map(|(s, e)| e - s).sum();
                     // Patching the parent's chunk reads only the changed bytes from the
-                    // source; not worth it when most of the chunk changed.
-                    let patch = (same_bytes && old_stored && covered <= len / 2).then_some(Patch {
+                    // source (the storage the VMs run on), however much of it changed; the
+                    // repository's copy is read instead of the rest.
+                    let patch = (same_bytes && old_stored && covered < len).then_some(Patch {
                         base: old,
                         ranges: r,
                     });
