@@ -108,15 +108,21 @@ impl Drop for Daemon {
 /// Path of the `livesnap-blk` binary: `$LIVESNAP_BLK`, else beside the running test or bench
 /// binary in the cargo target directory (`target/<profile>/` or its `deps/`).
 pub fn livesnap_blk_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("LIVESNAP_BLK") {
+    workspace_bin("LIVESNAP_BLK", "livesnap-blk")
+}
+
+/// Path of the workspace binary `name`: `$var`, else beside the running test or bench binary in
+/// the cargo target directory (`target/<profile>/` or its `deps/`).
+pub fn workspace_bin(var: &str, name: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("livesnap-blk");
+        let p = dir.join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
-    bail!("livesnap-blk not found beside {}; build it (cargo build -p livesnap-blk) or set LIVESNAP_BLK", exe.display())
+    bail!("{name} not found beside {}; build it (cargo build --workspace) or set {var}", exe.display())
 }

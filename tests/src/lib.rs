@@ -8,9 +8,11 @@
 //!   and sets up its queues over the real socket.
 //! - [`blk`]: virtio-blk requests on top of a frontend queue.
 //! - [`guest`]: a real QEMU guest (TCG) booted on disks served by a backend.
+//! - [`tls`]: a CA and a certificate for 127.0.0.1, made with `openssl`.
 
 pub mod blk;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
+pub mod tls;
 pub mod virtq;

@@ -37,7 +37,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use livesnap_tests::daemon::{livesnap_blk_path, Daemon};
+use livesnap_tests::daemon::{livesnap_blk_path, workspace_bin, Daemon};
 use livesnap_tests::guest::{Guest, GuestConfig, GuestFile};
 use serde_json::Value;
 
@@ -108,20 +108,6 @@ if [ "$1" = freeze ]; then
   echo "HOOK-FREEZE-$LIVESNAP_SNAPSHOT_ID=$k" >/dev/console
 fi
 "#;
-
-fn beside_blk(var: &str, name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    let blk = livesnap_blk_path().unwrap();
-    let p = blk.with_file_name(name);
-    assert!(
-        p.is_file(),
-        "{name} not found beside {}: cargo build --workspace (or set {var})",
-        blk.display()
-    );
-    p
-}
 
 fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("LIVESNAP_AGENT_STATIC") {
@@ -353,7 +339,7 @@ impl Rig {
         )
         .unwrap();
         let log = std::fs::File::create(p("livesnapd.log")).unwrap();
-        let mut cmd = Command::new(beside_blk("LIVESNAPD", "livesnapd"));
+        let mut cmd = Command::new(workspace_bin("LIVESNAPD", "livesnapd").unwrap());
         cmd.arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -407,7 +393,7 @@ impl Rig {
                 }
             }
         };
-        let snapctl = beside_blk("SNAPCTL", "snapctl");
+        let snapctl = workspace_bin("SNAPCTL", "snapctl").unwrap();
         Rig {
             dir,
             image,

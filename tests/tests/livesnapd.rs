@@ -48,17 +48,7 @@ fn qemu_img(args: &[&str]) -> String {
 }
 
 fn livesnapd_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIVESNAPD") {
-        return PathBuf::from(p);
-    }
-    let blk = livesnap_blk_path().unwrap();
-    let p = blk.with_file_name("livesnapd");
-    assert!(
-        p.is_file(),
-        "livesnapd not found beside {}; cargo build -p livesnap-control",
-        blk.display()
-    );
-    p
+    livesnap_tests::daemon::workspace_bin("LIVESNAPD", "livesnapd").unwrap()
 }
 
 /// One VM on livesnap-blk, the test VMM connected, and livesnapd's files.
@@ -754,81 +744,11 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
     assert_eq!(b.kind, pb::BackupKind::Full as i32);
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn tcp_without_the_token_is_unauthenticated() {
     let certs = tempfile::tempdir().unwrap();
     let dir = certs.path();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=livesnap test CA",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "leaf.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    livesnap_tests::tls::certificates(dir).unwrap();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -26,17 +26,7 @@ use tonic::{Code, Request, Response, Status};
 const MIB: u64 = 1 << 20;
 
 fn snapctl_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SNAPCTL") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("snapctl");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("snapctl not found beside {}; build it (cargo build -p livesnap-control) or set SNAPCTL", exe.display())
+    livesnap_tests::daemon::workspace_bin("SNAPCTL", "snapctl")
 }
 
 /// One step of a scripted stream.
@@ -1028,16 +1018,9 @@ fn snapshot_on_a_terminal_draws_bars_then_the_summary() -> Result<()> {
     Ok(())
 }
 
-/// livesnapd beside livesnap-blk in target/, or `LIVESNAPD`.
+/// livesnapd in target/, or `LIVESNAPD`.
 fn livesnapd_path() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("LIVESNAPD") {
-        return Ok(PathBuf::from(p));
-    }
-    let p = livesnap_tests::daemon::livesnap_blk_path()?.with_file_name("livesnapd");
-    if !p.is_file() {
-        bail!("livesnapd not found at {}; cargo build -p livesnap-control", p.display());
-    }
-    Ok(p)
+    livesnap_tests::daemon::workspace_bin("LIVESNAPD", "livesnapd")
 }
 
 /// The whole path once, against the real daemon: livesnap-blk serving a raw disk to the test
@@ -1127,60 +1110,6 @@ fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_
     Ok(())
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl").args(args).current_dir(dir).output()?;
-    if !out.status.success() {
-        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-/// A CA (ca.pem) and a certificate for 127.0.0.1 it signed (cert.pem, key.pem) in `dir`; a
-/// second CA (other-ca.pem) that signed nothing.
-fn certificates(dir: &Path) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(
-        dir,
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=snapctl test CA"],
-        ]
-        .concat(),
-    )?;
-    openssl(
-        dir,
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &["-keyout", "other.key", "-out", "other-ca.pem", "-days", "2", "-subj", "/CN=other CA"],
-        ]
-        .concat(),
-    )?;
-    openssl(dir, &[&["req"][..], &ec, &["-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost"]].concat())?;
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    )
-}
-
 /// The fake daemon over TCP with TLS (cert.pem, key.pem in `dir`); its port.
 fn start_tls(script: Script, dir: &Path) -> Result<(tokio::runtime::Runtime, FakeDaemon, u16)> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -1210,7 +1139,7 @@ fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exi
     }
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    certificates(d)?;
+    livesnap_tests::tls::certificates(d)?;
     std::fs::write(d.join("token"), "secret-token-0123456789\nsecond line ignored\n")?;
     let (_rt, daemon, port) = start_tls(
         Script { vms: Ok(ListVmsReply { vms: vec![vm("web01", AgentState::Reachable.into())] }), ..Script::default() },
