@@ -352,6 +352,28 @@ fn spawn_reader(mut from: impl Read + Send + 'static, to: Arc<Mutex<Vec<u8>>>, m
     })
 }
 
+/// QEMU arguments that give the guest a `vhost-user-vsock-pci` device backed by the vhost-user
+/// vsock backend (vhost-device-vsock) listening on `vhost_socket`.
+pub fn vsock_args(vhost_socket: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=vsock0,path={}", vhost_socket.display()),
+        "-device".into(),
+        "vhost-user-vsock-pci,chardev=vsock0".into(),
+    ]
+}
+
+/// QEMU arguments that give the guest a second serial port (its `/dev/ttyS1`) on a unix socket
+/// QEMU listens on at `socket`, for the host to talk to the guest's job.
+pub fn serial_args(socket: &Path) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id=host0,path={},server=on,wait=off", socket.display()),
+        "-device".into(),
+        "isa-serial,chardev=host0".into(),
+    ]
+}
+
 /// The job's exit code from the last marker line of `console`.
 pub fn parse_exit_code(console: &str) -> Option<i32> {
     let at = console.rfind(EXIT_MARKER)? + EXIT_MARKER.len();

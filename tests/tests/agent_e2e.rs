@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use livesnap_control::agent::{AgentClient, FsOutcome, HookOutcome, Limits, Target};
 use livesnap_control::vsock::HybridAddr;
 use livesnap_tests::daemon::Daemon;
-use livesnap_tests::guest::{Guest, GuestConfig, GuestFile};
+use livesnap_tests::guest::{vsock_args, Guest, GuestConfig, GuestFile};
 
 const PORT: u32 = 7735;
 const DISK_MIB: u64 = 32;
@@ -137,12 +137,7 @@ fn boot() -> Setup {
             hook("20-second", ""),
             GuestFile { path: "/etc/livesnap/hooks.d/30-skipped.dpkg-old".into(), contents: b"#!/bin/sh\nexit 1\n".to_vec(), mode: 0o755 },
         ],
-        extra_args: vec![
-            "-chardev".into(),
-            format!("socket,id=vs,path={}", vhost_sock.display()),
-            "-device".into(),
-            "vhost-user-vsock-pci,chardev=vs".into(),
-        ],
+        extra_args: vsock_args(&vhost_sock),
         console_log: Some(dir.path().join("console.log")),
         timeout: Duration::from_secs(300),
         ..GuestConfig::default()

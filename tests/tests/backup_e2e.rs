@@ -38,7 +38,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use livesnap_tests::daemon::{livesnap_blk_path, workspace_bin, Daemon};
-use livesnap_tests::guest::{Guest, GuestConfig, GuestFile};
+use livesnap_tests::guest::{serial_args, vsock_args, Guest, GuestConfig, GuestFile};
 use serde_json::Value;
 
 const DISK_MIB: u64 = 64;
@@ -363,16 +363,7 @@ impl Rig {
                     mode: 0o755,
                 },
             ],
-            extra_args: vec![
-                "-chardev".into(),
-                format!("socket,id=vs,path={}", vhost_vsock.display()),
-                "-device".into(),
-                "vhost-user-vsock-pci,chardev=vs".into(),
-                "-chardev".into(),
-                format!("socket,id=ctl,path={},server=on,wait=off", serial.display()),
-                "-device".into(),
-                "isa-serial,chardev=ctl".into(),
-            ],
+            extra_args: [vsock_args(&vhost_vsock), serial_args(&serial)].concat(),
             console_log: Some(p("console.log")),
             timeout: Duration::from_secs(600),
             ..GuestConfig::default()

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use livesnap_proto::snapshot as pb;
 use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
 use livesnap_tests::daemon::Daemon;
-use livesnap_tests::guest::{Guest, GuestConfig, GuestFile};
+use livesnap_tests::guest::{serial_args, Guest, GuestConfig, GuestFile};
 use tonic::transport::{Channel, Endpoint};
 
 const DISK_MIB: u64 = 512;
@@ -349,12 +349,7 @@ fn snapshot_cut_under_a_writing_guest_freezes_a_prefix_and_merge_keeps_every_rec
         disks: vec![disk_sock],
         job_script: JOB.into(),
         files: vec![GuestFile { path: "/usr/bin/recwriter".into(), contents: std::fs::read(recwriter_binary()).unwrap(), mode: 0o755 }],
-        extra_args: vec![
-            "-chardev".into(),
-            format!("socket,id=stop,path={},server=on,wait=off", stop_sock.display()),
-            "-device".into(),
-            "isa-serial,chardev=stop".into(),
-        ],
+        extra_args: serial_args(&stop_sock),
         console_log: Some(console_log.clone()),
         timeout: Duration::from_secs(1200),
         ..GuestConfig::default()

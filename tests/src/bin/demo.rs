@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use livesnap_tests::daemon::Daemon;
-use livesnap_tests::guest::{Guest, GuestConfig, GuestFile};
+use livesnap_tests::guest::{serial_args, vsock_args, Guest, GuestConfig, GuestFile};
 
 const VM: &str = "demo";
 const DISK_MIB: u64 = 256;
@@ -539,16 +539,7 @@ fn run(crash: bool) -> Result<()> {
             GuestFile { path: "/usr/sbin/livesnap-agent".into(), contents: agent_bin, mode: 0o755 },
             GuestFile { path: "/etc/livesnap/hooks.d/10-demo-app".into(), contents: HOOK.as_bytes().to_vec(), mode: 0o755 },
         ],
-        extra_args: vec![
-            "-chardev".into(),
-            format!("socket,id=vs,path={}", vhost_vsock.display()),
-            "-device".into(),
-            "vhost-user-vsock-pci,chardev=vs".into(),
-            "-chardev".into(),
-            format!("socket,id=stop,path={},server=on,wait=off", serial.display()),
-            "-device".into(),
-            "isa-serial,chardev=stop".into(),
-        ],
+        extra_args: [vsock_args(&vhost_vsock), serial_args(&serial)].concat(),
         console_log: Some(console_log.clone()),
         timeout: Duration::from_secs(1800),
         ..GuestConfig::default()
