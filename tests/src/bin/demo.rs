@@ -561,14 +561,7 @@ fn run(crash: bool) -> Result<()> {
     fact(&format!("guest agent answers over vsock: {}", ping.trim()));
 
     step("Starting livesnapd: the VM, its livesnap-blk control socket, its agent over hybrid vsock, a repository");
-    let d = dir.display();
-    let toml = format!(
-        "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n\n\
-         [[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\nagent = {{ vsock = \"{}:{AGENT_PORT}\" }}\n",
-        socket.display(),
-        control.display(),
-        uds.display()
-    );
+    let toml = livesnap_tests::daemon::livesnapd_config(&dir, &socket, VM, &control, &uds, AGENT_PORT);
     std::fs::write(&config, &toml)?;
     fact(&format!("{}:", config.display()));
     for l in toml.lines() {

@@ -506,14 +506,7 @@ async fn run(args: Args) -> Result<()> {
     drop(ctl);
 
     // Phase 3: livesnapd's whole job.
-    let d = dir.display();
-    let toml = format!(
-        "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n\n\
-         [[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\nagent = {{ vsock = \"{}:{AGENT_PORT}\" }}\n",
-        socket.display(),
-        control.display(),
-        uds.display()
-    );
+    let toml = livesnap_tests::daemon::livesnapd_config(&dir, &socket, VM, &control, &uds, AGENT_PORT);
     std::fs::write(&config, &toml)?;
     let mut daemon_cmd = Command::new(&tools.livesnapd);
     daemon_cmd.arg("--config").arg(&config).env("RUST_LOG", "info");
