@@ -142,9 +142,11 @@ impl SnapDisk {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Commits a merging delta's records: the base (the merger's copies, guest writes) and the
-    /// delta (writes of the active phase not yet synced) are made durable first.
-    pub fn commit_merging(&self, delta: &Delta) -> disk::Result<()> {
+    /// Commits `delta`'s records after making the base and the delta durable, so that the
+    /// journal never points at data that is not: the active phase's FLUSH (base writes from
+    /// before the cut, delta writes) and every commit while merging (the merger's copies and
+    /// guest writes in the base, active-phase writes in the delta not yet synced).
+    pub fn commit_durably(&self, delta: &Delta) -> disk::Result<()> {
         delta.commit(|| {
             self.base.flush()?;
             delta.data.flush()
@@ -278,7 +280,7 @@ impl DiskFile for SnapDisk {
             // Writes to the base from before the cut are covered by this flush too. While
             // merging, the delta may still hold writes of the active phase not yet synced (the
             // switch to merging commits nothing): syncing it costs nothing once it is clean.
-            Mode::Active(d) | Mode::Merging(d) => self.commit_merging(d),
+            Mode::Active(d) | Mode::Merging(d) => self.commit_durably(d),
         }
     }
 

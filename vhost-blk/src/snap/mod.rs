@@ -337,7 +337,7 @@ impl Vm {
                     break;
                 }
             }
-            disk.commit_merging(&delta)?;
+            disk.commit_durably(&delta)?;
             if delta.is_empty() {
                 self.shared.finish_merge(i).map_err(|e| crate::disk::Error::Io(std::io::Error::other(e)))?;
             } else {
@@ -604,7 +604,7 @@ impl VmShared {
                 }
             };
             since_commit = 0;
-            if let Err(e) = disk.commit_merging(&delta) {
+            if let Err(e) = disk.commit_durably(&delta) {
                 error!(disk = %disk.id, error = %e, "cannot record merge progress; retrying");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
@@ -636,7 +636,7 @@ impl VmShared {
         if !delta.is_empty() {
             return Ok(());
         }
-        disk.commit_merging(&delta)
+        disk.commit_durably(&delta)
             .map_err(|e| ControlError::Io { message: "cannot commit the merge".into(), source: std::io::Error::other(e) })?;
         let mut next_state = ctl.state.clone();
         if let Some(s) = next_state.snapshot.as_mut() {
