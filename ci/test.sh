@@ -15,6 +15,7 @@ for tool in cargo-nextest:cargo-nextest cargo-deb:cargo-deb vhost-device-vsock:v
     command -v "$bin" >/dev/null || cargo install --locked --quiet "$crate"
 done
 
+cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 ci/package-agent.sh

@@ -162,8 +162,7 @@ impl AgentClient {
     /// Connects within `limits.connect_timeout`.
     pub async fn connect(target: Target, limits: Limits) -> Result<Self> {
         // The URI is not used to reach anything: the connector below does.
-        let endpoint = Endpoint::from_static("http://agent.invalid")
-            .http2_max_header_list_size(16 * 1024);
+        let endpoint = Endpoint::from_static("http://agent.invalid").http2_max_header_list_size(16 * 1024);
         let connect = async {
             match target {
                 Target::HybridVsock(addr) => {
@@ -184,15 +183,22 @@ impl AgentClient {
             .await
             .map_err(|_| Error::Timeout(limits.connect_timeout))?
             .map_err(Error::Connect)?;
-        let client = PbClient::new(channel).max_decoding_message_size(limits.max_message).max_encoding_message_size(64 * 1024);
+        let client =
+            PbClient::new(channel).max_decoding_message_size(limits.max_message).max_encoding_message_size(64 * 1024);
         Ok(AgentClient { client, limits })
     }
 
-    async fn call<T>(&self, extra: Duration, f: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>) -> Result<T> {
+    async fn call<T>(
+        &self,
+        extra: Duration,
+        f: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T> {
         let limit = self.limits.call_timeout.saturating_add(extra);
         match tokio::time::timeout(limit, f).await {
             Err(_) => Err(Error::Timeout(limit)),
-            Ok(Err(status)) if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout") => Err(Error::Timeout(limit)),
+            Ok(Err(status)) if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout") => {
+                Err(Error::Timeout(limit))
+            }
             Ok(Err(status)) => Err(Error::Rpc(status)),
             Ok(Ok(r)) => Ok(r.into_inner()),
         }
@@ -243,7 +249,12 @@ impl AgentClient {
         let r = self.call(self.limits.call_timeout, c.thaw(pb::ThawRequest {})).await?;
         let v = Validator(&self.limits);
         v.string("error", &r.error)?;
-        Ok(ThawReply { was_frozen: r.was_frozen, filesystems: v.filesystems(r.filesystems)?, hooks: v.hooks(r.hooks)?, error: r.error })
+        Ok(ThawReply {
+            was_frozen: r.was_frozen,
+            filesystems: v.filesystems(r.filesystems)?,
+            hooks: v.hooks(r.hooks)?,
+            error: r.error,
+        })
     }
 
     pub async fn status(&self) -> Result<StatusReply> {
@@ -289,7 +300,12 @@ impl Validator<'_> {
         self.count("filesystems", fss.len(), self.0.max_filesystems)?;
         fss.into_iter()
             .map(|f| {
-                for (what, s) in [("mount_point", &f.mount_point), ("fs_type", &f.fs_type), ("source", &f.source), ("error", &f.error)] {
+                for (what, s) in [
+                    ("mount_point", &f.mount_point),
+                    ("fs_type", &f.fs_type),
+                    ("source", &f.source),
+                    ("error", &f.error),
+                ] {
                     self.string(what, s)?;
                 }
                 let outcome = match pb::FsOutcome::try_from(f.outcome) {
@@ -303,7 +319,13 @@ impl Validator<'_> {
                         return Err(Error::InvalidReply(format!("unknown filesystem outcome {}", f.outcome)))
                     }
                 };
-                Ok(Filesystem { mount_point: f.mount_point, fs_type: f.fs_type, source: f.source, outcome, error: f.error })
+                Ok(Filesystem {
+                    mount_point: f.mount_point,
+                    fs_type: f.fs_type,
+                    source: f.source,
+                    outcome,
+                    error: f.error,
+                })
             })
             .collect()
     }

@@ -61,7 +61,8 @@ impl From<Error> for io::Error {
 /// Connects to guest port `port` through the hybrid vsock socket at `path`. The caller bounds
 /// the time.
 pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, Error> {
-    let mut s = UnixStream::connect(path).await.map_err(|source| Error::Connect { path: path.to_path_buf(), source })?;
+    let mut s =
+        UnixStream::connect(path).await.map_err(|source| Error::Connect { path: path.to_path_buf(), source })?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(Error::Io)?;
     // Byte by byte: what follows the newline is the guest's stream.
     let mut line = Vec::with_capacity(MAX_REPLY_LINE);

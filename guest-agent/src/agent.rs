@@ -64,7 +64,13 @@ pub struct FsReport {
 
 impl FsReport {
     fn new(t: &FsTarget, outcome: FsOutcome, error: Option<String>) -> Self {
-        FsReport { mount_point: t.mount_point.clone(), fs_type: t.fs_type.clone(), source: t.source.clone(), outcome, error }
+        FsReport {
+            mount_point: t.mount_point.clone(),
+            fs_type: t.fs_type.clone(),
+            source: t.source.clone(),
+            outcome,
+            error,
+        }
     }
 }
 
@@ -167,7 +173,11 @@ impl<F> Clone for Agent<F> {
 
 /// The agent as the service sees it.
 pub trait AgentApi: Send + Sync + 'static {
-    fn freeze(&self, deadline: Duration, snapshot_id: String) -> impl std::future::Future<Output = Result<FreezeReport, Error>> + Send;
+    fn freeze(
+        &self,
+        deadline: Duration,
+        snapshot_id: String,
+    ) -> impl std::future::Future<Output = Result<FreezeReport, Error>> + Send;
     fn thaw(&self) -> impl std::future::Future<Output = Result<ThawReport, Error>> + Send;
     fn status(&self) -> impl std::future::Future<Output = StatusReport> + Send;
     fn max_deadline(&self) -> Duration;
@@ -281,10 +291,22 @@ impl<F: Freezer> Agent<F> {
             .filesystems
             .iter()
             .filter(|f| f.outcome == FsOutcome::Frozen)
-            .map(|f| FsTarget { mount_point: f.mount_point.clone(), fs_type: f.fs_type.clone(), source: f.source.clone(), dev: (0, 0) })
+            .map(|f| FsTarget {
+                mount_point: f.mount_point.clone(),
+                fs_type: f.fs_type.clone(),
+                source: f.source.clone(),
+                dev: (0, 0),
+            })
             .collect();
         tracing::info!(snapshot = %snapshot_id, filesystems = ours.len(), "frozen");
-        st.frozen = Some(Frozen { snapshot_id, since: SystemTime::now(), deadline: deadline_at, deadline_wall, ours, hooks: ran });
+        st.frozen = Some(Frozen {
+            snapshot_id,
+            since: SystemTime::now(),
+            deadline: deadline_at,
+            deadline_wall,
+            ours,
+            hooks: ran,
+        });
         report.frozen = true;
         report.deadline = Some(deadline_wall);
         Ok(report)
@@ -600,10 +622,16 @@ mod tests {
     async fn a_second_freeze_and_bad_arguments_are_refused() {
         let f = Fixture::new(MOUNTS);
         assert!(matches!(f.agent.freeze(Duration::ZERO, "s".into()).await, Err(Error::InvalidDeadline { .. })));
-        assert!(matches!(f.agent.freeze(Duration::from_secs(601), "s".into()).await, Err(Error::InvalidDeadline { .. })));
+        assert!(matches!(
+            f.agent.freeze(Duration::from_secs(601), "s".into()).await,
+            Err(Error::InvalidDeadline { .. })
+        ));
         assert!(matches!(f.agent.freeze(Duration::from_secs(5), "a\0b".into()).await, Err(Error::InvalidSnapshotId)));
         f.agent.freeze(Duration::from_secs(60), "one".into()).await.unwrap();
-        assert!(matches!(f.agent.freeze(Duration::from_secs(60), "two".into()).await, Err(Error::AlreadyFrozen { .. })));
+        assert!(matches!(
+            f.agent.freeze(Duration::from_secs(60), "two".into()).await,
+            Err(Error::AlreadyFrozen { .. })
+        ));
         f.agent.thaw().await.unwrap();
     }
 

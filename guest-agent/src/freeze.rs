@@ -45,18 +45,41 @@ pub enum Error {
 
 /// Filesystems with nothing to freeze: kernel interfaces and memory filesystems.
 const PSEUDO: &[&str] = &[
-    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts", "devtmpfs",
-    "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay", "proc", "pstore", "ramfs",
-    "rootfs", "rpc_pipefs", "securityfs", "selinuxfs", "squashfs", "sysfs", "tmpfs", "tracefs",
-    "iso9660", "nfsd", "zram",
+    "autofs",
+    "binfmt_misc",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+    "configfs",
+    "debugfs",
+    "devpts",
+    "devtmpfs",
+    "efivarfs",
+    "fusectl",
+    "hugetlbfs",
+    "mqueue",
+    "nsfs",
+    "overlay",
+    "proc",
+    "pstore",
+    "ramfs",
+    "rootfs",
+    "rpc_pipefs",
+    "securityfs",
+    "selinuxfs",
+    "squashfs",
+    "sysfs",
+    "tmpfs",
+    "tracefs",
+    "iso9660",
+    "nfsd",
+    "zram",
 ];
 
 /// Filesystems whose data lives elsewhere: freezing them would not quiesce anything on our
 /// disks, and can hang on a dead server.
-const NETWORK: &[&str] = &[
-    "9p", "afs", "ceph", "cifs", "glusterfs", "lustre", "ncpfs", "nfs", "nfs4", "smb3", "smbfs",
-    "sshfs", "virtiofs",
-];
+const NETWORK: &[&str] =
+    &["9p", "afs", "ceph", "cifs", "glusterfs", "lustre", "ncpfs", "nfs", "nfs4", "smb3", "smbfs", "sshfs", "virtiofs"];
 
 /// Whether a filesystem of `fs_type` may be frozen.
 fn freezable_type(fs_type: &str) -> bool {
@@ -121,10 +144,8 @@ pub fn parse_mountinfo(text: &str) -> Result<Vec<MountInfo>, Error> {
             return Err(malformed("fewer than 10 fields"));
         }
         let (major, minor) = fields[2].split_once(':').ok_or_else(|| malformed("no major:minor"))?;
-        let dev = (
-            major.parse().map_err(|_| malformed("bad major"))?,
-            minor.parse().map_err(|_| malformed("bad minor"))?,
-        );
+        let dev =
+            (major.parse().map_err(|_| malformed("bad major"))?, minor.parse().map_err(|_| malformed("bad minor"))?);
         let sep = fields[6..].iter().position(|f| *f == "-").ok_or_else(|| malformed("no separator"))? + 6;
         if fields.len() < sep + 4 {
             return Err(malformed("missing fields after the separator"));
@@ -241,8 +262,7 @@ mod tests {
     fn plan_keeps_one_rw_local_mount_per_superblock_in_reverse_order() {
         let m = parse_mountinfo(SAMPLE).unwrap();
         let points: Vec<_> = plan(&m).into_iter().map(|t| t.mount_point).collect();
-        let want: Vec<PathBuf> =
-            ["/mnt/btr", "/mnt/a\\b", "/data", "/boot", "/"].iter().map(PathBuf::from).collect();
+        let want: Vec<PathBuf> = ["/mnt/btr", "/mnt/a\\b", "/data", "/boot", "/"].iter().map(PathBuf::from).collect();
         assert_eq!(points, want);
     }
 

@@ -294,7 +294,8 @@ mod tests {
     #[test]
     fn listing_is_in_name_order_and_skips_leftovers_and_non_executables() {
         let d = tempfile::tempdir().unwrap();
-        for n in ["20-b", "10-a", "30-c~", "40-d.dpkg-old", "50-e.rpmsave", "60-f.dpkg-dist", ".hidden", "70-g.ucf-old"] {
+        for n in ["20-b", "10-a", "30-c~", "40-d.dpkg-old", "50-e.rpmsave", "60-f.dpkg-dist", ".hidden", "70-g.ucf-old"]
+        {
             script(d.path(), n, "true", 0o755);
         }
         script(d.path(), "15-not-exec", "true", 0o644);
@@ -332,7 +333,10 @@ mod tests {
         let ran: Vec<PathBuf> = list[..r.len()].to_vec();
         let back = hooks.run_reverse(&ran, Phase::FreezeFail, "snap-1").await;
         assert_eq!(back.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["20-fail", "10-ok"]);
-        assert_eq!(std::fs::read_to_string(&log).unwrap(), "10 freeze snap-1\n20 freeze\n20 freeze-fail\n10 freeze-fail snap-1\n");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "10 freeze snap-1\n20 freeze\n20 freeze-fail\n10 freeze-fail snap-1\n"
+        );
     }
 
     #[tokio::test]

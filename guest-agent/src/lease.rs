@@ -61,7 +61,11 @@ fn fnv1a(data: &[u8]) -> u64 {
 
 impl LeaseState {
     pub fn encode(&self) -> String {
-        let mut s = format!("{MAGIC}\nsnapshot {}\ndeadline-unix-ms {}\n", escape(self.snapshot_id.as_bytes()), self.deadline_unix_ms);
+        let mut s = format!(
+            "{MAGIC}\nsnapshot {}\ndeadline-unix-ms {}\n",
+            escape(self.snapshot_id.as_bytes()),
+            self.deadline_unix_ms
+        );
         for p in &self.frozen {
             s.push_str(&format!("frozen {}\n", escape(p.as_os_str().as_bytes())));
         }
@@ -120,7 +124,8 @@ impl StateFile {
     pub fn read(&self) -> Result<Option<LeaseState>, Error> {
         match std::fs::read(&self.path) {
             Ok(bytes) => {
-                let text = String::from_utf8(bytes).map_err(|_| Error::Corrupt { path: self.path.clone(), reason: "not UTF-8" })?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::Corrupt { path: self.path.clone(), reason: "not UTF-8" })?;
                 LeaseState::decode(&text).map(Some).map_err(|reason| Error::Corrupt { path: self.path.clone(), reason })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

@@ -30,7 +30,11 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves `agent` on `listener` until `shutdown` resolves.
-pub async fn serve_unix<F: Freezer>(agent: Agent<F>, listener: UnixListener, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn serve_unix<F: Freezer>(
+    agent: Agent<F>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(Service::new(agent).into_server(), UnixListenerStream::new(listener), shutdown)
         .await
@@ -64,8 +68,9 @@ pub async fn run<F: Freezer>(args: Args, freezer: F) -> Result<()> {
             serve_unix(agent.clone(), listener, shutdown).await?;
         }
         None => {
-            let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, args.vsock_port))
-                .with_context(|| format!("cannot listen on vsock port {} (is the vsock transport loaded?)", args.vsock_port))?;
+            let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, args.vsock_port)).with_context(|| {
+                format!("cannot listen on vsock port {} (is the vsock transport loaded?)", args.vsock_port)
+            })?;
             tracing::info!(port = args.vsock_port, "listening on vsock");
             tonic::transport::Server::builder()
                 .serve_with_incoming_shutdown(Service::new(agent.clone()).into_server(), listener.incoming(), shutdown)

@@ -65,15 +65,31 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// One virtio-blk request. Offsets and counts are in 512-byte sectors.
 #[derive(Clone, Copy, Debug)]
 pub enum Request<'a> {
-    Read { sector: u64, len: u32 },
-    Write { sector: u64, data: &'a [u8] },
+    Read {
+        sector: u64,
+        len: u32,
+    },
+    Write {
+        sector: u64,
+        data: &'a [u8],
+    },
     /// Writes `len` bytes that the slot's data buffer already holds, as a guest writes data
     /// that is already in its memory (see [`BlkQueue::fill_slots`]): no copy by the driver.
-    WriteInPlace { sector: u64, len: u32 },
+    WriteInPlace {
+        sector: u64,
+        len: u32,
+    },
     Flush,
     GetId,
-    Discard { sector: u64, num_sectors: u32 },
-    WriteZeroes { sector: u64, num_sectors: u32, unmap: bool },
+    Discard {
+        sector: u64,
+        num_sectors: u32,
+    },
+    WriteZeroes {
+        sector: u64,
+        num_sectors: u32,
+        unmap: bool,
+    },
 }
 
 impl Request<'_> {
@@ -293,7 +309,8 @@ impl BlkQueue {
         self.free.push(tag);
         self.in_flight -= 1;
         let addr = self.hdr_base.unchecked_add(u64::from(tag) * SLOT_HDR + 16);
-        let status = self.vring.mem().read_obj::<u8>(addr).map_err(|source| Error::Memory { addr: addr.raw_value(), source })?;
+        let status =
+            self.vring.mem().read_obj::<u8>(addr).map_err(|source| Error::Memory { addr: addr.raw_value(), source })?;
         Ok(Completion { tag, status, len: used.len })
     }
 
@@ -320,7 +337,10 @@ impl BlkQueue {
         };
         let mut data = vec![0u8; len];
         let addr = self.slot_data(tag);
-        self.vring.mem().read_slice(&mut data, addr).map_err(|source| Error::Memory { addr: addr.raw_value(), source })?;
+        self.vring
+            .mem()
+            .read_slice(&mut data, addr)
+            .map_err(|source| Error::Memory { addr: addr.raw_value(), source })?;
         Ok(Response { status: completion.status, len: completion.len, data })
     }
 

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
-use vhost::vhost_user::{Frontend as VuFrontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{
+    Frontend as VuFrontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -245,7 +247,11 @@ impl Frontend {
         let area = (opts.mem_size / u64::from(opts.queues.max(1))) / PAGE * PAGE;
         let rings = SplitQueue::layout_size(opts.queue_size).next_multiple_of(PAGE);
         if opts.queues == 0 || area < rings + PAGE {
-            return Err(Error::MemoryTooSmall { mem_size: opts.mem_size, queues: opts.queues, queue_size: opts.queue_size });
+            return Err(Error::MemoryTooSmall {
+                mem_size: opts.mem_size,
+                queues: opts.queues,
+                queue_size: opts.queue_size,
+            });
         }
         let event_idx = features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
         let mut vrings = Vec::with_capacity(usize::from(opts.queues));

@@ -151,11 +151,7 @@ impl GuestRun {
     /// a job should print what the test parses on lines of their own.
     pub fn value(&self, key: &str) -> Option<&str> {
         let prefix = format!("{key}=");
-        self.console
-            .lines()
-            .rev()
-            .find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
-            .map(str::trim)
+        self.console.lines().rev().find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix)).map(str::trim)
     }
 }
 
@@ -210,11 +206,7 @@ impl Guest {
             .arg("-initrd")
             .arg(&initrd)
             .arg("-append")
-            .arg(format!(
-                "console=ttyS0 panic=-1 livesnap.disks={} {}",
-                config.disks.len(),
-                config.kernel_args
-            ));
+            .arg(format!("console=ttyS0 panic=-1 livesnap.disks={} {}", config.disks.len(), config.kernel_args));
         for (i, sock) in config.disks.iter().enumerate() {
             cmd.arg("-chardev")
                 .arg(format!("socket,id=c{i},path={},reconnect=1", sock.display()))
@@ -335,7 +327,11 @@ fn lock(m: &Mutex<Vec<u8>>) -> MutexGuard<'_, Vec<u8>> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn spawn_reader(mut from: impl Read + Send + 'static, to: Arc<Mutex<Vec<u8>>>, mut log: Option<File>) -> JoinHandle<()> {
+fn spawn_reader(
+    mut from: impl Read + Send + 'static,
+    to: Arc<Mutex<Vec<u8>>>,
+    mut log: Option<File>,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         loop {
@@ -396,7 +392,8 @@ fn write_initrd(base: &Path, to: &Path, config: &GuestConfig) -> Result<()> {
     let mut image = std::fs::read(base).map_err(|source| Error::Read { path: base.to_path_buf(), source })?;
     // Linux looks for the next archive at a 4-byte boundary and skips zeros before it.
     image.resize(image.len().next_multiple_of(4), 0);
-    let mut files = vec![GuestFile { path: "/job.sh".into(), contents: config.job_script.clone().into_bytes(), mode: 0o755 }];
+    let mut files =
+        vec![GuestFile { path: "/job.sh".into(), contents: config.job_script.clone().into_bytes(), mode: 0o755 }];
     files.extend(config.files.iter().cloned());
     image.extend_from_slice(&newc_archive(&files)?);
     std::fs::write(to, image).map_err(Error::WriteInitrd)

@@ -59,4 +59,3 @@ pub fn certificates(dir: &Path) -> Result<()> {
         ],
     )
 }
-

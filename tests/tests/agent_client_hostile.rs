@@ -114,7 +114,15 @@ enum Mode {
 struct Hostile(Mode);
 
 fn hook(output: String, outcome: i32) -> pb::HookResult {
-    pb::HookResult { name: "h".into(), phase: "freeze".into(), outcome, exit_code: 0, output, output_truncated: false, duration_ms: 1 }
+    pb::HookResult {
+        name: "h".into(),
+        phase: "freeze".into(),
+        outcome,
+        exit_code: 0,
+        output,
+        output_truncated: false,
+        duration_ms: 1,
+    }
 }
 
 fn fs(mount_point: String, outcome: i32) -> pb::Filesystem {
@@ -150,7 +158,11 @@ impl pb::agent_server::Agent for Hostile {
     }
 
     async fn thaw(&self, _: Request<pb::ThawRequest>) -> Result<Response<pb::ThawReply>, Status> {
-        Ok(Response::new(pb::ThawReply { was_frozen: true, hooks: vec![hook(String::new(), 99)], ..Default::default() }))
+        Ok(Response::new(pb::ThawReply {
+            was_frozen: true,
+            hooks: vec![hook(String::new(), 99)],
+            ..Default::default()
+        }))
     }
 
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
@@ -164,10 +176,10 @@ impl pb::agent_server::Agent for Hostile {
 async fn hostile(mode: Mode) -> (tempfile::TempDir, AgentClient) {
     let (d, p) = socket();
     let l = UnixListener::bind(&p).unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .serve_with_incoming(pb::agent_server::AgentServer::new(Hostile(mode)).max_encoding_message_size(usize::MAX), tokio_stream::wrappers::UnixListenerStream::new(l)),
-    );
+    tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(
+        pb::agent_server::AgentServer::new(Hostile(mode)).max_encoding_message_size(usize::MAX),
+        tokio_stream::wrappers::UnixListenerStream::new(l),
+    ));
     let c = AgentClient::connect(Target::Unix(p), limits()).await.unwrap();
     (d, c)
 }
@@ -180,7 +192,10 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
 async fn a_reply_larger_than_the_limit_is_refused() {
     let (_d, c) = hostile(Mode::HugeOutput).await;
     let e = bounded(c.freeze(Duration::from_secs(1), "s")).await.unwrap_err();
-    assert!(matches!(&e, Error::Rpc(st) if st.code() == tonic::Code::OutOfRange || st.message().contains("message length")), "{e:?}");
+    assert!(
+        matches!(&e, Error::Rpc(st) if st.code() == tonic::Code::OutOfRange || st.message().contains("message length")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]

@@ -43,7 +43,9 @@ fn vhost_device_vsock() -> PathBuf {
     let in_path = std::env::var_os("PATH")
         .and_then(|p| std::env::split_paths(&p).map(|d| d.join("vhost-device-vsock")).find(|p| p.is_file()));
     let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/vhost-device-vsock"));
-    in_path.or(home.filter(|p| p.is_file())).expect("vhost-device-vsock not found: cargo install --locked vhost-device-vsock")
+    in_path
+        .or(home.filter(|p| p.is_file()))
+        .expect("vhost-device-vsock not found: cargo install --locked vhost-device-vsock")
 }
 
 /// `snapctl`, built beside the tests (the workspace's target directory).
@@ -57,7 +59,8 @@ fn snapctl() -> PathBuf {
 fn mkfs(image: &Path) {
     let f = std::fs::File::create(image).unwrap();
     f.set_len(DISK_MIB << 20).unwrap();
-    let mkfs = ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].into_iter().find(|p| Path::new(p).is_file()).unwrap_or("mkfs.ext4");
+    let mkfs =
+        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].into_iter().find(|p| Path::new(p).is_file()).unwrap_or("mkfs.ext4");
     let st = Command::new(mkfs).args(["-F", "-q"]).arg(image).status().unwrap();
     assert!(st.success());
 }
@@ -118,7 +121,12 @@ fn boot() -> Setup {
     mkfs(&image);
     let disk_sock = dir.path().join("vda.sock");
     let blk = Daemon::livesnap_blk(
-        &["--vm".into(), "agent-e2e".into(), "--disk".into(), format!("id=vda,image={},socket={}", image.display(), disk_sock.display())],
+        &[
+            "--vm".into(),
+            "agent-e2e".into(),
+            "--disk".into(),
+            format!("id=vda,image={},socket={}", image.display(), disk_sock.display()),
+        ],
         &[disk_sock.as_path()],
     )
     .unwrap();
@@ -135,7 +143,11 @@ fn boot() -> Setup {
             GuestFile { path: "/usr/sbin/livesnap-agent".into(), contents: agent, mode: 0o755 },
             hook("10-first", WRITER),
             hook("20-second", ""),
-            GuestFile { path: "/etc/livesnap/hooks.d/30-skipped.dpkg-old".into(), contents: b"#!/bin/sh\nexit 1\n".to_vec(), mode: 0o755 },
+            GuestFile {
+                path: "/etc/livesnap/hooks.d/30-skipped.dpkg-old".into(),
+                contents: b"#!/bin/sh\nexit 1\n".to_vec(),
+                mode: 0o755,
+            },
         ],
         extra_args: vsock_args(&vhost_sock),
         console_log: Some(dir.path().join("console.log")),
@@ -154,7 +166,11 @@ impl Setup {
         let start = Instant::now();
         loop {
             let target = Target::HybridVsock(HybridAddr { path: self.uds.clone(), port: PORT });
-            let limits = Limits { connect_timeout: Duration::from_secs(10), call_timeout: Duration::from_secs(30), ..Limits::default() };
+            let limits = Limits {
+                connect_timeout: Duration::from_secs(10),
+                call_timeout: Duration::from_secs(30),
+                ..Limits::default()
+            };
             match AgentClient::connect(target, limits).await {
                 Ok(c) => match c.ping().await {
                     Ok(p) => {
@@ -165,7 +181,11 @@ impl Setup {
                 },
                 Err(e) => eprintln!("connect: {e}"),
             }
-            assert!(start.elapsed() < Duration::from_secs(90), "the agent never answered; console:\n{}", self.guest.console());
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "the agent never answered; console:\n{}",
+                self.guest.console()
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -184,9 +204,15 @@ async fn agent_in_guest_runs_hooks_in_order_and_holds_writes_until_thaw() {
     let data: Vec<_> = f.filesystems.iter().filter(|f| f.mount_point == "/mnt/data").collect();
     assert_eq!(data.len(), 1, "{:?}", f.filesystems);
     assert_eq!((data[0].outcome.clone(), data[0].fs_type.as_str()), (FsOutcome::Frozen, "ext4"));
-    assert!(f.filesystems.iter().all(|f| f.fs_type == "ext4"), "only the ext4 disk is freezable here: {:?}", f.filesystems);
-    assert_eq!(f.hooks.iter().map(|h| (h.name.as_str(), h.phase.as_str(), h.outcome.clone())).collect::<Vec<_>>(),
-        [("10-first", "freeze", HookOutcome::Ok), ("20-second", "freeze", HookOutcome::Ok)]);
+    assert!(
+        f.filesystems.iter().all(|f| f.fs_type == "ext4"),
+        "only the ext4 disk is freezable here: {:?}",
+        f.filesystems
+    );
+    assert_eq!(
+        f.hooks.iter().map(|h| (h.name.as_str(), h.phase.as_str(), h.outcome.clone())).collect::<Vec<_>>(),
+        [("10-first", "freeze", HookOutcome::Ok), ("20-second", "freeze", HookOutcome::Ok)]
+    );
     assert!(c.status().await.unwrap().frozen);
 
     s.wait("WRITE-START", Duration::from_secs(60));
@@ -194,7 +220,8 @@ async fn agent_in_guest_runs_hooks_in_order_and_holds_writes_until_thaw() {
     assert!(!s.guest.console().contains("WRITE-DONE"), "a write completed on a frozen filesystem");
 
     // snapctl over the same hybrid vsock socket sees the freeze.
-    let out = Command::new(snapctl()).args(["agent", "status", "--json", "--vsock"])
+    let out = Command::new(snapctl())
+        .args(["agent", "status", "--json", "--vsock"])
         .arg(format!("{}:{PORT}", s.uds.display()))
         .output()
         .unwrap();
@@ -204,12 +231,19 @@ async fn agent_in_guest_runs_hooks_in_order_and_holds_writes_until_thaw() {
 
     let t = c.thaw().await.unwrap();
     assert!(t.was_frozen && t.error.is_empty(), "{t:?}");
-    assert_eq!(t.filesystems.iter().map(|f| (f.mount_point.as_str(), f.outcome.clone())).collect::<Vec<_>>(), [("/mnt/data", FsOutcome::Thawed)]);
+    assert_eq!(
+        t.filesystems.iter().map(|f| (f.mount_point.as_str(), f.outcome.clone())).collect::<Vec<_>>(),
+        [("/mnt/data", FsOutcome::Thawed)]
+    );
     s.wait("WRITE-DONE", Duration::from_secs(60));
     // The guest's own record, printed by the last hook to run.
     let last = t.hooks.last().unwrap();
     assert_eq!(last.name, "10-first");
-    assert!(last.output.contains("record: 10-first freeze,20-second freeze,20-second thaw,10-first thaw,"), "{:?}", last.output);
+    assert!(
+        last.output.contains("record: 10-first freeze,20-second freeze,20-second thaw,10-first thaw,"),
+        "{:?}",
+        last.output
+    );
     assert!(!c.status().await.unwrap().frozen);
     drop(s.dir);
 }

@@ -59,7 +59,10 @@ async fn ping_freeze_status_thaw_over_grpc() {
 
     let f = c.freeze(Duration::from_secs(60), "snap-7").await.unwrap();
     assert!(f.frozen);
-    assert_eq!(f.filesystems.iter().map(|f| (f.mount_point.as_str(), &f.outcome)).collect::<Vec<_>>(), [("/data", &FsOutcome::Frozen), ("/", &FsOutcome::Frozen)]);
+    assert_eq!(
+        f.filesystems.iter().map(|f| (f.mount_point.as_str(), &f.outcome)).collect::<Vec<_>>(),
+        [("/data", &FsOutcome::Frozen), ("/", &FsOutcome::Frozen)]
+    );
     assert_eq!(f.hooks[0].output, "flushed\n");
     assert!(f.deadline_unix_ms > 0);
     let st = c.status().await.unwrap();
@@ -82,7 +85,10 @@ async fn a_failing_hook_reaches_the_host_as_an_aborted_freeze() {
     match c.freeze(Duration::from_secs(60), "s").await {
         Err(Error::FreezeAborted { reason, report }) => {
             assert!(reason.contains("10-db") && reason.contains("lock wait timeout"), "{reason}");
-            assert_eq!(report.hooks.iter().map(|h| (h.phase.as_str(), &h.outcome)).collect::<Vec<_>>(), [("freeze", &HookOutcome::Failed), ("freeze-fail", &HookOutcome::Failed)]);
+            assert_eq!(
+                report.hooks.iter().map(|h| (h.phase.as_str(), &h.outcome)).collect::<Vec<_>>(),
+                [("freeze", &HookOutcome::Failed), ("freeze-fail", &HookOutcome::Failed)]
+            );
         }
         other => panic!("expected an aborted freeze, got {other:?}"),
     }
@@ -147,7 +153,10 @@ fn snapctl() -> PathBuf {
 async fn snapctl_talks_to_an_agent_with_json_output() {
     let bin = snapctl();
     if !bin.exists() {
-        let st = Command::new(env!("CARGO")).args(["build", "-q", "-p", "livesnap-control", "--bin", "snapctl"]).status().unwrap();
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "livesnap-control", "--bin", "snapctl"])
+            .status()
+            .unwrap();
         assert!(st.success());
     }
     let s = Server::start(&["/data"]).await;

@@ -90,9 +90,16 @@ fn config_and_features_describe_the_disk() {
     assert!(c.seg_max >= 1 && c.max_discard_seg >= 1 && c.max_write_zeroes_seg >= 1);
     assert!(c.write_zeroes_may_unmap);
     let offered = f.offered_features();
-    for bit in [VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_DISCARD,
-        VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_F_CONFIG_WCE, virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX]
-    {
+    for bit in [
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_CONFIG_WCE,
+        virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+    ] {
         assert!(offered & (1 << bit) != 0, "feature bit {bit} not offered");
     }
     assert_eq!(offered & (1 << VIRTIO_BLK_F_RO), 0);
@@ -112,7 +119,10 @@ fn writes_on_one_queue_read_back_on_the_other_and_land_in_the_image() {
     let image = std::fs::read(&s.image).unwrap();
     assert_eq!(&image[2048 * 512..2048 * 512 + data.len()], &data[..]);
     assert_eq!(&image[..2048 * 512], &pattern(0, 2048 * 512)[..]);
-    assert_eq!(&image[2048 * 512 + data.len()..], &pattern((2048 * 512 + data.len()) as u64, image.len() - 2048 * 512 - data.len())[..]);
+    assert_eq!(
+        &image[2048 * 512 + data.len()..],
+        &pattern((2048 * 512 + data.len()) as u64, image.len() - 2048 * 512 - data.len())[..]
+    );
 }
 
 /// Both queues hammer disjoint halves of the disk at once; the disk ends up exactly as a
@@ -164,7 +174,10 @@ fn concurrent_queues_keep_every_write() {
                         queue.flush().unwrap();
                         for chunk in 0..(SIZE / 2 / MIB) {
                             let got = queue.read((base + chunk * MIB) / 512, MIB as u32).unwrap();
-                            assert!(got == model[(chunk * MIB) as usize..((chunk + 1) * MIB) as usize], "queue {q} chunk {chunk}");
+                            assert!(
+                                got == model[(chunk * MIB) as usize..((chunk + 1) * MIB) as usize],
+                                "queue {q} chunk {chunk}"
+                            );
                         }
                         model
                     })
@@ -201,7 +214,8 @@ fn discard_and_write_zeroes_work_on_raw_and_qcow2() {
         assert_eq!(q.read(64, 8 * 512).unwrap(), vec![0u8; 8 * 512]);
         assert_eq!(q.read(0, 8 * 512).unwrap(), pattern(0, 8 * 512));
         assert_eq!(q.read(24, 40 * 512).unwrap(), pattern(24 * 512, 40 * 512));
-        let past = q.request(&Request::WriteZeroes { sector: 4 * MIB / 512 - 4, num_sectors: 8, unmap: false }).unwrap();
+        let past =
+            q.request(&Request::WriteZeroes { sector: 4 * MIB / 512 - 4, num_sectors: 8, unmap: false }).unwrap();
         assert_eq!(past.status, IOERR);
     }
 }
@@ -261,10 +275,31 @@ fn hostile_chains_get_a_status_or_nothing_and_never_stop_the_device() {
     type Case = (&'static str, u32, u64, Vec<(u64, u32, u16)>, Option<u32>, u8);
     let cases: [Case; 9] = [
         ("unknown type", 0x99, 0, vec![(hdr, 16, 0), (status, 1, W)], Some(1), UNSUPP),
-        ("read past the end", VIRTIO_BLK_T_IN, capacity - 1, vec![(hdr, 16, 0), (data, 1024, W), (status, 1, W)], Some(1), IOERR),
-        ("write past the end", VIRTIO_BLK_T_OUT, capacity, vec![(hdr, 16, 0), (data, 512, 0), (status, 1, W)], Some(1), IOERR),
+        (
+            "read past the end",
+            VIRTIO_BLK_T_IN,
+            capacity - 1,
+            vec![(hdr, 16, 0), (data, 1024, W), (status, 1, W)],
+            Some(1),
+            IOERR,
+        ),
+        (
+            "write past the end",
+            VIRTIO_BLK_T_OUT,
+            capacity,
+            vec![(hdr, 16, 0), (data, 512, 0), (status, 1, W)],
+            Some(1),
+            IOERR,
+        ),
         ("huge sector", VIRTIO_BLK_T_IN, u64::MAX, vec![(hdr, 16, 0), (data, 512, W), (status, 1, W)], Some(1), IOERR),
-        ("data outside memory", VIRTIO_BLK_T_IN, 0, vec![(hdr, 16, 0), (mem_end + 4096, 512, W), (status, 1, W)], Some(1), IOERR),
+        (
+            "data outside memory",
+            VIRTIO_BLK_T_IN,
+            0,
+            vec![(hdr, 16, 0), (mem_end + 4096, 512, W), (status, 1, W)],
+            Some(1),
+            IOERR,
+        ),
         ("partial sector", VIRTIO_BLK_T_OUT, 0, vec![(hdr, 16, 0), (data, 100, 0), (status, 1, W)], Some(1), IOERR),
         ("short header", VIRTIO_BLK_T_IN, 0, vec![(hdr, 8, 0), (status, 1, W)], Some(1), IOERR),
         ("read-only status", VIRTIO_BLK_T_IN, 0, vec![(hdr, 16, 0), (data, 512, W), (status, 1, 0)], Some(0), 0xee),
@@ -424,10 +459,8 @@ fn block_device_is_served_with_its_own_discard_and_zeroing() {
 
 /// Runs livesnap-blk expecting it to refuse to start; returns its stderr.
 fn refused(args: &[String]) -> String {
-    let out = std::process::Command::new(livesnap_tests::daemon::livesnap_blk_path().unwrap())
-        .args(args)
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(livesnap_tests::daemon::livesnap_blk_path().unwrap()).args(args).output().unwrap();
     assert!(!out.status.success(), "livesnap-blk {args:?} started");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -125,11 +125,8 @@ fn vhost_device_vsock() -> PathBuf {
     if let Some(p) = std::env::var_os("VHOST_DEVICE_VSOCK") {
         return PathBuf::from(p);
     }
-    let in_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("vhost-device-vsock"))
-            .find(|p| p.is_file())
-    });
+    let in_path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("vhost-device-vsock")).find(|p| p.is_file()));
     let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/vhost-device-vsock"));
     in_path
         .or(home.filter(|p| p.is_file()))
@@ -160,12 +157,7 @@ fn wait_child(child: &mut Child, timeout: Duration, what: &str) -> std::process:
 /// Runs `cmd` to its end (at most [`WAIT`]): exit code, stdout, stderr.
 fn run(cmd: &mut Command) -> (i32, String, String) {
     let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -188,10 +180,7 @@ fn parse_record(line: &str) -> Result<u64, String> {
     if f.len() != WORDS + 3 || f[0] != "R" {
         return Err(format!("not a record: {line:?}"));
     }
-    let num = |s: &str| {
-        s.parse::<u64>()
-            .map_err(|_| format!("{s:?} is not a number in {line:?}"))
-    };
+    let num = |s: &str| s.parse::<u64>().map_err(|_| format!("{s:?} is not a number in {line:?}"));
     let k = num(f[1])?;
     let mut sum = k % MOD;
     for w in &f[2..2 + WORDS] {
@@ -217,10 +206,7 @@ fn check_records(text: &str, what: &str) -> u64 {
         assert_eq!(k, n + 1, "{what}: records out of order: {line:?} after record {n}");
         n = k;
     }
-    assert!(
-        text.is_empty() || text.ends_with('\n'),
-        "{what}: the last record is cut short"
-    );
+    assert!(text.is_empty() || text.ends_with('\n'), "{what}: the last record is cut short");
     n
 }
 
@@ -234,10 +220,7 @@ fn records_in(image: &Path, what: &str) -> u64 {
 /// `e2fsck FLAG IMAGE`: its exit code, asserted to be in `ok`.
 fn e2fsck(flag: &str, image: &Path, ok: &[i32], what: &str) -> i32 {
     let (code, out, err) = run(sbin("e2fsck").arg(flag).arg(image));
-    assert!(
-        ok.contains(&code),
-        "e2fsck {flag} on {what} exited {code} (wanted one of {ok:?}):\n{out}{err}"
-    );
+    assert!(ok.contains(&code), "e2fsck {flag} on {what} exited {code} (wanted one of {ok:?}):\n{out}{err}");
     code
 }
 
@@ -246,10 +229,7 @@ fn fsynced(console: &str) -> u64 {
     console
         .match_indices("FSYNCED=")
         .filter_map(|(at, m)| {
-            let digits: String = console[at + m.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
+            let digits: String = console[at + m.len()..].chars().take_while(char::is_ascii_digit).collect();
             digits.parse().ok()
         })
         .max()
@@ -286,10 +266,7 @@ struct Snapshot {
 
 impl Rig {
     fn start() -> Rig {
-        let dir = tempfile::Builder::new()
-            .prefix("livesnap-backup-e2e")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("livesnap-backup-e2e").tempdir().unwrap();
         let p = |n: &str| dir.path().join(n);
         let image = p("web01-vda.raw");
         std::fs::File::create(&image).unwrap().set_len(DISK_MIB << 20).unwrap();
@@ -299,11 +276,7 @@ impl Rig {
         let (disk_sock, control) = (p("vda.sock"), p("control.sock"));
         let mut cmd = Command::new(livesnap_blk_path().unwrap());
         cmd.args(["--vm", VM, "--disk"])
-            .arg(format!(
-                "id=vda,image={},socket={}",
-                image.display(),
-                disk_sock.display()
-            ))
+            .arg(format!("id=vda,image={},socket={}", image.display(), disk_sock.display()))
             .arg("--state-dir")
             .arg(p("blk-state"))
             .arg("--control")
@@ -314,11 +287,7 @@ impl Rig {
         let (vhost_vsock, uds) = (p("vsock-vhost.sock"), p("web01.vsock"));
         let mut cmd = Command::new(vhost_device_vsock());
         cmd.arg("--vm")
-            .arg(format!(
-                "guest-cid=3,socket={},uds-path={}",
-                vhost_vsock.display(),
-                uds.display()
-            ))
+            .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_vsock.display(), uds.display()))
             .stderr(std::fs::File::create(p("vhost-device-vsock.log")).unwrap());
         let vsock = Daemon::spawn("vhost-device-vsock", cmd, &[&vhost_vsock]).unwrap();
 
@@ -340,11 +309,7 @@ impl Rig {
         .unwrap();
         let log = std::fs::File::create(p("livesnapd.log")).unwrap();
         let mut cmd = Command::new(workspace_bin("LIVESNAPD", "livesnapd").unwrap());
-        cmd.arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.arg("--config").arg(&config).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
         let livesnapd = Daemon::spawn("livesnapd", cmd, &[&socket]).unwrap();
 
         let serial = p("serial1.sock");
@@ -369,10 +334,7 @@ impl Rig {
             ..GuestConfig::default()
         })
         .unwrap();
-        eprintln!(
-            "files in {} (console.log, livesnapd.log, livesnap-blk.log)",
-            dir.path().display()
-        );
+        eprintln!("files in {} (console.log, livesnapd.log, livesnap-blk.log)", dir.path().display());
         // QEMU creates the server socket as it starts.
         let start = Instant::now();
         let serial = loop {
@@ -510,21 +472,14 @@ impl Rig {
         let _ = reader.join();
         let err = err_reader.join().unwrap();
         // The stages and the summary; not every progress event.
-        for e in events
-            .iter()
-            .filter(|e| e["event"] != "backing_up" && e["event"] != "merging")
-        {
+        for e in events.iter().filter(|e| e["event"] != "backing_up" && e["event"] != "merging") {
             eprintln!("  {e}");
         }
         assert!(status.success(), "snapctl vm snapshot {vm}: {status}: {err}");
         let last = events.last().cloned().unwrap_or_default();
         assert_eq!(last["event"], "done", "the last event is not done: {events:?}");
         let backup = last["backup"].clone();
-        Snapshot {
-            events,
-            backup,
-            at_frozen,
-        }
+        Snapshot { events, backup, at_frozen }
     }
 
     /// Restores `id`'s disk vda to a new raw file, checked by `snapctl backup verify` first.
@@ -534,21 +489,8 @@ impl Rig {
         assert!(v["chunks_checked"].as_u64().unwrap() > 0, "verify checked nothing: {v}");
         assert_eq!(v["problems"].as_array().map(Vec::len), Some(0), "{v}");
         let to = self.dir.path().join(name);
-        let r = self.snapctl_json(&[
-            "backup",
-            "restore",
-            vm,
-            id,
-            "--disk",
-            "vda",
-            "--to",
-            to.to_str().unwrap(),
-        ]);
-        assert_eq!(
-            (r["format"].as_str(), r["bytes_total"].as_u64()),
-            (Some("raw"), Some(DISK_MIB << 20)),
-            "{r}"
-        );
+        let r = self.snapctl_json(&["backup", "restore", vm, id, "--disk", "vda", "--to", to.to_str().unwrap()]);
+        assert_eq!((r["format"].as_str(), r["bytes_total"].as_u64()), (Some("raw"), Some(DISK_MIB << 20)), "{r}");
         assert_eq!(std::fs::metadata(&to).unwrap().len(), DISK_MIB << 20);
         to
     }
@@ -567,21 +509,11 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
     let t = Instant::now();
     loop {
         let list = rig.snapctl_json(&["vm", "list"]);
-        let vms = list
-            .as_array()
-            .or_else(|| list["vms"].as_array())
-            .cloned()
-            .unwrap_or_default();
-        let web = vms
-            .iter()
-            .find(|v| v["name"] == VM)
-            .unwrap_or_else(|| panic!("{VM} not listed: {list}"));
+        let vms = list.as_array().or_else(|| list["vms"].as_array()).cloned().unwrap_or_default();
+        let web = vms.iter().find(|v| v["name"] == VM).unwrap_or_else(|| panic!("{VM} not listed: {list}"));
         if web["agent"] == "reachable" {
             let other = vms.iter().find(|v| v["name"] == VM_NOAGENT).unwrap();
-            assert_eq!(
-                (other["agent"].as_str(), other["backend_reachable"].as_bool()),
-                (Some("none"), Some(true))
-            );
+            assert_eq!((other["agent"].as_str(), other["backend_reachable"].as_bool()), (Some("none"), Some(true)));
             break;
         }
         assert!(t.elapsed() < WAIT, "livesnapd never reached the agent: {list}");
@@ -593,11 +525,7 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
     let s1 = rig.snapshot(VM);
     let b1 = &s1.backup;
     let job1 = s1.events[0]["job_id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        (b1["kind"].as_str(), b1["consistency"].as_str()),
-        (Some("full"), Some("application")),
-        "{b1}"
-    );
+    assert_eq!((b1["kind"].as_str(), b1["consistency"].as_str()), (Some("full"), Some("application")), "{b1}");
     let window1 = b1["freeze_window_us"].as_u64().unwrap();
     assert!(window1 > 0, "no freeze window recorded: {b1}");
     let thawed = event(&s1.events, "thawed").unwrap();
@@ -626,25 +554,15 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
         window1 as f64 / 1e3,
         s1.at_frozen
     );
-    assert!(
-        n1 >= k1,
-        "the backup lacks records fsync'd before the freeze: holds {n1}, {k1} were fsync'd"
-    );
-    assert!(
-        n1 < mark1,
-        "the backup holds record {n1}, written after the job (from {mark1})"
-    );
+    assert!(n1 >= k1, "the backup lacks records fsync'd before the freeze: holds {n1}, {k1} were fsync'd");
+    assert!(n1 < mark1, "the backup holds record {n1}, written after the job (from {mark1})");
 
     // 2. More writes, then an incremental backup (auto picks it).
     rig.wait_fsynced(mark1 + 30);
     let s2 = rig.snapshot(VM);
     let b2 = &s2.backup;
     let job2 = s2.events[0]["job_id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        (b2["kind"].as_str(), b2["consistency"].as_str()),
-        (Some("incremental"), Some("application")),
-        "{b2}"
-    );
+    assert_eq!((b2["kind"].as_str(), b2["consistency"].as_str()), (Some("incremental"), Some("application")), "{b2}");
     let window2 = b2["freeze_window_us"].as_u64().unwrap();
     assert!(window2 > 0, "{b2}");
     let disk2 = &b2["disks"][0];
@@ -655,11 +573,7 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
     let mark2 = rig.mark("mark2");
     let key2 = format!("HOOK-FREEZE-{job2}=");
     let k2 = number_after(&rig.console(), &key2).unwrap_or_else(|| panic!("the freeze hook did not print {key2}"));
-    assert!(
-        k2 >= mark1 + 30,
-        "the second freeze saw {k2} records fsync'd, the console had shown {}",
-        mark1 + 30
-    );
+    assert!(k2 >= mark1 + 30, "the second freeze saw {k2} records fsync'd, the console had shown {}", mark1 + 30);
     let id2 = b2["id"].as_str().unwrap().to_owned();
     let img2 = rig.verify_and_restore(VM, &id2, "restore-2.raw");
     e2fsck("-fn", &img2, &[0], "the restored incremental backup");
@@ -672,14 +586,8 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
         window2 as f64 / 1e3,
         s2.at_frozen
     );
-    assert!(
-        n2 >= k2,
-        "the incremental backup lacks records fsync'd before the freeze: holds {n2}, {k2} were fsync'd"
-    );
-    assert!(
-        n2 < mark2,
-        "the incremental backup holds record {n2}, written after the job (from {mark2})"
-    );
+    assert!(n2 >= k2, "the incremental backup lacks records fsync'd before the freeze: holds {n2}, {k2} were fsync'd");
+    assert!(n2 < mark2, "the incremental backup holds record {n2}, written after the job (from {mark2})");
 
     // 3. The same disk through a VM entry with no agent: crash-consistent, labelled so. Only
     //    what was reported fsync'd before snapctl started counts.
@@ -687,21 +595,11 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
     let k3 = fsynced(&rig.console());
     let s3 = rig.snapshot(VM_NOAGENT);
     let b3 = &s3.backup;
-    assert_eq!(
-        (b3["kind"].as_str(), b3["consistency"].as_str()),
-        (Some("full"), Some("crash")),
-        "{b3}"
-    );
+    assert_eq!((b3["kind"].as_str(), b3["consistency"].as_str()), (Some("full"), Some("crash")), "{b3}");
     assert_eq!(b3["freeze_window_us"].as_u64(), Some(0), "{b3}");
-    assert!(
-        b3["note"].as_str().unwrap().contains("no agent"),
-        "the note does not say why: {b3}"
-    );
+    assert!(b3["note"].as_str().unwrap().contains("no agent"), "the note does not say why: {b3}");
     let cut3 = event(&s3.events, "cut").unwrap();
-    assert!(
-        cut3["crash_consistent_reason"].as_str().unwrap().contains("no agent"),
-        "{cut3}"
-    );
+    assert!(cut3["crash_consistent_reason"].as_str().unwrap().contains("no agent"), "{cut3}");
     assert!(event(&s3.events, "quiescing").is_none() && event(&s3.events, "frozen").is_none());
     let mark3 = rig.mark("mark3");
     let id3 = b3["id"].as_str().unwrap().to_owned();
@@ -719,18 +617,10 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
         n3 >= k3,
         "the crash-consistent backup lacks records fsync'd before the cut: holds {n3}, {k3} were fsync'd"
     );
-    assert!(
-        n3 < mark3,
-        "the crash-consistent backup holds record {n3}, written after the job (from {mark3})"
-    );
+    assert!(n3 < mark3, "the crash-consistent backup holds record {n3}, written after the job (from {mark3})");
 
     let list = rig.snapctl_json(&["backup", "list"]);
-    let mut ids: Vec<&str> = list["backups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|b| b["id"].as_str())
-        .collect();
+    let mut ids: Vec<&str> = list["backups"].as_array().unwrap().iter().filter_map(|b| b["id"].as_str()).collect();
     ids.sort_unstable();
     let mut want = [id1.as_str(), id2.as_str(), id3.as_str()];
     want.sort_unstable();
@@ -739,29 +629,16 @@ fn backups_of_a_writing_guest_hold_every_record_fsynced_before_the_cut() {
     // The guest stops cleanly: the workload ends, unmounts, the guest powers off.
     rig.tell("stop");
     let run = rig.guest.take().unwrap().wait().unwrap();
-    assert_eq!(
-        run.exit_code,
-        0,
-        "the guest's job failed; console in {}",
-        rig.dir.path().join("console.log").display()
-    );
+    assert_eq!(run.exit_code, 0, "the guest's job failed; console in {}", rig.dir.path().join("console.log").display());
     assert!(run.console.contains("WORKLOAD-UNMOUNTED"));
     let last: u64 = run.value("LAST").and_then(|v| v.parse().ok()).unwrap();
     for d in [rig.livesnapd.take(), rig.vsock.take()].into_iter().flatten() {
         d.stop(libc::SIGTERM, Duration::from_secs(30)).unwrap();
     }
-    let st = rig
-        .blk
-        .take()
-        .unwrap()
-        .stop(libc::SIGTERM, Duration::from_secs(30))
-        .unwrap();
+    let st = rig.blk.take().unwrap().stop(libc::SIGTERM, Duration::from_secs(30)).unwrap();
     assert!(st.success(), "livesnap-blk exited {st}");
     // Every snapshot was merged back: the live image holds all the guest wrote.
     e2fsck("-fn", &rig.image, &[0], "the VM's image after shutdown");
     assert_eq!(records_in(&rig.image, "the VM's image after shutdown"), last);
-    eprintln!(
-        "done in {:.1} s; the guest wrote {last} records",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("done in {:.1} s; the guest wrote {last} records", started.elapsed().as_secs_f64());
 }

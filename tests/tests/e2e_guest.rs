@@ -63,8 +63,7 @@ struct Disk {
 /// A host tool by name: from `PATH`, else from the sbin directories a non-root `PATH` may lack
 /// (`mkfs.ext4`, `e2fsck` and `debugfs` live in /usr/sbin).
 fn tool(name: &str) -> Command {
-    let in_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
+    let in_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()));
     if !in_path {
         for d in ["/usr/sbin", "/sbin"] {
             let p = Path::new(d).join(name);
@@ -213,7 +212,11 @@ fn debugfs_cat(raw: &Path, path: &str) -> Vec<u8> {
 /// The host's checks of one disk after the guest ran and the backend stopped.
 fn check_disk(d: &Disk, guest: &GuestRun, dir: &Path) {
     let ctx = format!("disk {} ({})", d.dev, d.format.name());
-    assert_eq!(guest.value(&format!("SEEDED-MD5-{}", d.dev)), Some(md5(&seeded_bytes()).as_str()), "{ctx}: the guest read back what the host seeded");
+    assert_eq!(
+        guest.value(&format!("SEEDED-MD5-{}", d.dev)),
+        Some(md5(&seeded_bytes()).as_str()),
+        "{ctx}: the guest read back what the host seeded"
+    );
     assert_eq!(guest.value(&format!("READBACK-{}", d.dev)), Some("ok"), "{ctx}: the guest read back what it wrote");
 
     let raw = match d.format {
@@ -229,8 +232,13 @@ fn check_disk(d: &Disk, guest: &GuestRun, dir: &Path) {
     assert_eq!(String::from_utf8_lossy(&debugfs_cat(&raw, "/guest/hello.txt")), hello(&d.dev), "{ctx}: hello.txt");
     let data = debugfs_cat(&raw, "/guest/data.bin");
     let want = guest_data(d.seed);
-    assert!(data == want, "{ctx}: data.bin differs ({} bytes, want {}); first difference at byte {:?}",
-        data.len(), want.len(), data.iter().zip(&want).position(|(a, b)| a != b));
+    assert!(
+        data == want,
+        "{ctx}: data.bin differs ({} bytes, want {}); first difference at byte {:?}",
+        data.len(),
+        want.len(),
+        data.iter().zip(&want).position(|(a, b)| a != b)
+    );
     assert!(debugfs_cat(&raw, "/host/seeded.bin") == seeded_bytes(), "{ctx}: seeded.bin changed");
     let ls = run(tool("debugfs").args(["-R", "ls -l /host"]).arg(&raw)).stdout;
     let ls = String::from_utf8_lossy(&ls);
@@ -241,7 +249,10 @@ fn check_disk(d: &Disk, guest: &GuestRun, dir: &Path) {
 /// `signal` once the guest is off, and checks both images.
 fn guest_writes_reach_images(signal: i32) {
     let dir = tempfile::Builder::new().prefix("livesnap-e2e").tempdir().expect("tempdir");
-    let disks = [make_disk(dir.path(), "vda", Format::Raw, 0x5eed_0001), make_disk(dir.path(), "vdb", Format::Qcow2, 0x5eed_0002)];
+    let disks = [
+        make_disk(dir.path(), "vda", Format::Raw, 0x5eed_0001),
+        make_disk(dir.path(), "vdb", Format::Qcow2, 0x5eed_0002),
+    ];
     let daemon = serve(&disks);
     let guest = boot(&disks, dir.path());
     assert_eq!(guest.exit_code, 0, "the guest's job failed; console:\n{}", guest.console);
@@ -250,7 +261,11 @@ fn guest_writes_reach_images(signal: i32) {
         assert!(status.success(), "backend exited with {status} on SIGTERM");
     }
     for d in &disks {
-        assert_eq!(guest.value(&format!("SERIAL-{}", d.dev)), Some(d.dev.as_str()), "the guest sees the disk id as serial");
+        assert_eq!(
+            guest.value(&format!("SERIAL-{}", d.dev)),
+            Some(d.dev.as_str()),
+            "the guest sees the disk id as serial"
+        );
     }
     for d in &disks {
         check_disk(d, &guest, dir.path());
@@ -303,11 +318,8 @@ done
     std::thread::sleep(Duration::from_millis(500));
     let console = writer.console();
     drop(writer); // SIGKILL of QEMU, mid-write.
-    let synced: u32 = console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("SYNCED=")?.parse().ok())
-        .max()
-        .expect("a SYNCED line");
+    let synced: u32 =
+        console.lines().filter_map(|l| l.trim().strip_prefix("SYNCED=")?.parse().ok()).max().expect("a SYNCED line");
     assert!(daemon.try_wait().expect("daemon status").is_none(), "livesnap-blk died with its VM");
 
     let reader = Guest::boot(GuestConfig {

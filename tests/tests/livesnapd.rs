@@ -39,11 +39,7 @@ fn pattern(len: u64) -> Vec<u8> {
 
 fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -81,15 +77,7 @@ impl Rig {
         std::fs::write(&raw, &model).unwrap();
         let (image, format) = if qcow2 {
             let q = dir.path().join("vda.qcow2");
-            qemu_img(&[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                raw.to_str().unwrap(),
-                q.to_str().unwrap(),
-            ]);
+            qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), q.to_str().unwrap()]);
             std::fs::remove_file(&raw).unwrap();
             (q, "qcow2")
         } else {
@@ -99,11 +87,7 @@ impl Rig {
         let log = std::fs::File::create(dir.path().join("livesnap-blk.log")).unwrap();
         let mut cmd = Command::new(livesnap_blk_path().unwrap());
         cmd.args(["--vm", VM, "--queues", "1", "--disk"])
-            .arg(format!(
-                "id=vda,image={},socket={},format={format}",
-                image.display(),
-                vhost.display()
-            ))
+            .arg(format!("id=vda,image={},socket={},format={format}", image.display(), vhost.display()))
             .arg("--state-dir")
             .arg(dir.path().join("blk-state"))
             .arg("--control")
@@ -111,20 +95,8 @@ impl Rig {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let blk = Daemon::spawn("livesnap-blk", cmd, &[&vhost, &control]).unwrap();
-        let mut f = Frontend::connect(
-            &vhost,
-            &Options {
-                queues: 1,
-                timeout: WAIT,
-                ..Options::default()
-            },
-        )
-        .unwrap();
-        let queue = f
-            .take_queues()
-            .into_iter()
-            .next()
-            .map(|v| BlkQueue::new(v, 8, MIB as u32).unwrap());
+        let mut f = Frontend::connect(&vhost, &Options { queues: 1, timeout: WAIT, ..Options::default() }).unwrap();
+        let queue = f.take_queues().into_iter().next().map(|v| BlkQueue::new(v, 8, MIB as u32).unwrap());
         let socket = dir.path().join("livesnapd.sock");
         let config = dir.path().join("livesnapd.toml");
         let d = dir.path().display();
@@ -138,37 +110,15 @@ impl Rig {
             ),
         )
         .unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        Rig {
-            image,
-            control,
-            socket,
-            config,
-            _blk: blk,
-            _frontend: f,
-            queue,
-            model,
-            rt,
-            dir,
-        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        Rig { image, control, socket, config, _blk: blk, _frontend: f, queue, model, rt, dir }
     }
 
     fn start(&self) -> Daemon {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("livesnapd.log"))
-            .unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("livesnapd.log")).unwrap();
         let mut cmd = Command::new(livesnapd_path());
-        cmd.arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.arg("--config").arg(&self.config).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
         Daemon::spawn("livesnapd", cmd, &[&self.socket]).unwrap()
     }
 
@@ -190,10 +140,7 @@ impl Rig {
     fn backend(&self) -> SnapshotControlClient<Channel> {
         let ch = self
             .rt
-            .block_on(livesnap_proto::unix_channel(
-                Endpoint::from_static("http://blk.invalid"),
-                self.control.clone(),
-            ))
+            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://blk.invalid"), self.control.clone()))
             .unwrap();
         SnapshotControlClient::new(ch)
     }
@@ -204,9 +151,7 @@ impl Rig {
     }
 
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt
-            .block_on(async { tokio::time::timeout(JOB_WAIT, f).await })
-            .expect("no answer in time")
+        self.rt.block_on(async { tokio::time::timeout(JOB_WAIT, f).await }).expect("no answer in time")
     }
 
     /// Writes `data` at `off` through the test VMM and keeps the model.
@@ -254,10 +199,7 @@ fn snapshot(
         let mut stream = match c.create_snapshot(req).await {
             Ok(s) => s.into_inner(),
             Err(s) => {
-                return Outcome {
-                    events: vec![],
-                    result: Err((s.code(), s.message().to_owned(), String::new())),
-                }
+                return Outcome { events: vec![], result: Err((s.code(), s.message().to_owned(), String::new())) }
             }
         };
         let mut events = Vec::new();
@@ -268,10 +210,7 @@ fn snapshot(
             match e {
                 pb::snapshot_event::Event::Done(b) => return Outcome { events, result: Ok(b) },
                 pb::snapshot_event::Event::Failed(f) => {
-                    return Outcome {
-                        events,
-                        result: Err((tonic::Code::from(f.code), f.reason, f.stage)),
-                    }
+                    return Outcome { events, result: Err((tonic::Code::from(f.code), f.reason, f.stage)) }
                 }
                 _ => {}
             }
@@ -281,12 +220,7 @@ fn snapshot(
 }
 
 fn req(backup: pb::BackupMode, quiesce: pb::QuiesceMode) -> pb::CreateSnapshotRequest {
-    pb::CreateSnapshotRequest {
-        vm: VM.into(),
-        backup: backup as i32,
-        quiesce: quiesce as i32,
-        freeze_timeout_ms: 0,
-    }
+    pb::CreateSnapshotRequest { vm: VM.into(), backup: backup as i32, quiesce: quiesce as i32, freeze_timeout_ms: 0 }
 }
 
 fn stamp(len: usize, version: u8) -> Vec<u8> {
@@ -338,55 +272,26 @@ fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() 
     for (off, data) in &writes {
         rig.model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
     }
-    let b1 = first
-        .result
-        .unwrap_or_else(|e| panic!("first backup failed: {e:?}\n{}", rig.log()));
+    let b1 = first.result.unwrap_or_else(|e| panic!("first backup failed: {e:?}\n{}", rig.log()));
     let cut = first
         .events
         .iter()
-        .find_map(|e| {
-            if let pb::snapshot_event::Event::Cut(c) = e {
-                Some(c.clone())
-            } else {
-                None
-            }
-        })
+        .find_map(|e| if let pb::snapshot_event::Event::Cut(c) = e { Some(c.clone()) } else { None })
         .unwrap();
     assert!(cut.crash_consistent_reason.contains("no agent"), "{cut:?}");
-    assert!(first
-        .events
-        .iter()
-        .any(|e| matches!(e, pb::snapshot_event::Event::BackingUp(_))));
-    assert!(first
-        .events
-        .iter()
-        .any(|e| matches!(e, pb::snapshot_event::Event::Merging(_))));
+    assert!(first.events.iter().any(|e| matches!(e, pb::snapshot_event::Event::BackingUp(_))));
+    assert!(first.events.iter().any(|e| matches!(e, pb::snapshot_event::Event::Merging(_))));
     assert_eq!(b1.kind, pb::BackupKind::Full as i32);
     assert_eq!(b1.consistency, pb::Consistency::Crash as i32);
     assert_eq!(b1.freeze_window_us, 0, "nothing was frozen");
     assert_eq!(b1.snapshot_id, cut.snapshot_id);
-    assert!(
-        b1.note.contains("crash-consistent") && b1.note.contains("full"),
-        "{}",
-        b1.note
-    );
-    eprintln!(
-        "cut pause {} µs; {} writes during the backup",
-        cut.pause_us,
-        writes.len()
-    );
+    assert!(b1.note.contains("crash-consistent") && b1.note.contains("full"), "{}", b1.note);
+    eprintln!("cut pause {} µs; {} writes during the backup", cut.pause_us, writes.len());
 
     let mut c = rig.client();
-    assert!(
-        rig.restore(&mut c, &b1.id, "r1.raw") == at_cut,
-        "the first restore differs from the disk at the cut"
-    );
+    assert!(rig.restore(&mut c, &b1.id, "r1.raw") == at_cut, "the first restore differs from the disk at the cut");
     assert!(rig.backend_status().snapshot.is_none(), "the snapshot was merged");
-    assert_eq!(
-        std::fs::read(&rig.image).unwrap(),
-        rig.model,
-        "after the merge the base holds every write"
-    );
+    assert_eq!(std::fs::read(&rig.image).unwrap(), rig.model, "after the merge the base holds every write");
 
     // More writes, then an automatic backup: incremental, reading about only what changed.
     for k in 0..6u64 {
@@ -394,99 +299,41 @@ fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() 
     }
     let at_cut2 = rig.model.clone();
     let second = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {});
-    let b2 = second
-        .result
-        .unwrap_or_else(|e| panic!("second backup failed: {e:?}\n{}", rig.log()));
+    let b2 = second.result.unwrap_or_else(|e| panic!("second backup failed: {e:?}\n{}", rig.log()));
     assert_eq!(b2.kind, pb::BackupKind::Incremental as i32, "note: {}", b2.note);
     let d = &b2.disks[0];
     // Changed at the tracking granularity: the 6 ranges above and the writer's 16 KiB pieces.
     let max_changed = (6 * 2 + 2 * writes.len().min(100) as u64) * TRACK;
-    assert!(
-        d.bytes_changed > 0 && d.bytes_changed <= max_changed,
-        "{d:?}, at most {max_changed}"
-    );
-    assert!(
-        d.bytes_read * 10 <= d.bytes_changed * 11,
-        "read {} for {} changed",
-        d.bytes_read,
-        d.bytes_changed
-    );
-    eprintln!(
-        "incremental: {} bytes read for {} changed",
-        d.bytes_read, d.bytes_changed
-    );
+    assert!(d.bytes_changed > 0 && d.bytes_changed <= max_changed, "{d:?}, at most {max_changed}");
+    assert!(d.bytes_read * 10 <= d.bytes_changed * 11, "read {} for {} changed", d.bytes_read, d.bytes_changed);
+    eprintln!("incremental: {} bytes read for {} changed", d.bytes_read, d.bytes_changed);
     assert!(
         rig.restore(&mut c, &b2.id, "r2.raw") == at_cut2,
         "the incremental restore differs from the disk at its cut"
     );
 
     // Listing, verify, prune.
-    let list = rig
-        .block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() }))
-        .unwrap()
-        .into_inner()
-        .backups;
-    assert_eq!(
-        list.iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
-        vec![b1.id.clone(), b2.id.clone()]
-    );
-    let got = rig
-        .block_on(c.get_backup(pb::BackupRef {
-            vm: VM.into(),
-            id: b2.id.clone(),
-        }))
-        .unwrap()
-        .into_inner();
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner().backups;
+    assert_eq!(list.iter().map(|b| b.id.clone()).collect::<Vec<_>>(), vec![b1.id.clone(), b2.id.clone()]);
+    let got = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
     assert_eq!(got.snapshot_id, b2.snapshot_id);
-    let vms = rig
-        .block_on(c.list_vms(pb::ListVmsRequest {}))
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
     assert_eq!(
         (vms[0].backend_reachable, vms[0].last_backup.as_str(), vms[0].agent),
         (true, b2.id.as_str(), pb::AgentState::None as i32)
     );
     for b in [&b1, &b2] {
-        let v = rig
-            .block_on(c.verify_backup(pb::BackupRef {
-                vm: VM.into(),
-                id: b.id.clone(),
-            }))
-            .unwrap()
-            .into_inner();
+        let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b.id.clone() })).unwrap().into_inner();
         assert!(v.ok && v.chunks_checked > 0, "{v:?}");
     }
-    let p = rig
-        .block_on(c.prune(pb::PruneRequest {
-            vm: VM.into(),
-            keep_last: 1,
-        }))
-        .unwrap()
-        .into_inner();
+    let p = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 1 })).unwrap().into_inner();
     assert_eq!(p.deleted, vec![b1.id.clone()]);
-    let e = rig
-        .block_on(c.get_backup(pb::BackupRef {
-            vm: VM.into(),
-            id: b1.id.clone(),
-        }))
-        .unwrap_err();
+    let e = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: b1.id.clone() })).unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let v = rig
-        .block_on(c.verify_backup(pb::BackupRef {
-            vm: VM.into(),
-            id: b2.id.clone(),
-        }))
-        .unwrap()
-        .into_inner();
+    let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
     assert!(v.ok, "the kept backup lost chunks to the prune: {v:?}");
     assert!(rig.restore(&mut c, &b2.id, "r3.raw") == at_cut2);
-    let e = rig
-        .block_on(c.prune(pb::PruneRequest {
-            vm: VM.into(),
-            keep_last: 0,
-        }))
-        .unwrap_err();
+    let e = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 0 })).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let target = rig.dir.path().join("r3.raw").display().to_string();
     let e = rig
@@ -506,13 +353,7 @@ fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() 
     let n = bytes.len();
     bytes[n - 1] ^= 0xff;
     std::fs::write(&chunk, bytes).unwrap();
-    let v = rig
-        .block_on(c.verify_backup(pb::BackupRef {
-            vm: VM.into(),
-            id: b2.id.clone(),
-        }))
-        .unwrap()
-        .into_inner();
+    let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
     assert!(!v.ok && !v.problems.is_empty(), "{v:?}");
 }
 
@@ -532,34 +373,20 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn quiesce_required_without_an_agent_fails_before_any_cut() {
     // A second VM whose backend is not there.
-    let rig = Rig::with(
-        "",
-        "",
-        "[[vm]]\nname = \"ghost\"\ncontrol = \"/nonexistent/control.sock\"",
-        false,
-    );
+    let rig = Rig::with("", "", "[[vm]]\nname = \"ghost\"\ncontrol = \"/nonexistent/control.sock\"", false);
     let _d = rig.start();
     let out = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Required), |_| {});
     let (code, reason, _) = out.result.err().unwrap();
     assert_eq!(code, tonic::Code::FailedPrecondition, "{reason}");
-    assert!(!out
-        .events
-        .iter()
-        .any(|e| matches!(e, pb::snapshot_event::Event::Cut(_))));
+    assert!(!out.events.iter().any(|e| matches!(e, pb::snapshot_event::Event::Cut(_))));
     let st = rig.backend_status();
     assert!(st.snapshot.is_none(), "{st:?}");
-    let stats = rig
-        .block_on(rig.backend().stats(spb::StatsRequest {}))
-        .unwrap()
-        .into_inner();
+    let stats = rig.block_on(rig.backend().stats(spb::StatsRequest {})).unwrap().into_inner();
     assert_eq!(stats.disks[0].cuts, 0, "the backend cut a snapshot");
     // An incremental backup with nothing to start from fails before the cut too.
     let out = snapshot(&rig, req(pb::BackupMode::Incremental, pb::QuiesceMode::Off), |_| {});
     assert_eq!(out.result.err().unwrap().0, tonic::Code::FailedPrecondition);
-    let stats = rig
-        .block_on(rig.backend().stats(spb::StatsRequest {}))
-        .unwrap()
-        .into_inner();
+    let stats = rig.block_on(rig.backend().stats(spb::StatsRequest {})).unwrap().into_inner();
     assert_eq!(stats.disks[0].cuts, 0, "the backend cut a snapshot");
     // An unknown VM.
     let mut r = req(pb::BackupMode::Auto, pb::QuiesceMode::Off);
@@ -570,15 +397,9 @@ fn quiesce_required_without_an_agent_fails_before_any_cut() {
     r.vm = "ghost".into();
     let (code, reason, stage) = snapshot(&rig, r, |_| {}).result.err().unwrap();
     assert_eq!((code, stage.as_str()), (tonic::Code::Unavailable, "cut"), "{reason}");
-    let vms = rig
-        .block_on(rig.client().list_vms(pb::ListVmsRequest {}))
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = rig.block_on(rig.client().list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
     assert_eq!(
-        vms.iter()
-            .map(|v| (v.name.as_str(), v.backend_reachable))
-            .collect::<Vec<_>>(),
+        vms.iter().map(|v| (v.name.as_str(), v.backend_reachable)).collect::<Vec<_>>(),
         [(VM, true), ("ghost", false)]
     );
     assert_eq!(vms[0].disks, ["vda"]);
@@ -591,37 +412,24 @@ fn a_second_snapshot_while_one_runs_is_refused() {
     let mut c = rig.client();
     let mut c2 = rig.client();
     let (second, last) = rig.block_on(async {
-        let mut stream = c
-            .create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = c.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off)).await.unwrap().into_inner();
         let mut second = None;
         let mut last = None;
         while let Some(e) = stream.message().await.unwrap() {
             let e = e.event.unwrap();
             if matches!(e, pb::snapshot_event::Event::Cut(_)) {
-                second = Some(
-                    c2.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off))
-                        .await
-                        .map(|_| ()),
-                );
+                second = Some(c2.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off)).await.map(|_| ()));
             }
             last = Some(e);
         }
         (second, last)
     });
-    assert!(
-        matches!(last, Some(pb::snapshot_event::Event::Done(_))),
-        "the first job did not finish: {last:?}"
-    );
+    assert!(matches!(last, Some(pb::snapshot_event::Event::Done(_))), "the first job did not finish: {last:?}");
     let e = second.expect("no Cut event").unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("job running"), "{e:?}");
     // Once the first is done, the VM takes a new job.
-    snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {})
-        .result
-        .unwrap();
+    snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
 }
 
 #[test]
@@ -630,10 +438,8 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
     let rig = Rig::new("", "read_bytes_per_sec = 4194304");
     let d = rig.start();
     let mut c = rig.client();
-    let mut stream = rig
-        .block_on(c.create_snapshot(req(pb::BackupMode::Auto, pb::QuiesceMode::Off)))
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        rig.block_on(c.create_snapshot(req(pb::BackupMode::Auto, pb::QuiesceMode::Off))).unwrap().into_inner();
     let snap = rig.block_on(async {
         let mut snap = None;
         while let Some(e) = stream.message().await.unwrap() {
@@ -651,11 +457,7 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
     let status = d.stop(libc::SIGKILL, WAIT).unwrap();
     assert!(!status.success());
     let st = rig.backend_status();
-    assert_eq!(
-        st.snapshot.as_ref().map(|s| s.id),
-        Some(snap),
-        "the snapshot is active while its job is dead"
-    );
+    assert_eq!(st.snapshot.as_ref().map(|s| s.id), Some(snap), "the snapshot is active while its job is dead");
 
     let d = rig.start();
     // The restarted daemon abandoned the snapshot before serving; wait for its merge.
@@ -666,17 +468,12 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
             None => break,
             Some(_) => {
                 assert!(
-                    !st.disks
-                        .iter()
-                        .any(|d| d.phase == spb::Phase::Active as i32 && d.abandoned.is_empty()),
+                    !st.disks.iter().any(|d| d.phase == spb::Phase::Active as i32 && d.abandoned.is_empty()),
                     "still active: {st:?}"
                 );
             }
         }
-        assert!(
-            start.elapsed() < JOB_WAIT,
-            "the abandoned snapshot never merged: {st:?}"
-        );
+        assert!(start.elapsed() < JOB_WAIT, "the abandoned snapshot never merged: {st:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
     // Never checkpointed: the change map still starts before the killed job's snapshot.
@@ -691,25 +488,11 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
             .unwrap()
             .unwrap()
     });
-    assert_ne!(
-        page.since_checkpoint,
-        Some(snap),
-        "the killed job's snapshot was checkpointed"
-    );
+    assert_ne!(page.since_checkpoint, Some(snap), "the killed job's snapshot was checkpointed");
     let mut c = rig.client();
-    let list = rig
-        .block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() }))
-        .unwrap()
-        .into_inner();
-    assert!(
-        list.backups.is_empty(),
-        "a backup appeared from the killed job: {list:?}"
-    );
-    let vms = rig
-        .block_on(c.list_vms(pb::ListVmsRequest {}))
-        .unwrap()
-        .into_inner()
-        .vms;
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner();
+    assert!(list.backups.is_empty(), "a backup appeared from the killed job: {list:?}");
+    let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
     assert!(vms[0].running_job.is_empty(), "{vms:?}");
 
     // The job is recorded failed (the database is read with the daemon stopped).
@@ -722,24 +505,16 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let jobs: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let jobs: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0]["result"], "failed", "{jobs:?}");
-    assert!(
-        jobs[0]["reason"].as_str().unwrap().contains("daemon restarted"),
-        "{jobs:?}"
-    );
+    assert!(jobs[0]["reason"].as_str().unwrap().contains("daemon restarted"), "{jobs:?}");
     assert_eq!(jobs[0]["snapshot_id"], snap);
 
     // And the VM backs up again.
     let _d = rig.start();
-    let b = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {})
-        .result
-        .unwrap();
+    let b = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
     assert!(rig.backend_status().snapshot.is_none());
     assert_eq!(b.kind, pb::BackupKind::Full as i32);
 }
@@ -750,11 +525,7 @@ fn tcp_without_the_token_is_unauthenticated() {
     let dir = certs.path();
     livesnap_tests::tls::certificates(dir).unwrap();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let d = dir.display();
     let rig = Rig::new(
         &format!("[tcp]\nlisten = \"127.0.0.1:{port}\"\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\ntoken_file = \"{d}/token\"\n"),
@@ -762,14 +533,9 @@ fn tcp_without_the_token_is_unauthenticated() {
     );
     let _daemon = rig.start();
     let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(
-            std::fs::read(dir.join("ca.pem")).unwrap(),
-        ))
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(dir.join("ca.pem")).unwrap()))
         .domain_name("localhost");
-    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap();
+    let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap().tls_config(tls).unwrap();
     // The daemon listens once its unix socket is there, TCP a moment later at most.
     let start = Instant::now();
     let channel = loop {
@@ -784,20 +550,13 @@ fn tcp_without_the_token_is_unauthenticated() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let with = |token: &'static str| {
         LivesnapdClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
             Ok(r)
         })
     };
-    let e = rig
-        .block_on(with("wrong-token-0123456789").list_vms(pb::ListVmsRequest {}))
-        .unwrap_err();
+    let e = rig.block_on(with("wrong-token-0123456789").list_vms(pb::ListVmsRequest {})).unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-    let vms = rig
-        .block_on(with(TOKEN).list_vms(pb::ListVmsRequest {}))
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = rig.block_on(with(TOKEN).list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
     assert_eq!(vms.len(), 1);
     assert!(vms[0].backend_reachable);
     // The unix socket needs no token, and is the owner's only.
@@ -826,11 +585,7 @@ impl FakeAgent {
         rig.rt.spawn(livesnap_agent::serve::serve_unix(agent, listener, async {
             let _ = rx.await;
         }));
-        FakeAgent {
-            fake,
-            _home: home,
-            _stop: tx,
-        }
+        FakeAgent { fake, _home: home, _stop: tx }
     }
 }
 
@@ -838,25 +593,14 @@ impl FakeAgent {
 fn agent_rig(defaults: &str) -> (Rig, PathBuf, tempfile::TempDir) {
     let adir = tempfile::Builder::new().prefix("livesnapd-agent").tempdir().unwrap();
     let socket = adir.path().join("agent.sock");
-    let rig = Rig::with(
-        "",
-        defaults,
-        &format!("agent = {{ unix = \"{}\" }}", socket.display()),
-        false,
-    );
+    let rig = Rig::with("", defaults, &format!("agent = {{ unix = \"{}\" }}", socket.display()), false);
     (rig, socket, adir)
 }
 
 fn thawed_us(o: &Outcome) -> u64 {
     o.events
         .iter()
-        .find_map(|e| {
-            if let pb::snapshot_event::Event::Thawed(t) = e {
-                Some(t.freeze_window_us)
-            } else {
-                None
-            }
-        })
+        .find_map(|e| if let pb::snapshot_event::Event::Thawed(t) = e { Some(t.freeze_window_us) } else { None })
         .unwrap()
 }
 
@@ -866,11 +610,7 @@ fn an_agent_quiesces_the_guest_around_the_cut_and_a_failed_freeze_goes_on_crash_
     let agent = FakeAgent::start(&rig, &socket);
     let _d = rig.start();
     let mut c = rig.client();
-    let vms = rig
-        .block_on(c.list_vms(pb::ListVmsRequest {}))
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
     assert_eq!(vms[0].agent, pb::AgentState::Reachable as i32);
 
     // Application-consistent: frozen, cut, thawed, in that order; the window recorded.
@@ -893,24 +633,12 @@ fn an_agent_quiesces_the_guest_around_the_cut_and_a_failed_freeze_goes_on_crash_
         let pause = o
             .events
             .iter()
-            .find_map(|e| {
-                if let pb::snapshot_event::Event::Cut(c) = e {
-                    Some(c.pause_us)
-                } else {
-                    None
-                }
-            })
+            .find_map(|e| if let pb::snapshot_event::Event::Cut(c) = e { Some(c.pause_us) } else { None })
             .unwrap();
         eprintln!("snapshot {i}: freeze window {w} µs, the backend's pause {pause} µs");
-        let b = o
-            .result
-            .unwrap_or_else(|e| panic!("backup {i} failed: {e:?}\n{}", rig.log()));
+        let b = o.result.unwrap_or_else(|e| panic!("backup {i} failed: {e:?}\n{}", rig.log()));
         assert_eq!(b.consistency, pb::Consistency::Application as i32, "{}", b.note);
-        assert!(
-            w > 0 && b.freeze_window_us == w,
-            "window {w}, backup says {}",
-            b.freeze_window_us
-        );
+        assert!(w > 0 && b.freeze_window_us == w, "window {w}, backup says {}", b.freeze_window_us);
         assert!(agent.fake.frozen().is_empty(), "left frozen: {:?}", agent.fake.frozen());
         windows.push(w);
     }
@@ -933,21 +661,11 @@ fn an_agent_quiesces_the_guest_around_the_cut_and_a_failed_freeze_goes_on_crash_
     assert_eq!(b.consistency, pb::Consistency::Crash as i32);
     assert!(b.note.contains("freeze failed"), "{}", b.note);
     assert!(agent.fake.frozen().is_empty(), "left frozen: {:?}", agent.fake.frozen());
-    let cuts = |rig: &Rig| {
-        rig.block_on(rig.backend().stats(spb::StatsRequest {}))
-            .unwrap()
-            .into_inner()
-            .disks[0]
-            .cuts
-    };
+    let cuts = |rig: &Rig| rig.block_on(rig.backend().stats(spb::StatsRequest {})).unwrap().into_inner().disks[0].cuts;
     let before = cuts(&rig);
     let o = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Required), |_| {});
     let (code, reason, stage) = o.result.err().unwrap();
-    assert_eq!(
-        (code, stage.as_str()),
-        (tonic::Code::FailedPrecondition, "quiesce"),
-        "{reason}"
-    );
+    assert_eq!((code, stage.as_str()), (tonic::Code::FailedPrecondition, "quiesce"), "{reason}");
     assert_eq!(cuts(&rig), before, "cut although the guest could not be frozen");
     assert!(agent.fake.frozen().is_empty());
 }
@@ -958,10 +676,8 @@ fn a_restarted_livesnapd_thaws_the_guest_of_a_killed_job() {
     let agent = FakeAgent::start(&rig, &socket);
     let d = rig.start();
     let mut c = rig.client();
-    let mut stream = rig
-        .block_on(c.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Required)))
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        rig.block_on(c.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Required))).unwrap().into_inner();
     rig.block_on(async {
         while let Some(e) = stream.message().await.unwrap() {
             if matches!(e.event.unwrap(), pb::snapshot_event::Event::BackingUp(_)) {
@@ -980,18 +696,9 @@ fn a_restarted_livesnapd_thaws_the_guest_of_a_killed_job() {
     rig.block_on(a.freeze(Duration::from_secs(600), "left-behind")).unwrap();
     assert!(!agent.fake.frozen().is_empty());
     let _d = rig.start();
-    assert!(
-        agent.fake.frozen().is_empty(),
-        "the restarted daemon left the guest frozen: {:?}",
-        agent.fake.frozen()
-    );
+    assert!(agent.fake.frozen().is_empty(), "the restarted daemon left the guest frozen: {:?}", agent.fake.frozen());
     let st = rig.backend_status();
-    assert!(
-        !st.disks
-            .iter()
-            .any(|d| d.phase == spb::Phase::Active as i32 && d.abandoned.is_empty()),
-        "{st:?}"
-    );
+    assert!(!st.disks.iter().any(|d| d.phase == spb::Phase::Active as i32 && d.abandoned.is_empty()), "{st:?}");
 }
 
 #[test]
@@ -999,17 +706,13 @@ fn a_qcow2_disk_backs_up_full_and_incremental_and_restores_to_raw_and_qcow2() {
     let mut rig = Rig::with("", "", "", true);
     let _d = rig.start();
     let at_cut = rig.model.clone();
-    let b1 = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {})
-        .result
-        .unwrap();
+    let b1 = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
     assert_eq!(b1.kind, pb::BackupKind::Full as i32);
     let mut c = rig.client();
     assert!(rig.restore(&mut c, &b1.id, "r1.raw") == at_cut);
     rig.write(5 * MIB, &stamp(3 * TRACK as usize, 9));
     rig.write(40 * MIB + 4096, &stamp(4096, 10));
-    let b2 = snapshot(&rig, req(pb::BackupMode::Incremental, pb::QuiesceMode::Off), |_| {})
-        .result
-        .unwrap();
+    let b2 = snapshot(&rig, req(pb::BackupMode::Incremental, pb::QuiesceMode::Off), |_| {}).result.unwrap();
     assert_eq!(b2.kind, pb::BackupKind::Incremental as i32);
     assert!(rig.restore(&mut c, &b2.id, "r2.raw") == rig.model);
     let q = rig.dir.path().join("r2.qcow2");
@@ -1026,13 +729,5 @@ fn a_qcow2_disk_backs_up_full_and_incremental_and_restores_to_raw_and_qcow2() {
     });
     let expect = rig.dir.path().join("expect.raw");
     std::fs::write(&expect, &rig.model).unwrap();
-    qemu_img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        q.to_str().unwrap(),
-        expect.to_str().unwrap(),
-    ]);
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), expect.to_str().unwrap()]);
 }

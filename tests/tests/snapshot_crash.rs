@@ -153,7 +153,9 @@ fn verify(what: &str, data: &[u8], zeroes: &[Vec<u64>], allowed: impl Fn(usize) 
         match parse(blk) {
             None if blk.iter().all(|&x| x == 0) => match zeroes[b].iter().rev().find(|&&z| lo <= z && z <= hi) {
                 Some(&z) => versions[b] = z,
-                None => bad.push(format!("block {b}: zeroes, but no WRITE_ZEROES of it between versions {lo} and {hi}")),
+                None => {
+                    bad.push(format!("block {b}: zeroes, but no WRITE_ZEROES of it between versions {lo} and {hi}"))
+                }
             },
             None => bad.push(format!("block {b}: garbage or torn (starts {:02x?})", &blk[..24])),
             Some((other, v)) if other != b => bad.push(format!("block {b}: holds block {other}'s data (version {v})")),
@@ -162,7 +164,12 @@ fn verify(what: &str, data: &[u8], zeroes: &[Vec<u64>], allowed: impl Fn(usize) 
             Some((_, v)) => versions[b] = v,
         }
     }
-    assert!(bad.is_empty(), "{what}: {} of {BLOCKS} blocks wrong, e.g. {}", bad.len(), bad[..bad.len().min(8)].join("; "));
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {BLOCKS} blocks wrong, e.g. {}",
+        bad.len(),
+        bad[..bad.len().min(8)].join("; ")
+    );
     versions
 }
 
@@ -267,7 +274,13 @@ struct Load {
 
 impl Load {
     fn new(model: Model, budget: Option<u64>) -> Load {
-        Load { model: Mutex::new(model), stop: AtomicBool::new(false), budget, submitted_bytes: AtomicU64::new(0), flush_one_in: 16 }
+        Load {
+            model: Mutex::new(model),
+            stop: AtomicBool::new(false),
+            budget,
+            submitted_bytes: AtomicU64::new(0),
+            flush_one_in: 16,
+        }
     }
 
     fn model(&self) -> MutexGuard<'_, Model> {
@@ -361,7 +374,12 @@ fn drive(q: &mut BlkQueue, load: &Load, mut rng: Rng) {
 /// Runs the load on `queues` while `script` runs on this thread; `script` must stop the load
 /// (set `stop`) unless the load has a budget. Returns the queues, the model and what the
 /// script returned.
-fn with_load<T>(queues: Vec<BlkQueue>, load: Load, rng: &mut Rng, script: impl FnOnce(&Load) -> T) -> (Vec<BlkQueue>, Model, T) {
+fn with_load<T>(
+    queues: Vec<BlkQueue>,
+    load: Load,
+    rng: &mut Rng,
+    script: impl FnOnce(&Load) -> T,
+) -> (Vec<BlkQueue>, Model, T) {
     let seeds: Vec<Rng> = queues.iter().map(|_| rng.fork()).collect();
     let (queues, out) = std::thread::scope(|s| {
         let load = &load;
@@ -422,7 +440,11 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).output().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "mount tmpfs (the test needs root): {}", String::from_utf8_lossy(&out.stderr));
         Tmpfs(dir.to_owned())
     }
@@ -459,7 +481,8 @@ impl Rig {
             std::io::Write::write_all(&mut f, &stamped(chunk as usize * per, per, 0)).unwrap();
         }
         drop(f);
-        let (socket, control, state, log) = (dir.join("vda.sock"), dir.join("control.sock"), dir.join("state"), dir.join("livesnap-blk.log"));
+        let (socket, control, state, log) =
+            (dir.join("vda.sock"), dir.join("control.sock"), dir.join("state"), dir.join("livesnap-blk.log"));
         let tmpfs = tmpfs.map(|size| Tmpfs::mount(&state, size));
         let mut args: Vec<String> = vec![
             "--vm".into(),
@@ -484,7 +507,8 @@ impl Rig {
         let mut cmd = Command::new(livesnap_blk_path().unwrap());
         cmd.args(&self.args).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
         let daemon = Daemon::spawn("livesnap-blk", cmd, &[&self.socket, &self.control]).unwrap();
-        let mut f = Frontend::connect(&self.socket, &Options { queues: 2, timeout: WAIT, ..Options::default() }).unwrap();
+        let mut f =
+            Frontend::connect(&self.socket, &Options { queues: 2, timeout: WAIT, ..Options::default() }).unwrap();
         let qs = f.take_queues().into_iter().map(|v| BlkQueue::new(v, 16, MIB as u32).unwrap()).collect();
         let ctl = Ctl::connect(&self.control);
         (daemon, f, qs, ctl)
@@ -525,14 +549,17 @@ struct Ctl {
 }
 
 fn within<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, f: F) -> F::Output {
-    rt.block_on(async { tokio::time::timeout(WAIT, f).await }).unwrap_or_else(|_| panic!("{what}: no answer within {WAIT:?}"))
+    rt.block_on(async { tokio::time::timeout(WAIT, f).await })
+        .unwrap_or_else(|_| panic!("{what}: no answer within {WAIT:?}"))
 }
 
 impl Ctl {
     fn connect(path: &Path) -> Ctl {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let path = path.to_owned();
-        let channel = within(&rt, "connect", livesnap_proto::unix_channel(Endpoint::from_static("http://x.invalid"), path)).unwrap();
+        let channel =
+            within(&rt, "connect", livesnap_proto::unix_channel(Endpoint::from_static("http://x.invalid"), path))
+                .unwrap();
         Ctl { rt, client: SnapshotControlClient::new(channel) }
     }
 
@@ -596,7 +623,11 @@ impl Ctl {
                 return seen;
             }
             seen.extend(st.disks);
-            assert!(start.elapsed() < MERGE_WAIT, "the merge did not complete within {MERGE_WAIT:?}: {:?}", seen.last());
+            assert!(
+                start.elapsed() < MERGE_WAIT,
+                "the merge did not complete within {MERGE_WAIT:?}: {:?}",
+                seen.last()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -705,9 +736,12 @@ fn crash_script(
                     // The base is frozen: read straight from the host under load, it is the disk at the cut.
                     let w = cut.as_ref().unwrap();
                     let zeroes = load.model().zeroes.clone();
-                    verify(&format!("{what}: the base image read under load while the snapshot is active"), &rig.read_base(), &zeroes, |b| {
-                        (w.lo[b], w.hi[b])
-                    });
+                    verify(
+                        &format!("{what}: the base image read under load while the snapshot is active"),
+                        &rig.read_base(),
+                        &zeroes,
+                        |b| (w.lo[b], w.hi[b]),
+                    );
                 }
                 let id = snapshot.unwrap();
                 match target {
@@ -807,9 +841,12 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
                 pb::Phase::Active => {
                     let w = cut.as_ref().unwrap();
                     exact_cut_blocks += w.exact_blocks();
-                    verify(&format!("{what}: the base image after kill -9 with the snapshot active"), &rig.read_base(), &model.zeroes, |b| {
-                        (w.lo[b], w.hi[b])
-                    });
+                    verify(
+                        &format!("{what}: the base image after kill -9 with the snapshot active"),
+                        &rig.read_base(),
+                        &model.zeroes,
+                        |b| (w.lo[b], w.hi[b]),
+                    );
                     assert!(disk_state(&st).abandoned.is_empty(), "{what}: {st:?}");
                 }
                 pb::Phase::Merging => assert!(disk_state(&st).abandoned.is_empty(), "{what}: {st:?}"),
@@ -859,7 +896,11 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
             ctl.checkpoint(s.id).unwrap();
             let (page, _) = ctl.changes(DISK_ID);
             assert_eq!(page.since_checkpoint, Some(s.id), "{what}: {page:?}");
-            assert!(page.trusted, "{what}: the map of a generation begun by a cut is untrusted: {}", page.untrusted_reason);
+            assert!(
+                page.trusted,
+                "{what}: the map of a generation begun by a cut is untrusted: {}",
+                page.untrusted_reason
+            );
             r.sleep_ms(100, 400);
             if r.chance(1, 2) {
                 ctl.merge(s.id);
@@ -907,9 +948,12 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
             model.in_flight(),
             must.len()
         );
-        let found = verify(&format!("{what}: the disk after kill -9 and restart"), &read_disk(&mut qs[0]), &model.zeroes, |b| {
-            (model.floor[b], model.submitted[b])
-        });
+        let found = verify(
+            &format!("{what}: the disk after kill -9 and restart"),
+            &read_disk(&mut qs[0]),
+            &model.zeroes,
+            |b| (model.floor[b], model.submitted[b]),
+        );
         model.restart(found);
         finish(&rig, &mut ctl, &mut qs[0], daemon, &model, &what);
         drop(qs);
@@ -969,13 +1013,23 @@ fn overflow_keeps_every_write(rig: &Rig, test: &str, bytes: u64, reason: &str) {
 #[test]
 fn writes_past_the_delta_limit_succeed_and_abandon_the_snapshot() {
     let rig = Rig::new(&["--delta-limit", "1048576"], None);
-    overflow_keeps_every_write(&rig, "writes_past_the_delta_limit_succeed_and_abandon_the_snapshot", 6 * MIB, "limit of 1048576 bytes");
+    overflow_keeps_every_write(
+        &rig,
+        "writes_past_the_delta_limit_succeed_and_abandon_the_snapshot",
+        6 * MIB,
+        "limit of 1048576 bytes",
+    );
 }
 
 #[test]
 fn enospc_in_the_state_dir_abandons_the_snapshot_and_fails_no_write() {
     let rig = Rig::new(&[], Some("2M"));
-    overflow_keeps_every_write(&rig, "enospc_in_the_state_dir_abandons_the_snapshot_and_fails_no_write", 8 * MIB, "ENOSPC");
+    overflow_keeps_every_write(
+        &rig,
+        "enospc_in_the_state_dir_abandons_the_snapshot_and_fails_no_write",
+        8 * MIB,
+        "ENOSPC",
+    );
 }
 
 /// The backup of an abandoned snapshot must fail (docs/snapshots.md, "Abandon and overflow"):

@@ -157,8 +157,11 @@ fn describe(i: u64, block: &[u8]) -> String {
     if block.starts_with(MAGIC) {
         let k = u64::from_le_bytes(block[8..16].try_into().unwrap());
         let sum_ok = fnv1a64(&block[..RECORD - 8]) == u64::from_le_bytes(block[RECORD - 8..].try_into().unwrap());
-        return format!("a record header with k={k} (checksum {}, content {})", if sum_ok { "ok" } else { "BAD" },
-            if block == record(k) { "as written" } else { "NOT as written" });
+        return format!(
+            "a record header with k={k} (checksum {}, content {})",
+            if sum_ok { "ok" } else { "BAD" },
+            if block == record(k) { "as written" } else { "NOT as written" }
+        );
     }
     if is_unwritten(i, block) {
         return "the unwritten pattern".into();
@@ -196,7 +199,8 @@ fn scan(raw: &Path) -> Scan {
         if !is_unwritten(i, &block) {
             bad += 1;
             if problems.len() < 20 {
-                problems.push(format!("block {i} (after the prefix of {records} records) holds {}", describe(i, &block)));
+                problems
+                    .push(format!("block {i} (after the prefix of {records} records) holds {}", describe(i, &block)));
             }
         }
     }
@@ -244,7 +248,10 @@ fn wait_progress(guest: &Guest, records: u64) -> u64 {
             return p;
         }
         let console = guest.console();
-        assert!(!console.contains("RECWRITER-FULL"), "the disk filled up before the test was done: make DISK_MIB larger");
+        assert!(
+            !console.contains("RECWRITER-FULL"),
+            "the disk filled up before the test was done: make DISK_MIB larger"
+        );
         assert!(
             !console.contains("LIVESNAP-JOB-EXIT=") && start.elapsed() < WAIT,
             "the guest did not reach {records} records (at {p}); console:\n{console}"
@@ -348,7 +355,11 @@ fn snapshot_cut_under_a_writing_guest_freezes_a_prefix_and_merge_keeps_every_rec
     let mut guest = Guest::start(GuestConfig {
         disks: vec![disk_sock],
         job_script: JOB.into(),
-        files: vec![GuestFile { path: "/usr/bin/recwriter".into(), contents: std::fs::read(recwriter_binary()).unwrap(), mode: 0o755 }],
+        files: vec![GuestFile {
+            path: "/usr/bin/recwriter".into(),
+            contents: std::fs::read(recwriter_binary()).unwrap(),
+            mode: 0o755,
+        }],
         extra_args: serial_args(&stop_sock),
         console_log: Some(console_log.clone()),
         timeout: Duration::from_secs(1200),
@@ -363,11 +374,18 @@ fn snapshot_cut_under_a_writing_guest_freezes_a_prefix_and_merge_keeps_every_rec
     let before_cut = wait_progress(&guest, 256);
     let snap = ctl.begin();
     let after_cut = progress(&guest);
-    eprintln!("snapshot {} cut (guest paused {} µs) between records {before_cut} and {after_cut} reported", snap.id, snap.pause_us);
+    eprintln!(
+        "snapshot {} cut (guest paused {} µs) between records {before_cut} and {after_cut} reported",
+        snap.id, snap.pause_us
+    );
     let st = ctl.status();
     assert_eq!(st.snapshot.as_ref().map(|s| s.id), Some(snap.id), "{st:?}");
     let disk = &st.disks[0];
-    assert_eq!((disk.phase, disk.snapshot, disk.abandoned.as_str()), (pb::Phase::Active as i32, Some(snap.id), ""), "{st:?}");
+    assert_eq!(
+        (disk.phase, disk.snapshot, disk.abandoned.as_str()),
+        (pb::Phase::Active as i32, Some(snap.id), ""),
+        "{st:?}"
+    );
     assert_eq!(Path::new(&disk.base_path), image, "{st:?}");
     let delta = PathBuf::from(&disk.delta_path);
     assert!(delta.is_file(), "{st:?}");
@@ -377,7 +395,10 @@ fn snapshot_cut_under_a_writing_guest_freezes_a_prefix_and_merge_keeps_every_rec
     let p1 = progress(&guest);
     let p2 = wait_progress(&guest, p1 + 1024);
     let hash2 = sha256(&image);
-    assert_eq!(hash1, hash2, "the base changed while the snapshot was active (the guest wrote records {p1}..{p2} meanwhile)");
+    assert_eq!(
+        hash1, hash2,
+        "the base changed while the snapshot was active (the guest wrote records {p1}..{p2} meanwhile)"
+    );
     let st = ctl.status();
     assert_eq!(st.disks[0].phase, pb::Phase::Active as i32, "{st:?}");
     assert!(st.disks[0].delta_bytes >= 1024 * RECORD as u64, "the guest's writes are not in the delta: {st:?}");
@@ -433,7 +454,10 @@ fn snapshot_cut_under_a_writing_guest_freezes_a_prefix_and_merge_keeps_every_rec
     eprintln!("the guest wrote records 0..={last}; the base holds 0..{}", end.records);
     assert_eq!(end.bad, 0, "the base after the merge: {:#?}", end.problems);
     assert_eq!(end.records, written, "the base after the merge lost records (the guest completed 0..={last})");
-    assert!(written > frozen.records && written > after_merge, "{written} records, {frozen:?}, {after_merge} after the merge");
+    assert!(
+        written > frozen.records && written > after_merge,
+        "{written} records, {frozen:?}, {after_merge} after the merge"
+    );
 }
 
 #[test]
@@ -468,7 +492,10 @@ fn scan_finds_gaps_torn_records_and_changed_blocks() {
     let s = scan(&raw);
     assert_eq!(s.records, 300);
     assert_eq!(s.bad, 1, "{s:?}");
-    assert!(s.problems[0].starts_with("block 302 ") && s.problems[0].contains("k=302 (checksum ok, content as written)"), "{s:?}");
+    assert!(
+        s.problems[0].starts_with("block 302 ") && s.problems[0].contains("k=302 (checksum ok, content as written)"),
+        "{s:?}"
+    );
     put(302, &unwritten(302));
 
     // A torn record: its second half still the zeros of an odd MiB.
@@ -485,5 +512,9 @@ fn scan_finds_gaps_torn_records_and_changed_blocks() {
     put(600, &[0u8; RECORD]);
     let s = scan(&raw);
     assert_eq!(s.records, 300);
-    assert_eq!((s.bad, s.problems.as_slice()), (1, ["block 600 (after the prefix of 300 records) holds zeros".to_string()].as_slice()), "{s:?}");
+    assert_eq!(
+        (s.bad, s.problems.as_slice()),
+        (1, ["block 600 (after the prefix of 300 records) holds zeros".to_string()].as_slice()),
+        "{s:?}"
+    );
 }

@@ -97,7 +97,11 @@ impl Args {
     pub fn validate(&self) -> Result<(), String> {
         let mut seen = HashSet::new();
         for d in &self.disks {
-            for (what, key) in [("id", d.id.clone()), ("image", d.image.display().to_string()), ("socket", d.socket.display().to_string())] {
+            for (what, key) in [
+                ("id", d.id.clone()),
+                ("image", d.image.display().to_string()),
+                ("socket", d.socket.display().to_string()),
+            ] {
                 if !seen.insert((what, key.clone())) {
                     return Err(format!("two disks share the {what} {key}"));
                 }
@@ -150,7 +154,13 @@ mod tests {
     #[test]
     fn disks_sharing_a_socket_are_refused() {
         let args = Args::try_parse_from([
-            "livesnap-blk", "--vm", "v", "--disk", "id=a,image=x,socket=s", "--disk", "id=b,image=y,socket=s",
+            "livesnap-blk",
+            "--vm",
+            "v",
+            "--disk",
+            "id=a,image=x,socket=s",
+            "--disk",
+            "id=b,image=y,socket=s",
         ])
         .unwrap();
         assert!(args.validate().unwrap_err().contains("socket"));

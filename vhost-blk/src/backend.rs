@@ -40,13 +40,7 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     pub fn new(dev: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemoryMmap>, num_queues: usize) -> Self {
-        BlkBackend {
-            dev,
-            mem,
-            num_queues,
-            event_idx: AtomicBool::new(false),
-            acked_features: AtomicU64::new(0),
-        }
+        BlkBackend { dev, mem, num_queues, event_idx: AtomicBool::new(false), acked_features: AtomicU64::new(0) }
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -187,13 +181,20 @@ impl VhostUserBackend for BlkBackend {
             .ok()
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             debug!(?evset, "ignoring unexpected event set");
             return Ok(());
         }
         // One queue per thread: the event index is the thread's own vring.
-        let vring = vrings.get(usize::from(device_event)).ok_or_else(|| io::Error::other("event for an unknown queue"))?;
+        let vring =
+            vrings.get(usize::from(device_event)).ok_or_else(|| io::Error::other("event for an unknown queue"))?;
         if let Err(e) = self.process_queue(vring) {
             // A broken ring is the frontend's fault; keep the worker alive for the next kick.
             debug!(error = %e, "queue processing failed");

@@ -131,9 +131,14 @@ struct Service {
 
 impl Service {
     /// Runs a blocking engine call off the runtime's thread.
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&dyn SnapshotControl) -> T + Send + 'static) -> Result<T, Status> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn SnapshotControl) -> T + Send + 'static,
+    ) -> Result<T, Status> {
         let ctl = self.ctl.clone();
-        tokio::task::spawn_blocking(move || f(&*ctl)).await.map_err(|e| Status::internal(format!("control call failed: {e}")))
+        tokio::task::spawn_blocking(move || f(&*ctl))
+            .await
+            .map_err(|e| Status::internal(format!("control call failed: {e}")))
     }
 }
 
@@ -336,7 +341,11 @@ mod tests {
                 .map(|id| {
                     let path = dir.path().join(format!("{id}.raw"));
                     std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-                    DiskSpec { id: (*id).into(), base: disk::open(&path, Some(Format::Raw), false).unwrap(), base_path: path }
+                    DiskSpec {
+                        id: (*id).into(),
+                        base: disk::open(&path, Some(Format::Raw), false).unwrap(),
+                        base_path: path,
+                    }
                 })
                 .collect();
             let store = Arc::new(FsDir::new(&dir.path().join("state")).unwrap());
@@ -346,9 +355,12 @@ mod tests {
         }
 
         async fn client(&self) -> SnapshotControlClient<Channel> {
-            let ch = livesnap_proto::unix_channel(Endpoint::from_static("http://t.invalid"), self.dir.path().join("ctl.sock"))
-                .await
-                .unwrap();
+            let ch = livesnap_proto::unix_channel(
+                Endpoint::from_static("http://t.invalid"),
+                self.dir.path().join("ctl.sock"),
+            )
+            .await
+            .unwrap();
             SnapshotControlClient::new(ch)
         }
 
@@ -437,7 +449,10 @@ mod tests {
         assert_eq!(phases(&st), vec![pb::Phase::Merging as i32]);
         assert_eq!(st.disks[0].abandoned, "backup target offline");
         // The base of an abandoned snapshot was not kept frozen: its backup cannot be acknowledged.
-        assert_eq!(code(c.checkpoint(pb::CheckpointRequest { snapshot_id: snap.id }).await), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            code(c.checkpoint(pb::CheckpointRequest { snapshot_id: snap.id }).await),
+            tonic::Code::FailedPrecondition
+        );
         // Nor can a new snapshot be cut before the merge is complete.
         assert_eq!(code(c.begin(pb::BeginRequest::default()).await), tonic::Code::FailedPrecondition);
         while fx.vm.merge_some(16).unwrap() {}
@@ -486,10 +501,13 @@ mod tests {
             pages.push(p);
         }
         assert!(pages.len() >= 2, "{} pages", pages.len());
-        let extents: Vec<(u64, u64)> = pages.iter().flat_map(|p| p.extents.iter().map(|e| (e.offset, e.length))).collect();
+        let extents: Vec<(u64, u64)> =
+            pages.iter().flat_map(|p| p.extents.iter().map(|e| (e.offset, e.length))).collect();
         let expected: Vec<(u64, u64)> = written.iter().map(|&b| (b * granularity, granularity)).collect();
         assert_eq!(extents, expected);
-        assert!(pages.iter().all(|p| p.changed_bytes == written.len() as u64 * granularity && p.granularity == granularity));
+        assert!(pages
+            .iter()
+            .all(|p| p.changed_bytes == written.len() as u64 * granularity && p.granularity == granularity));
         // The first generation of a disk cannot know what was written before tracking began.
         assert!(!pages[0].trusted && !pages[0].untrusted_reason.is_empty());
     }

@@ -150,7 +150,12 @@ impl Ctl {
                     for d in &st.disks {
                         out.push_str(&format!(
                             "\n  {}: {} ({} {}), delta {} bytes in {} extents",
-                            d.id, phase_name(d.phase), d.base_format, d.base_path, d.delta_bytes, d.delta_extents
+                            d.id,
+                            phase_name(d.phase),
+                            d.base_format,
+                            d.base_path,
+                            d.delta_bytes,
+                            d.delta_extents
                         ));
                         if d.merged_bytes > 0 {
                             out.push_str(&format!(", {} bytes merged", d.merged_bytes));
@@ -163,8 +168,11 @@ impl Ctl {
                 });
             }
             Cmd::Changes { disk } => {
-                let mut stream =
-                    c.changes(pb::ChangesRequest { disk: disk.clone() }).await.map_err(|s| call_err("changes", s))?.into_inner();
+                let mut stream = c
+                    .changes(pb::ChangesRequest { disk: disk.clone() })
+                    .await
+                    .map_err(|s| call_err("changes", s))?
+                    .into_inner();
                 let mut head: Option<pb::ChangesPage> = None;
                 let mut extents = Vec::new();
                 while let Some(page) = stream.message().await.map_err(|s| call_err("changes", s))? {
@@ -193,21 +201,37 @@ impl Ctl {
                 });
             }
             Cmd::Merge { snapshot, no_wait } => {
-                let mut stream =
-                    c.merge(pb::MergeRequest { snapshot_id: *snapshot }).await.map_err(|s| call_err("merge", s))?.into_inner();
+                let mut stream = c
+                    .merge(pb::MergeRequest { snapshot_id: *snapshot })
+                    .await
+                    .map_err(|s| call_err("merge", s))?
+                    .into_inner();
                 loop {
                     let next = tokio::time::timeout(self.timeout, stream.message())
                         .await
                         .map_err(|_| anyhow!("no merge progress within {:?}", self.timeout))?
                         .map_err(|s| call_err("merge", s))?;
-                    let Some(m) = next else { return Err(anyhow!("the merge stream ended before the merge was complete")) };
+                    let Some(m) = next else {
+                        return Err(anyhow!("the merge stream ended before the merge was complete"));
+                    };
                     self.print(&merge_json(&m), || {
                         let parts: Vec<String> = m
                             .disks
                             .iter()
-                            .map(|d| if d.done { format!("{}: done, {} merged", d.id, d.merged_bytes) } else { format!("{}: {} merged, {} left", d.id, d.merged_bytes, d.remaining_bytes) })
+                            .map(|d| {
+                                if d.done {
+                                    format!("{}: done, {} merged", d.id, d.merged_bytes)
+                                } else {
+                                    format!("{}: {} merged, {} left", d.id, d.merged_bytes, d.remaining_bytes)
+                                }
+                            })
                             .collect();
-                        format!("snapshot {}: {}{}", m.snapshot_id, parts.join("; "), if m.done { " — merge complete" } else { "" })
+                        format!(
+                            "snapshot {}: {}{}",
+                            m.snapshot_id,
+                            parts.join("; "),
+                            if m.done { " — merge complete" } else { "" }
+                        )
                     });
                     if m.done || *no_wait {
                         return Ok(());
@@ -217,10 +241,14 @@ impl Ctl {
             Cmd::Abandon { snapshot, reason } => {
                 let req = pb::AbandonRequest { snapshot_id: *snapshot, reason: reason.clone() };
                 c.abandon(req).await.map_err(|s| call_err("abandon", s))?;
-                self.print(&json!({ "abandoned": snapshot }), || format!("snapshot {snapshot} abandoned; its deltas are merging"));
+                self.print(&json!({ "abandoned": snapshot }), || {
+                    format!("snapshot {snapshot} abandoned; its deltas are merging")
+                });
             }
             Cmd::Checkpoint { snapshot } => {
-                c.checkpoint(pb::CheckpointRequest { snapshot_id: *snapshot }).await.map_err(|s| call_err("checkpoint", s))?;
+                c.checkpoint(pb::CheckpointRequest { snapshot_id: *snapshot })
+                    .await
+                    .map_err(|s| call_err("checkpoint", s))?;
                 self.print(&json!({ "checkpoint": snapshot }), || format!("checkpoint {snapshot} acknowledged"));
             }
             Cmd::Stats => {

@@ -8,10 +8,10 @@ use clap::Parser;
 use tracing::info;
 
 use livesnap_blk::args::Args;
-use livesnap_blk::server::DiskServer;
-use livesnap_blk::virtio::BlkDevice;
 use livesnap_blk::disk::{self, DiskFile};
+use livesnap_blk::server::DiskServer;
 use livesnap_blk::snap::{self, store::FsDir};
+use livesnap_blk::virtio::BlkDevice;
 use livesnap_blk::{control, sys};
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
@@ -28,8 +28,7 @@ fn run() -> Result<()> {
     let num_queues = args.num_queues();
     let mut opened = Vec::new();
     for spec in &args.disks {
-        let disk = disk::open(&spec.image, spec.format, spec.readonly)
-            .with_context(|| format!("disk {}", spec.id))?;
+        let disk = disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("disk {}", spec.id))?;
         info!(vm = %args.vm, disk = %spec.id, image = %spec.image.display(), format = %disk.format(),
               size = disk.size(), readonly = spec.readonly, "serving disk");
         opened.push(snap::DiskSpec { id: spec.id.clone(), base: disk, base_path: spec.image.clone() });
@@ -38,7 +37,8 @@ fn run() -> Result<()> {
         Some(dir) => {
             let store = FsDir::new(dir).with_context(|| format!("cannot use state directory {}", dir.display()))?;
             let opts = snap::Options { delta_limit: args.delta_limit, ..snap::Options::default() };
-            let vm = snap::Vm::open(&args.vm, Arc::new(store), opened, opts).context("cannot recover snapshot state")?;
+            let vm =
+                snap::Vm::open(&args.vm, Arc::new(store), opened, opts).context("cannot recover snapshot state")?;
             let disks = args.disks.iter().filter_map(|d| vm.disk(&d.id)).collect();
             (Some(vm), disks)
         }
@@ -48,8 +48,10 @@ fn run() -> Result<()> {
     let mut servers = Vec::new();
     for (spec, disk) in args.disks.iter().zip(disks) {
         let dev = Arc::new(BlkDevice::new(disk, spec.id.clone(), spec.readonly));
-        servers.push(DiskServer::bind(spec.id.clone(), dev, &spec.socket, num_queues)
-            .with_context(|| format!("disk {}", spec.id))?);
+        servers.push(
+            DiskServer::bind(spec.id.clone(), dev, &spec.socket, num_queues)
+                .with_context(|| format!("disk {}", spec.id))?,
+        );
     }
 
     let stoppers: Vec<_> = servers.iter().map(|s| (s.stopper(), s.socket().to_owned())).collect();
@@ -87,9 +89,7 @@ fn run() -> Result<()> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

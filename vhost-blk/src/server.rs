@@ -80,14 +80,7 @@ impl DiskServer {
     pub fn bind(name: String, dev: Arc<BlkDevice>, socket: &Path, num_queues: usize) -> Result<Self, Error> {
         let listener =
             Listener::new(socket, true).map_err(|source| Error::Listen { path: socket.to_owned(), source })?;
-        Ok(DiskServer {
-            name,
-            dev,
-            listener,
-            socket: socket.to_owned(),
-            num_queues,
-            stopper: Stopper(Arc::default()),
-        })
+        Ok(DiskServer { name, dev, listener, socket: socket.to_owned(), num_queues, stopper: Stopper(Arc::default()) })
     }
 
     pub fn stopper(&self) -> Stopper {

@@ -179,13 +179,7 @@ pub fn parse<'a>(
     let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let mut sector = [0u8; 8];
     sector.copy_from_slice(&header[8..16]);
-    Ok(Request {
-        kind: le32(&header[0..4]).into(),
-        sector: u64::from_le_bytes(sector),
-        readable,
-        writable,
-        status,
-    })
+    Ok(Request { kind: le32(&header[0..4]).into(), sector: u64::from_le_bytes(sector), readable, writable, status })
 }
 
 /// One virtio-blk disk as the guest sees it.
@@ -228,7 +222,11 @@ impl BlkDevice {
     /// those the page cache cannot serve wait for the device at the same time; the other
     /// requests run one after the other. The driver ordered none of them against each other:
     /// it submitted them all before any completed.
-    pub fn process_batch<I: Iterator<Item = Descriptor>>(&self, chains: impl Iterator<Item = I>, mem: &GuestMemoryMmap) -> Vec<u32> {
+    pub fn process_batch<I: Iterator<Item = Descriptor>>(
+        &self,
+        chains: impl Iterator<Item = I>,
+        mem: &GuestMemoryMmap,
+    ) -> Vec<u32> {
         let mut outcomes: Vec<(Option<Buf<'_>>, Result<u32, Error>)> = Vec::new();
         let mut reads = Vec::new();
         for (i, parsed) in chains.map(|c| parse(c, mem)).enumerate() {

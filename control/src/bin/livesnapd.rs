@@ -42,11 +42,7 @@ fn run() -> Result<()> {
     let config = Config::load(&args.config)?;
     match args.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
-            println!(
-                "{}: {} VMs, configuration valid",
-                args.config.display(),
-                config.vms.len()
-            );
+            println!("{}: {} VMs, configuration valid", args.config.display(), config.vms.len());
             Ok(())
         }
         Command::Jobs => {
@@ -61,10 +57,8 @@ fn run() -> Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
             let served = rt.block_on(async {
                 let daemon = Daemon::open(config)?;
                 daemon.recover().await?;

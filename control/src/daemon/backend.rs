@@ -18,11 +18,8 @@ pub type Backend = SnapshotControlClient<Channel>;
 /// `call_timeout` (streams are bounded by their callers).
 pub async fn connect_backend(vm: &str, socket: &Path, timeout: Duration) -> Result<Backend, Error> {
     let endpoint = Endpoint::from_static("http://livesnap-blk.invalid").connect_timeout(timeout);
-    let unavailable = |reason: String| Error::BackendUnavailable {
-        vm: vm.to_owned(),
-        socket: socket.to_owned(),
-        reason,
-    };
+    let unavailable =
+        |reason: String| Error::BackendUnavailable { vm: vm.to_owned(), socket: socket.to_owned(), reason };
     let channel = tokio::time::timeout(timeout, livesnap_proto::unix_channel(endpoint, socket.to_owned()))
         .await
         .map_err(|_| unavailable(format!("no answer within {timeout:?}")))?
@@ -38,16 +35,8 @@ pub async fn call<T>(
     f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, Error> {
     match tokio::time::timeout(timeout, f).await {
-        Err(_) => Err(Error::BackendTimeout {
-            vm: vm.to_owned(),
-            what,
-            timeout,
-        }),
-        Ok(Err(status)) => Err(Error::Backend {
-            vm: vm.to_owned(),
-            what,
-            status,
-        }),
+        Err(_) => Err(Error::BackendTimeout { vm: vm.to_owned(), what, timeout }),
+        Ok(Err(status)) => Err(Error::Backend { vm: vm.to_owned(), what, status }),
         Ok(Ok(r)) => Ok(r.into_inner()),
     }
 }
@@ -61,10 +50,7 @@ pub async fn status(vm: &str, b: &Backend, timeout: Duration) -> Result<pb::VmSt
 pub async fn changes(vm: &str, b: &Backend, disk: &str, timeout: Duration) -> Result<pb::ChangesPage, Error> {
     let mut c = b.clone();
     let fetch = async {
-        let mut stream = c
-            .changes(pb::ChangesRequest { disk: disk.to_owned() })
-            .await?
-            .into_inner();
+        let mut stream = c.changes(pb::ChangesRequest { disk: disk.to_owned() }).await?.into_inner();
         let mut head: Option<pb::ChangesPage> = None;
         while let Some(page) = stream.message().await? {
             match head.as_mut() {
@@ -75,16 +61,8 @@ pub async fn changes(vm: &str, b: &Backend, disk: &str, timeout: Duration) -> Re
         Ok::<_, tonic::Status>(head)
     };
     match tokio::time::timeout(timeout, fetch).await {
-        Err(_) => Err(Error::BackendTimeout {
-            vm: vm.to_owned(),
-            what: "Changes",
-            timeout,
-        }),
-        Ok(Err(status)) => Err(Error::Backend {
-            vm: vm.to_owned(),
-            what: "Changes",
-            status,
-        }),
+        Err(_) => Err(Error::BackendTimeout { vm: vm.to_owned(), what: "Changes", timeout }),
+        Ok(Err(status)) => Err(Error::Backend { vm: vm.to_owned(), what: "Changes", status }),
         Ok(Ok(None)) => Err(Error::Backend {
             vm: vm.to_owned(),
             what: "Changes",
@@ -105,9 +83,7 @@ pub async fn connect_agent(endpoint: &AgentEndpoint, limits: Limits) -> Result<A
             ))
         }
     };
-    AgentClient::connect(target, limits)
-        .await
-        .map_err(|e: agent::Error| error_chain(&e))
+    AgentClient::connect(target, limits).await.map_err(|e: agent::Error| error_chain(&e))
 }
 
 /// `e` and its sources, joined with ": ".

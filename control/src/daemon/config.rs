@@ -163,24 +163,16 @@ impl std::fmt::Display for AgentEndpoint {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text)
     }
 
     /// Parses and checks `text`; `path` names the file in errors and anchors nothing (every
     /// path in the file must be absolute).
     pub fn parse(path: &Path, text: &str) -> Result<Config, Error> {
-        let f: File = toml::from_str(text).map_err(|source| Error::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
-        let invalid = |reason: String| Error::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
+        let f: File =
+            toml::from_str(text).map_err(|source| Error::Parse { path: path.to_owned(), source: Box::new(source) })?;
+        let invalid = |reason: String| Error::Invalid { path: path.to_owned(), reason };
         let absolute = |what: &str, p: &Path| {
             if p.is_absolute() {
                 Ok(())
@@ -196,29 +188,18 @@ impl Config {
                 absolute("scratch", &s)?;
                 s
             }
-            None => f
-                .state
-                .parent()
-                .map_or_else(|| PathBuf::from("/var/tmp"), Path::to_owned),
+            None => f.state.parent().map_or_else(|| PathBuf::from("/var/tmp"), Path::to_owned),
         };
         let tcp = match f.tcp {
             None => None,
             Some(t) => {
                 let listen = t.listen.parse().map_err(|_| {
-                    invalid(format!(
-                        "tcp.listen {:?} is not an address and port such as 0.0.0.0:7736",
-                        t.listen
-                    ))
+                    invalid(format!("tcp.listen {:?} is not an address and port such as 0.0.0.0:7736", t.listen))
                 })?;
                 absolute("tcp.cert", &t.cert)?;
                 absolute("tcp.key", &t.key)?;
                 absolute("tcp.token_file", &t.token_file)?;
-                Some(Tcp {
-                    listen,
-                    cert: t.cert,
-                    key: t.key,
-                    token_file: t.token_file,
-                })
+                Some(Tcp { listen, cert: t.cert, key: t.key, token_file: t.token_file })
             }
         };
         let freeze_ms = f.defaults.freeze_timeout_ms.unwrap_or(10_000);
@@ -239,11 +220,7 @@ impl Config {
                 None => None,
                 Some(a) => Some(agent_endpoint(&v.name, a).map_err(invalid)?),
             };
-            vms.push(VmConfig {
-                name: v.name,
-                control: v.control,
-                agent,
-            });
+            vms.push(VmConfig { name: v.name, control: v.control, agent });
         }
         Ok(Config {
             repository: f.repository,
@@ -272,10 +249,7 @@ fn agent_endpoint(vm: &str, a: AgentFile) -> Result<AgentEndpoint, String> {
             }
             let addr: HybridAddr = s.parse().map_err(|e| format!("vm {vm}: agent.vsock {e}"))?;
             if !addr.path.is_absolute() {
-                return Err(format!(
-                    "vm {vm}: agent.vsock `{}` must be an absolute path",
-                    addr.path.display()
-                ));
+                return Err(format!("vm {vm}: agent.vsock `{}` must be an absolute path", addr.path.display()));
             }
             Ok(AgentEndpoint::Hybrid(addr))
         }
@@ -284,44 +258,32 @@ fn agent_endpoint(vm: &str, a: AgentFile) -> Result<AgentEndpoint, String> {
             if cid < 3 || cid == u32::MAX {
                 return Err(format!("vm {vm}: agent.cid {cid} is not a guest CID (3 to 4294967294)"));
             }
-            Ok(AgentEndpoint::Vsock {
-                cid,
-                port: a.port.unwrap_or(DEFAULT_AGENT_PORT),
-            })
+            Ok(AgentEndpoint::Vsock { cid, port: a.port.unwrap_or(DEFAULT_AGENT_PORT) })
         }
         (None, None, Some(p)) => {
             if a.port.is_some() {
                 return Err(format!("vm {vm}: agent.port goes with agent.cid"));
             }
             if !p.is_absolute() {
-                return Err(format!(
-                    "vm {vm}: agent.unix `{}` must be an absolute path",
-                    p.display()
-                ));
+                return Err(format!("vm {vm}: agent.unix `{}` must be an absolute path", p.display()));
             }
             Ok(AgentEndpoint::Unix(p))
         }
-        (None, None, None) => Err(format!(
-            "vm {vm}: agent needs one of vsock = \"PATH:PORT\", cid = N or unix = \"PATH\""
-        )),
+        (None, None, None) => {
+            Err(format!("vm {vm}: agent needs one of vsock = \"PATH:PORT\", cid = N or unix = \"PATH\""))
+        }
         _ => Err(format!("vm {vm}: agent takes only one of vsock, cid and unix")),
     }
 }
 
 /// Reads the bearer token: the file's first line, without surrounding whitespace.
 pub fn read_token(path: &Path) -> Result<String, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Token {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Token { path: path.to_owned(), source })?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.len() < 16 {
         return Err(Error::Token {
             path: path.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "the token must be at least 16 characters",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the token must be at least 16 characters"),
         });
     }
     Ok(token)
@@ -350,20 +312,8 @@ mod tests {
         assert_eq!(c.freeze_timeout, Duration::from_secs(5));
         assert_eq!(c.scratch, PathBuf::from("/var/lib/l"));
         assert_eq!(c.vms.len(), 3);
-        assert_eq!(
-            c.vms[0].agent,
-            Some(AgentEndpoint::Hybrid(HybridAddr {
-                path: "/v.sock".into(),
-                port: 7735
-            }))
-        );
-        assert_eq!(
-            c.vms[1].agent,
-            Some(AgentEndpoint::Vsock {
-                cid: 5,
-                port: DEFAULT_AGENT_PORT
-            })
-        );
+        assert_eq!(c.vms[0].agent, Some(AgentEndpoint::Hybrid(HybridAddr { path: "/v.sock".into(), port: 7735 })));
+        assert_eq!(c.vms[1].agent, Some(AgentEndpoint::Vsock { cid: 5, port: DEFAULT_AGENT_PORT }));
         assert_eq!(c.vms[2].agent, None);
         assert!(c.tcp.is_some());
     }
@@ -376,14 +326,8 @@ mod tests {
                 "twice",
             ),
             (format!("{BASE}[[vm]]\nname = \"../x\"\ncontrol = \"/a\"\n"), "name"),
-            (
-                format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"rel.sock\"\n"),
-                "absolute",
-            ),
-            (
-                format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ cid = 2 }}\n"),
-                "guest CID",
-            ),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"rel.sock\"\n"), "absolute"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ cid = 2 }}\n"), "guest CID"),
             (
                 format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ vsock = \"/v\" }}\n"),
                 "<unix-socket-path>:<port>",
@@ -396,18 +340,12 @@ mod tests {
                 format!("{BASE}[tcp]\nlisten = \"nowhere\"\ncert = \"/c\"\nkey = \"/k\"\ntoken_file = \"/t\"\n"),
                 "tcp.listen",
             ),
-            (
-                format!("{BASE}[defaults]\nfreeze_timeout_ms = 0\n"),
-                "freeze_timeout_ms",
-            ),
+            (format!("{BASE}[defaults]\nfreeze_timeout_ms = 0\n"), "freeze_timeout_ms"),
             (format!("{BASE}colour = 1\n"), "not valid"),
         ];
         for (text, want) in cases {
             let e = parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}"));
-            let chain = format!(
-                "{e} {}",
-                std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
-            );
+            let chain = format!("{e} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
             assert!(chain.contains(want), "{want:?} not in {chain:?}");
         }
     }

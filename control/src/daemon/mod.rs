@@ -53,23 +53,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("VM {vm}'s backend does not answer on `{}`: {reason}", socket.display())]
-    BackendUnavailable {
-        vm: String,
-        socket: PathBuf,
-        reason: String,
-    },
+    BackendUnavailable { vm: String, socket: PathBuf, reason: String },
     #[error("VM {vm}'s backend did not answer {what} within {timeout:?}")]
-    BackendTimeout {
-        vm: String,
-        what: &'static str,
-        timeout: Duration,
-    },
+    BackendTimeout { vm: String, what: &'static str, timeout: Duration },
     #[error("VM {vm}'s backend refused {what}: {}", status.message())]
-    Backend {
-        vm: String,
-        what: &'static str,
-        status: tonic::Status,
-    },
+    Backend { vm: String, what: &'static str, status: tonic::Status },
     #[error("Cannot read the base of disk {disk}")]
     Base {
         disk: String,
@@ -168,12 +156,9 @@ impl Daemon {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
             Err(_) => false,
         };
-        let repo = if fresh {
-            Repository::create(&path, repo::CreateOptions::default())
-        } else {
-            Repository::open(&path)
-        }
-        .map_err(|source| Error::RepoOpen { path, source })?;
+        let repo =
+            if fresh { Repository::create(&path, repo::CreateOptions::default()) } else { Repository::open(&path) }
+                .map_err(|source| Error::RepoOpen { path, source })?;
         Ok(Arc::new(Daemon {
             config,
             repo: Arc::new(repo),
@@ -197,16 +182,10 @@ impl Daemon {
     pub(crate) fn claim(self: &Arc<Self>, vm: &str, job: &str) -> Result<Claim> {
         let mut m = self.running_map();
         if let Some(other) = m.get(vm) {
-            return Err(Error::JobRunning {
-                vm: vm.to_owned(),
-                job: other.clone(),
-            });
+            return Err(Error::JobRunning { vm: vm.to_owned(), job: other.clone() });
         }
         m.insert(vm.to_owned(), job.to_owned());
-        Ok(Claim {
-            daemon: self.clone(),
-            vm: vm.to_owned(),
-        })
+        Ok(Claim { daemon: self.clone(), vm: vm.to_owned() })
     }
 
     fn vm_config(&self, name: &str) -> Result<&config::VmConfig> {
@@ -219,9 +198,7 @@ impl Daemon {
         f: impl FnOnce(&Repository, &Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (repo, store) = (self.repo.clone(), self.store.clone());
-        tokio::task::spawn_blocking(move || f(&repo, &store))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&repo, &store)).await.map_err(|e| Error::Task(e.to_string()))?
     }
 
     pub async fn list_vms(&self) -> Result<pb::ListVmsReply> {
@@ -335,10 +312,7 @@ impl Daemon {
     pub async fn restore(&self, r: pb::RestoreRequest) -> Result<mpsc::Receiver<Result<pb::RestoreProgress>>> {
         let target = PathBuf::from(&r.target_path);
         if !target.is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "the target path {:?} must be absolute",
-                r.target_path
-            )));
+            return Err(Error::InvalidArgument(format!("the target path {:?} must be absolute", r.target_path)));
         }
         let format = pb::ImageFormat::try_from(r.format)
             .map_err(|_| Error::InvalidArgument(format!("unknown image format {}", r.format)))?;
@@ -346,11 +320,7 @@ impl Daemon {
             let (vm, id, disk) = (r.vm.clone(), r.id.clone(), r.disk.clone());
             self.blocking(move |repo, _| {
                 let info = repo.info(&vm, &id)?;
-                let d = info
-                    .disks
-                    .iter()
-                    .find(|d| d.disk == disk)
-                    .ok_or(repo::Error::DiskNotFound { vm, id, disk })?;
+                let d = info.disks.iter().find(|d| d.disk == disk).ok_or(repo::Error::DiskNotFound { vm, id, disk })?;
                 Ok(d.size)
             })
             .await?
@@ -359,11 +329,7 @@ impl Daemon {
             return Err(Error::Repo(repo::Error::DestinationExists(target)));
         }
         let (tx, rx) = mpsc::channel(4);
-        let _ = tx.try_send(Ok(pb::RestoreProgress {
-            bytes_written: 0,
-            bytes_total: total,
-            done: false,
-        }));
+        let _ = tx.try_send(Ok(pb::RestoreProgress { bytes_written: 0, bytes_total: total, done: false }));
         let repo = self.repo.clone();
         tokio::spawn(async move {
             let res = tokio::task::spawn_blocking(move || match format {
@@ -372,11 +338,7 @@ impl Daemon {
             })
             .await;
             let msg = match res {
-                Ok(Ok(st)) => Ok(pb::RestoreProgress {
-                    bytes_written: st.size,
-                    bytes_total: total,
-                    done: true,
-                }),
+                Ok(Ok(st)) => Ok(pb::RestoreProgress { bytes_written: st.size, bytes_total: total, done: true }),
                 Ok(Err(e)) => Err(Error::Repo(e)),
                 Err(e) => Err(Error::Task(e.to_string())),
             };
@@ -393,11 +355,7 @@ impl Daemon {
 
 /// What a VM's backend and agent say now, each within [`PROBE_TIMEOUT`].
 async fn probe(v: config::VmConfig) -> pb::Vm {
-    let mut vm = pb::Vm {
-        name: v.name.clone(),
-        control_socket: v.control.display().to_string(),
-        ..Default::default()
-    };
+    let mut vm = pb::Vm { name: v.name.clone(), control_socket: v.control.display().to_string(), ..Default::default() };
     let backend = async {
         let b = backend::connect_backend(&v.name, &v.control, PROBE_TIMEOUT).await?;
         backend::status(&v.name, &b, PROBE_TIMEOUT).await
@@ -406,11 +364,8 @@ async fn probe(v: config::VmConfig) -> pb::Vm {
         match &v.agent {
             None => pb::AgentState::None,
             Some(ep) => {
-                let limits = Limits {
-                    connect_timeout: PROBE_TIMEOUT,
-                    call_timeout: PROBE_TIMEOUT,
-                    ..Limits::default()
-                };
+                let limits =
+                    Limits { connect_timeout: PROBE_TIMEOUT, call_timeout: PROBE_TIMEOUT, ..Limits::default() };
                 match backend::connect_agent(ep, limits).await {
                     Ok(a) if a.ping().await.is_ok() => pb::AgentState::Reachable,
                     _ => pb::AgentState::Unreachable,
@@ -435,11 +390,7 @@ pub(crate) fn backup_pb(i: &repo::BackupInfo, s: Option<&BackupState>) -> pb::Ba
         vm: i.vm.clone(),
         id: i.id.clone(),
         created_unix: i.created_unix_us / 1_000_000,
-        kind: if all_incremental {
-            pb::BackupKind::Incremental
-        } else {
-            pb::BackupKind::Full
-        } as i32,
+        kind: if all_incremental { pb::BackupKind::Incremental } else { pb::BackupKind::Full } as i32,
         consistency: match i.consistency {
             repo::Consistency::Application => pb::Consistency::Application,
             repo::Consistency::Crash => pb::Consistency::Crash,
@@ -470,81 +421,27 @@ mod tests {
     fn errors_map_to_the_codes_the_api_promises() {
         let cases: Vec<(Error, Code)> = vec![
             (Error::UnknownVm("x".into()), Code::NotFound),
-            (
-                Error::JobRunning {
-                    vm: "x".into(),
-                    job: "j".into(),
-                },
-                Code::FailedPrecondition,
-            ),
+            (Error::JobRunning { vm: "x".into(), job: "j".into() }, Code::FailedPrecondition),
             (Error::QuiesceImpossible("no agent".into()), Code::FailedPrecondition),
-            (
-                Error::NotIncremental {
-                    disk: "vda".into(),
-                    reason: "r".into(),
-                },
-                Code::FailedPrecondition,
-            ),
+            (Error::NotIncremental { disk: "vda".into(), reason: "r".into() }, Code::FailedPrecondition),
             (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (Error::BackendUnavailable { vm: "x".into(), socket: "/s".into(), reason: "r".into() }, Code::Unavailable),
             (
-                Error::BackendUnavailable {
-                    vm: "x".into(),
-                    socket: "/s".into(),
-                    reason: "r".into(),
-                },
-                Code::Unavailable,
-            ),
-            (
-                Error::Backend {
-                    vm: "x".into(),
-                    what: "Begin",
-                    status: tonic::Status::failed_precondition("busy"),
-                },
+                Error::Backend { vm: "x".into(), what: "Begin", status: tonic::Status::failed_precondition("busy") },
                 Code::FailedPrecondition,
             ),
-            (
-                Error::Backend {
-                    vm: "x".into(),
-                    what: "Begin",
-                    status: tonic::Status::unknown("?"),
-                },
-                Code::Internal,
-            ),
-            (
-                Error::Repo(repo::Error::BackupNotFound {
-                    vm: "x".into(),
-                    id: "b".into(),
-                }),
-                Code::NotFound,
-            ),
-            (
-                Error::Repo(repo::Error::DestinationExists("/t".into())),
-                Code::AlreadyExists,
-            ),
+            (Error::Backend { vm: "x".into(), what: "Begin", status: tonic::Status::unknown("?") }, Code::Internal),
+            (Error::Repo(repo::Error::BackupNotFound { vm: "x".into(), id: "b".into() }), Code::NotFound),
+            (Error::Repo(repo::Error::DestinationExists("/t".into())), Code::AlreadyExists),
             (Error::Repo(repo::Error::Busy), Code::Unavailable),
-            (
-                Error::Repo(repo::Error::ChunkMissing {
-                    hash: repo::ChunkHash([0; 32]),
-                }),
-                Code::DataLoss,
-            ),
-            (
-                Error::Repo(repo::Error::InvalidName {
-                    what: "VM",
-                    name: "..".into(),
-                }),
-                Code::InvalidArgument,
-            ),
+            (Error::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
+            (Error::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
         ];
         for (e, code) in cases {
             let msg = e.to_string();
             let s = tonic::Status::from(e);
             assert_eq!(s.code(), code, "{msg}");
-            assert!(
-                s.message().starts_with(&msg),
-                "{:?} does not start with {msg:?}",
-                s.message()
-            );
+            assert!(s.message().starts_with(&msg), "{:?} does not start with {msg:?}", s.message());
         }
     }
 }

@@ -46,12 +46,7 @@ pub enum Error {
 impl Base {
     /// Opens the base at `path` (`format`: "raw" or "qcow2") of a disk of `size` bytes.
     pub fn open(path: &Path, format: &str, size: u64, scratch_dir: &Path, rate: Option<u64>) -> Result<Base, Error> {
-        let open = |p: &Path| {
-            FileSource::open(p).map_err(|source| Error::Open {
-                path: p.to_owned(),
-                source,
-            })
-        };
+        let open = |p: &Path| FileSource::open(p).map_err(|source| Error::Open { path: p.to_owned(), source });
         let (source, scratch) = match format {
             "raw" => (open(path)?, None),
             "qcow2" => {
@@ -59,15 +54,9 @@ impl Base {
                     .prefix(".livesnapd-base-")
                     .suffix(".raw")
                     .tempfile_in(scratch_dir)
-                    .map_err(|source| Error::Scratch {
-                        dir: scratch_dir.to_owned(),
-                        source,
-                    })?;
+                    .map_err(|source| Error::Scratch { dir: scratch_dir.to_owned(), source })?;
                 // The target is made the disk's size first (-n writes into it; holes read as zeros).
-                tmp.as_file().set_len(size).map_err(|source| Error::Open {
-                    path: tmp.path().to_owned(),
-                    source,
-                })?;
+                tmp.as_file().set_len(size).map_err(|source| Error::Open { path: tmp.path().to_owned(), source })?;
                 // -U: the backend holds the image open (and locked) for the guest; the base is
                 // frozen, so reading it without the lock is safe. -n: write into our file.
                 let out = Command::new("qemu-img")
@@ -87,16 +76,9 @@ impl Base {
             other => return Err(Error::Format(other.to_owned())),
         };
         if source.size() != size {
-            return Err(Error::Size {
-                expected: size,
-                actual: source.size(),
-            });
+            return Err(Error::Size { expected: size, actual: source.size() });
         }
-        Ok(Base {
-            source,
-            _scratch: scratch,
-            limit: rate.map(RateLimit::new),
-        })
+        Ok(Base { source, _scratch: scratch, limit: rate.map(RateLimit::new) })
     }
 }
 
@@ -123,10 +105,7 @@ struct RateLimit {
 
 impl RateLimit {
     fn new(bytes_per_sec: u64) -> RateLimit {
-        RateLimit {
-            bytes_per_sec: bytes_per_sec.max(1),
-            state: Mutex::new((Instant::now(), 0)),
-        }
+        RateLimit { bytes_per_sec: bytes_per_sec.max(1), state: Mutex::new((Instant::now(), 0)) }
     }
 
     fn take(&self, n: u64) {

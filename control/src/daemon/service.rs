@@ -86,9 +86,7 @@ impl Livesnapd for Service {
         r: Request<pb::RestoreRequest>,
     ) -> Result<Response<Self::RestoreBackupStream>, Status> {
         let rx = self.0.restore(r.into_inner()).await?;
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(rx).map(|r| r.map_err(Status::from)),
-        )))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|r| r.map_err(Status::from)))))
     }
 
     async fn prune(&self, r: Request<pb::PruneRequest>) -> Result<Response<pb::PruneReply>, Status> {
@@ -119,27 +117,19 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl tonic::service::Interceptor for TokenCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let given =
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         match given {
             Some(t) if same(t.trim().as_bytes(), self.0.as_bytes()) => Ok(req),
             Some(_) => Err(Status::unauthenticated("the bearer token is wrong")),
-            None => Err(Status::unauthenticated(
-                "a bearer token is required (authorization: Bearer <token>)",
-            )),
+            None => Err(Status::unauthenticated("a bearer token is required (authorization: Bearer <token>)")),
         }
     }
 }
 
 /// Binds the unix socket with mode 0600 (a stale socket file is replaced).
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
-    let err = |source| Error::Unix {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| Error::Unix { path: path.to_owned(), source };
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if m.file_type().is_socket() {
             std::fs::remove_file(path).map_err(err)?;
@@ -181,18 +171,12 @@ pub async fn serve(
         });
     }
     if let Some(tcp) = &cfg.tcp {
-        let read = |what, p: &Path| {
-            std::fs::read(p).map_err(|source| Error::TlsFile {
-                what,
-                path: p.to_owned(),
-                source,
-            })
-        };
+        let read =
+            |what, p: &Path| std::fs::read(p).map_err(|source| Error::TlsFile { what, path: p.to_owned(), source });
         let identity = Identity::from_pem(read("certificate", &tcp.cert)?, read("key", &tcp.key)?);
         let token = read_token(&tcp.token_file)?;
-        let mut server = Server::builder()
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .map_err(Error::Serve)?;
+        let mut server =
+            Server::builder().tls_config(ServerTlsConfig::new().identity(identity)).map_err(Error::Serve)?;
         let addr = tcp.listen;
         let rx = stop_rx.clone();
         info!(%addr, "serving on TCP (TLS, bearer token)");

@@ -124,10 +124,8 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 impl Store {
     /// Opens (or creates) the database at `path`; one process at a time.
     pub fn open(path: &Path) -> Result<Store> {
-        let db = Database::create(path).map_err(|e| Error::Open {
-            path: path.to_owned(),
-            source: Box::new(e.into()),
-        })?;
+        let db =
+            Database::create(path).map_err(|e| Error::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
         let tx = db.begin_write()?;
         tx.open_table(JOBS)?;
         tx.open_table(BACKUPS)?;

@@ -50,10 +50,7 @@ fn at(stage: &'static str) -> impl Fn(Error) -> Failure {
 /// How each disk is backed up.
 enum Plan {
     Full,
-    Incremental {
-        parent: Box<Manifest>,
-        extents: Vec<(u64, u64)>,
-    },
+    Incremental { parent: Box<Manifest>, extents: Vec<(u64, u64)> },
 }
 
 struct DiskPlan {
@@ -75,9 +72,7 @@ struct Job {
 }
 
 fn now_unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 fn us(d: Duration) -> u64 {
@@ -100,39 +95,24 @@ impl Daemon {
         let freeze_timeout = match req.freeze_timeout_ms {
             0 => self.config.freeze_timeout,
             ms if ms > 600_000 => {
-                return Err(Error::InvalidArgument(format!(
-                    "freeze_timeout_ms {ms} is more than 10 minutes"
-                )))
+                return Err(Error::InvalidArgument(format!("freeze_timeout_ms {ms} is more than 10 minutes")))
             }
             ms => Duration::from_millis(u64::from(ms)),
         };
         if quiesce == pb::QuiesceMode::Required && vm.agent.is_none() {
-            return Err(Error::QuiesceImpossible(format!(
-                "VM {} has no agent configured",
-                vm.name
-            )));
+            return Err(Error::QuiesceImpossible(format!("VM {} has no agent configured", vm.name)));
         }
         // Claimed before anything is written, so that a second request is refused at once.
         let claim = self.claim(&vm.name, "starting")?;
         let seq = self.blocking(|_, s| Ok(s.next_job_seq()?)).await?;
-        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-            .to_string()
-            .replace(':', "");
+        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
         let id = format!("{stamp}-{seq}");
         self.running_map().insert(vm.name.clone(), id.clone());
         let state = JobState::new(id.clone(), vm.name.clone(), now_unix_us());
         let st = state.clone();
         self.blocking(move |_, s| Ok(s.put_job(&st)?)).await?;
         let (tx, rx) = mpsc::channel(EVENTS);
-        let job = Job {
-            d: self.clone(),
-            vm,
-            state,
-            tx,
-            mode,
-            quiesce,
-            freeze_timeout,
-        };
+        let job = Job { d: self.clone(), vm, state, tx, mode, quiesce, freeze_timeout };
         tokio::spawn(job.run(claim));
         Ok((id, rx))
     }
@@ -163,8 +143,7 @@ impl Daemon {
             };
             match cleanup(&vm, &job).await {
                 Ok(what) => {
-                    self.finish_recovered(job, format!("daemon restarted during stage {what}"))
-                        .await;
+                    self.finish_recovered(job, format!("daemon restarted during stage {what}")).await;
                     drop(claim);
                 }
                 Err(e) => {
@@ -175,8 +154,7 @@ impl Daemon {
                             tokio::time::sleep(RECOVERY_RETRY).await;
                             match cleanup(&vm, &job).await {
                                 Ok(what) => {
-                                    d.finish_recovered(job, format!("daemon restarted during stage {what}"))
-                                        .await;
+                                    d.finish_recovered(job, format!("daemon restarted during stage {what}")).await;
                                     drop(claim);
                                     return;
                                 }
@@ -211,11 +189,8 @@ impl Daemon {
 /// Returns the job's stage for the record.
 async fn cleanup(vm: &VmConfig, job: &JobState) -> Result<String> {
     if let Some(ep) = &vm.agent {
-        let limits = Limits {
-            connect_timeout: AGENT_CONNECT_TIMEOUT,
-            call_timeout: AGENT_CALL_TIMEOUT,
-            ..Limits::default()
-        };
+        let limits =
+            Limits { connect_timeout: AGENT_CONNECT_TIMEOUT, call_timeout: AGENT_CALL_TIMEOUT, ..Limits::default() };
         // An agent that does not answer thaws by itself at its deadline (its watchdog).
         match backend::connect_agent(ep, limits).await {
             Ok(a) => match a.thaw().await {
@@ -242,10 +217,7 @@ async fn cleanup(vm: &VmConfig, job: &JobState) -> Result<String> {
                 &vm.name,
                 "Abandon",
                 CALL_TIMEOUT,
-                c.abandon(spb::AbandonRequest {
-                    snapshot_id: s.id,
-                    reason,
-                }),
+                c.abandon(spb::AbandonRequest { snapshot_id: s.id, reason }),
             )
             .await?;
             info!(vm = %vm.name, snapshot = s.id, "snapshot of an unfinished job abandoned; its delta merges");
@@ -259,21 +231,12 @@ async fn cleanup(vm: &VmConfig, job: &JobState) -> Result<String> {
 impl Job {
     /// Queues an event; a client that went away or reads slowly does not hold the job.
     fn emit(&self, e: pb::snapshot_event::Event) {
-        let _ = self.tx.try_send(pb::SnapshotEvent {
-            job_id: self.state.id.clone(),
-            event: Some(e),
-        });
+        let _ = self.tx.try_send(pb::SnapshotEvent { job_id: self.state.id.clone(), event: Some(e) });
     }
 
     /// Sends an event the client must see (Done, Failed), waiting for room.
     async fn emit_wait(&self, e: pb::snapshot_event::Event) {
-        let _ = self
-            .tx
-            .send(pb::SnapshotEvent {
-                job_id: self.state.id.clone(),
-                event: Some(e),
-            })
-            .await;
+        let _ = self.tx.send(pb::SnapshotEvent { job_id: self.state.id.clone(), event: Some(e) }).await;
     }
 
     async fn save(&self) {
@@ -322,32 +285,20 @@ impl Job {
 
     async fn snapshot(&mut self) -> std::result::Result<pb::Backup, Failure> {
         let name = self.vm.name.clone();
-        let backend = backend::connect_backend(&name, &self.vm.control, CONNECT_TIMEOUT)
-            .await
-            .map_err(at("cut"))?;
-        let st = backend::status(&name, &backend, CALL_TIMEOUT)
-            .await
-            .map_err(at("cut"))?;
+        let backend = backend::connect_backend(&name, &self.vm.control, CONNECT_TIMEOUT).await.map_err(at("cut"))?;
+        let st = backend::status(&name, &backend, CALL_TIMEOUT).await.map_err(at("cut"))?;
         if let Some(s) = &st.snapshot {
-            return Err(Failure {
-                stage: "cut",
-                error: Error::SnapshotActive { vm: name, id: s.id },
-            });
+            return Err(Failure { stage: "cut", error: Error::SnapshotActive { vm: name, id: s.id } });
         }
         if self.mode == pb::BackupMode::Incremental {
             // Checked before the cut too, so that a backup that cannot be incremental does not
             // freeze the guest for nothing.
             for d in &st.disks {
-                let ch = backend::changes(&name, &backend, &d.id, CALL_TIMEOUT)
-                    .await
-                    .map_err(at("backup"))?;
+                let ch = backend::changes(&name, &backend, &d.id, CALL_TIMEOUT).await.map_err(at("backup"))?;
                 if let Err(reason) = self.parent_for(&d.id, &ch, None).await.map_err(at("backup"))? {
                     return Err(Failure {
                         stage: "backup",
-                        error: Error::NotIncremental {
-                            disk: d.id.clone(),
-                            reason,
-                        },
+                        error: Error::NotIncremental { disk: d.id.clone(), reason },
                     });
                 }
             }
@@ -397,10 +348,7 @@ impl Job {
                         warn!(vm = %name, error = %error_chain(&t), "thaw after a failed freeze failed");
                     }
                     if self.quiesce == pb::QuiesceMode::Required {
-                        return Err(Failure {
-                            stage: "quiesce",
-                            error: Error::QuiesceImpossible(reason),
-                        });
+                        return Err(Failure { stage: "quiesce", error: Error::QuiesceImpossible(reason) });
                     }
                     crash_reason = format!("the freeze failed: {reason}");
                 }
@@ -426,21 +374,11 @@ impl Job {
                     );
                     warn!(vm = %name, reason = %crash_reason);
                 }
-                Ok(_) => {
-                    window = Some(FreezeWindow {
-                        frozen_unix_us: t0_unix,
-                        thawed_unix_us: t0_unix + us(w),
-                    })
-                }
+                Ok(_) => window = Some(FreezeWindow { frozen_unix_us: t0_unix, thawed_unix_us: t0_unix + us(w) }),
                 Err(e) => {
-                    window = Some(FreezeWindow {
-                        frozen_unix_us: t0_unix,
-                        thawed_unix_us: t0_unix + us(w),
-                    });
-                    thaw_note = format!(
-                        "the thaw failed ({}); the agent's watchdog thaws at its deadline",
-                        error_chain(&e)
-                    );
+                    window = Some(FreezeWindow { frozen_unix_us: t0_unix, thawed_unix_us: t0_unix + us(w) });
+                    thaw_note =
+                        format!("the thaw failed ({}); the agent's watchdog thaws at its deadline", error_chain(&e));
                     error!(vm = %name, note = %thaw_note);
                 }
             }
@@ -457,10 +395,7 @@ impl Job {
                             &name,
                             "Abandon",
                             CALL_TIMEOUT,
-                            c.abandon(spb::AbandonRequest {
-                                snapshot_id: s.id,
-                                reason,
-                            }),
+                            c.abandon(spb::AbandonRequest { snapshot_id: s.id, reason }),
                         )
                         .await;
                         warn!(vm = %name, snapshot = s.id, abandoned = r.is_ok(), "a snapshot appeared although Begin failed");
@@ -485,18 +420,11 @@ impl Job {
             pause_us: snap.pause_us,
         }))
         .await;
-        self.emit_wait(pb::snapshot_event::Event::Thawed(pb::Thawed {
-            freeze_window_us: window_us,
-        }))
-        .await;
+        self.emit_wait(pb::snapshot_event::Event::Thawed(pb::Thawed { freeze_window_us: window_us })).await;
         self.state.snapshot_id = Some(snap.id);
         self.stage("backup").await;
 
-        let consistency = if window.is_some() {
-            repo::Consistency::Application
-        } else {
-            repo::Consistency::Crash
-        };
+        let consistency = if window.is_some() { repo::Consistency::Application } else { repo::Consistency::Crash };
         let mut notes = Vec::new();
         if !crash_reason.is_empty() {
             notes.push(format!("crash-consistent: {crash_reason}"));
@@ -513,10 +441,7 @@ impl Job {
                     &name,
                     "Abandon",
                     CALL_TIMEOUT,
-                    c.abandon(spb::AbandonRequest {
-                        snapshot_id: snap.id,
-                        reason,
-                    }),
+                    c.abandon(spb::AbandonRequest { snapshot_id: snap.id, reason }),
                 )
                 .await
                 {
@@ -561,10 +486,7 @@ impl Job {
                         "the latest backup {} was cut from snapshot {}, the change map starts at checkpoint {since}",
                         m.meta.backup, b.snapshot_id
                     ))),
-                    None => Ok(Err(format!(
-                        "the latest backup {} was not made by this daemon",
-                        m.meta.backup
-                    ))),
+                    None => Ok(Err(format!("the latest backup {} was not made by this daemon", m.meta.backup))),
                 }
             })
             .await
@@ -579,9 +501,7 @@ impl Job {
         mut notes: Vec<String>,
     ) -> std::result::Result<pb::Backup, Failure> {
         let name = self.vm.name.clone();
-        let st = backend::status(&name, backend, CALL_TIMEOUT)
-            .await
-            .map_err(at("backup"))?;
+        let st = backend::status(&name, backend, CALL_TIMEOUT).await.map_err(at("backup"))?;
         let mut plans = Vec::new();
         for disk in &snap.disks {
             let d = st.disks.iter().find(|d| &d.id == disk).ok_or_else(|| Failure {
@@ -595,9 +515,7 @@ impl Job {
             let plan = if self.mode == pb::BackupMode::Full {
                 Plan::Full
             } else {
-                let ch = backend::changes(&name, backend, disk, CALL_TIMEOUT)
-                    .await
-                    .map_err(at("backup"))?;
+                let ch = backend::changes(&name, backend, disk, CALL_TIMEOUT).await.map_err(at("backup"))?;
                 match self.parent_for(disk, &ch, Some(snap.id)).await.map_err(at("backup"))? {
                     Ok(parent) => Plan::Incremental {
                         parent: Box::new(parent),
@@ -606,10 +524,7 @@ impl Job {
                     Err(reason) if self.mode == pb::BackupMode::Incremental => {
                         return Err(Failure {
                             stage: "backup",
-                            error: Error::NotIncremental {
-                                disk: disk.clone(),
-                                reason,
-                            },
+                            error: Error::NotIncremental { disk: disk.clone(), reason },
                         })
                     }
                     Err(reason) => {
@@ -636,19 +551,13 @@ impl Job {
             freeze_window: window,
             created_unix_us: None,
         };
-        let (repo, scratch, rate) = (
-            self.d.repo.clone(),
-            self.d.config.scratch.clone(),
-            self.d.config.read_bytes_per_sec,
-        );
+        let (repo, scratch, rate) =
+            (self.d.repo.clone(), self.d.config.scratch.clone(), self.d.config.read_bytes_per_sec);
         let (tx, job_id, snap_id, b2) = (self.tx.clone(), self.state.id.clone(), snap.id, backend.clone());
         let rt = tokio::runtime::Handle::current();
         let vm2 = name.clone();
         let write = tokio::task::spawn_blocking(move || -> std::result::Result<repo::BackupInfo, Failure> {
-            let mut w = repo.begin_backup(spec).map_err(|e| Failure {
-                stage: "backup",
-                error: e.into(),
-            })?;
+            let mut w = repo.begin_backup(spec).map_err(|e| Failure { stage: "backup", error: e.into() })?;
             let ptx = tx.clone();
             let pjob = job_id.clone();
             w.set_progress(Box::new(move |disk, done, total| {
@@ -657,10 +566,7 @@ impl Job {
                     bytes_read: done,
                     bytes_total: total,
                 });
-                let _ = ptx.try_send(pb::SnapshotEvent {
-                    job_id: pjob.clone(),
-                    event: Some(e),
-                });
+                let _ = ptx.try_send(pb::SnapshotEvent { job_id: pjob.clone(), event: Some(e) });
             }));
             for p in &plans {
                 // An incremental's first report comes from the writer, which knows how much it
@@ -671,38 +577,20 @@ impl Job {
                         bytes_read: 0,
                         bytes_total: p.size,
                     });
-                    let _ = tx.try_send(pb::SnapshotEvent {
-                        job_id: job_id.clone(),
-                        event: Some(e),
-                    });
+                    let _ = tx.try_send(pb::SnapshotEvent { job_id: job_id.clone(), event: Some(e) });
                 }
-                let base = Base::open(
-                    std::path::Path::new(&p.base_path),
-                    &p.base_format,
-                    p.size,
-                    &scratch,
-                    rate,
-                )
-                .map_err(|source| Failure {
-                    stage: "backup",
-                    error: Error::Base {
-                        disk: p.disk.clone(),
-                        source,
-                    },
-                })?;
+                let base =
+                    Base::open(std::path::Path::new(&p.base_path), &p.base_format, p.size, &scratch, rate).map_err(
+                        |source| Failure { stage: "backup", error: Error::Base { disk: p.disk.clone(), source } },
+                    )?;
                 let r = match &p.plan {
                     Plan::Full => w.full(&p.disk, &base),
                     Plan::Incremental { parent, extents } => w.incremental(&p.disk, &base, parent, extents),
                 };
-                let stats = r.map_err(|e| Failure {
-                    stage: "backup",
-                    error: e.into(),
-                })?;
+                let stats = r.map_err(|e| Failure { stage: "backup", error: e.into() })?;
                 info!(vm = %vm2, disk = %p.disk, bytes_read = stats.bytes_read, bytes_changed = stats.bytes_changed, "disk backed up");
             }
-            let st = rt
-                .block_on(backend::status(&vm2, &b2, CALL_TIMEOUT))
-                .map_err(at("backup"))?;
+            let st = rt.block_on(backend::status(&vm2, &b2, CALL_TIMEOUT)).map_err(at("backup"))?;
             let lost = st.snapshot.as_ref().is_none_or(|s| s.id != snap_id)
                 || st.disks.iter().any(|d| {
                     d.snapshot == Some(snap_id) && (!d.abandoned.is_empty() || d.phase != spb::Phase::Active as i32)
@@ -714,25 +602,12 @@ impl Job {
                     .filter(|d| !d.abandoned.is_empty())
                     .map(|d| format!("{}: {}", d.id, d.abandoned))
                     .collect();
-                let why = if why.is_empty() {
-                    "the snapshot is no longer active".to_owned()
-                } else {
-                    why.join("; ")
-                };
-                return Err(Failure {
-                    stage: "backup",
-                    error: Error::SnapshotLost(why),
-                });
+                let why = if why.is_empty() { "the snapshot is no longer active".to_owned() } else { why.join("; ") };
+                return Err(Failure { stage: "backup", error: Error::SnapshotLost(why) });
             }
-            w.commit().map_err(|e| Failure {
-                stage: "backup",
-                error: e.into(),
-            })
+            w.commit().map_err(|e| Failure { stage: "backup", error: e.into() })
         });
-        let info = write.await.map_err(|e| Failure {
-            stage: "backup",
-            error: Error::Task(e.to_string()),
-        })??;
+        let info = write.await.map_err(|e| Failure { stage: "backup", error: Error::Task(e.to_string()) })??;
 
         // The backup is in the repository: index it now, whatever happens to the merge.
         let all_incremental = info.disks.iter().all(|d| d.kind == repo::Kind::Incremental);
@@ -752,10 +627,7 @@ impl Job {
             note: notes.join("; "),
         };
         let r2 = record.clone();
-        self.d
-            .blocking(move |_, s| Ok(s.put_backup(&r2)?))
-            .await
-            .map_err(at("record"))?;
+        self.d.blocking(move |_, s| Ok(s.put_backup(&r2)?)).await.map_err(at("record"))?;
 
         self.stage("merge").await;
         self.merge(backend, snap.id).await?;
@@ -771,21 +643,11 @@ impl Job {
         )
         .await
         {
-            let note = format!(
-                "the checkpoint failed, the next backup will be full: {}",
-                error_chain(&e)
-            );
+            let note = format!("the checkpoint failed, the next backup will be full: {}", error_chain(&e));
             warn!(vm = %name, snapshot = snap.id, note = %note);
-            record.note = if record.note.is_empty() {
-                note
-            } else {
-                format!("{}; {note}", record.note)
-            };
+            record.note = if record.note.is_empty() { note } else { format!("{}; {note}", record.note) };
             let r2 = record.clone();
-            self.d
-                .blocking(move |_, s| Ok(s.put_backup(&r2)?))
-                .await
-                .map_err(at("record"))?;
+            self.d.blocking(move |_, s| Ok(s.put_backup(&r2)?)).await.map_err(at("record"))?;
         }
         self.stage("record").await;
         Ok(backup_pb(&info, Some(&record)))
@@ -798,23 +660,13 @@ impl Job {
             .await
             .map_err(at("merge"))?;
         loop {
-            let next = tokio::time::timeout(MERGE_SILENCE, stream.message())
-                .await
-                .map_err(|_| Failure {
-                    stage: "merge",
-                    error: Error::BackendTimeout {
-                        vm: name.clone(),
-                        what: "Merge",
-                        timeout: MERGE_SILENCE,
-                    },
-                })?;
+            let next = tokio::time::timeout(MERGE_SILENCE, stream.message()).await.map_err(|_| Failure {
+                stage: "merge",
+                error: Error::BackendTimeout { vm: name.clone(), what: "Merge", timeout: MERGE_SILENCE },
+            })?;
             let m = next.map_err(|status| Failure {
                 stage: "merge",
-                error: Error::Backend {
-                    vm: name.clone(),
-                    what: "Merge",
-                    status,
-                },
+                error: Error::Backend { vm: name.clone(), what: "Merge", status },
             })?;
             let Some(m) = m else {
                 return Err(Failure {
@@ -828,10 +680,7 @@ impl Job {
             };
             let merged_bytes = m.disks.iter().map(|d| d.merged_bytes).sum();
             let remaining_bytes = m.disks.iter().map(|d| d.remaining_bytes).sum();
-            self.emit(pb::snapshot_event::Event::Merging(pb::Merging {
-                merged_bytes,
-                remaining_bytes,
-            }));
+            self.emit(pb::snapshot_event::Event::Merging(pb::Merging { merged_bytes, remaining_bytes }));
             if m.done {
                 return Ok(());
             }

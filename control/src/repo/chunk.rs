@@ -125,11 +125,7 @@ pub const TMP_PREFIX: &str = ".tmp-";
 
 impl ChunkStore {
     pub fn new(dir: PathBuf, chunk_size: usize, level: i32) -> ChunkStore {
-        ChunkStore {
-            dir,
-            chunk_size,
-            level,
-        }
+        ChunkStore { dir, chunk_size, level }
     }
 
     /// Creates `chunks/` and its 256 fan-out directories.
@@ -154,24 +150,14 @@ impl ChunkStore {
     pub fn codec(&self) -> Result<Codec> {
         let compressor = zstd::bulk::Compressor::new(self.level)
             .map_err(|e| Error::io("set up zstd compression for", &self.dir, e))?;
-        let mut decompressor = zstd::bulk::Decompressor::new()
-            .map_err(|e| Error::io("set up zstd decompression for", &self.dir, e))?;
+        let mut decompressor =
+            zstd::bulk::Decompressor::new().map_err(|e| Error::io("set up zstd decompression for", &self.dir, e))?;
         // A chunk fits in one window of its own size: refuse frames that ask for more memory.
-        let window_log = (self
-            .chunk_size
-            .max(1024)
-            .next_power_of_two()
-            .trailing_zeros())
-        .max(10);
+        let window_log = (self.chunk_size.max(1024).next_power_of_two().trailing_zeros()).max(10);
         decompressor
             .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log))
             .map_err(|e| Error::io("set up zstd decompression for", &self.dir, e))?;
-        Ok(Codec {
-            compressor,
-            decompressor,
-            file_buf: Vec::new(),
-            payload: Vec::new(),
-        })
+        Ok(Codec { compressor, decompressor, file_buf: Vec::new(), payload: Vec::new() })
     }
 
     pub fn contains(&self, hash: &ChunkHash) -> bool {
@@ -246,31 +232,16 @@ impl ChunkStore {
         let max_file = (CHUNK_HEADER_LEN + zstd::zstd_safe::compress_bound(self.chunk_size)) as u64;
         let len = file.metadata().map_err(ReadFailure::Io)?.len();
         if len > max_file {
-            return Err(ReadFailure::Corrupt(Corruption::TooLong {
-                len,
-                max: max_file,
-            }));
+            return Err(ReadFailure::Corrupt(Corruption::TooLong { len, max: max_file }));
         }
         let buf = &mut codec.file_buf;
         buf.clear();
         // Bounded even if the file grows under us.
-        (&mut file)
-            .take(max_file + 1)
-            .read_to_end(buf)
-            .map_err(ReadFailure::Io)?;
-        decode(
-            buf,
-            self.chunk_size,
-            expected_len,
-            out,
-            &mut codec.decompressor,
-        )
-        .map_err(ReadFailure::Corrupt)?;
+        (&mut file).take(max_file + 1).read_to_end(buf).map_err(ReadFailure::Io)?;
+        decode(buf, self.chunk_size, expected_len, out, &mut codec.decompressor).map_err(ReadFailure::Corrupt)?;
         let actual = ChunkHash::of(out);
         if actual != *hash {
-            return Err(ReadFailure::Corrupt(Corruption::HashMismatch {
-                actual: actual.to_string(),
-            }));
+            return Err(ReadFailure::Corrupt(Corruption::HashMismatch { actual: actual.to_string() }));
         }
         Ok(())
     }
@@ -317,10 +288,7 @@ fn decode(
     decompressor: &mut zstd::bulk::Decompressor<'static>,
 ) -> std::result::Result<(), Corruption> {
     if buf.len() < CHUNK_HEADER_LEN {
-        return Err(Corruption::TooShort {
-            len: buf.len() as u64,
-            min: CHUNK_HEADER_LEN as u64,
-        });
+        return Err(Corruption::TooShort { len: buf.len() as u64, min: CHUNK_HEADER_LEN as u64 });
     }
     if &buf[0..8] != CHUNK_MAGIC {
         return Err(Corruption::BadMagic);
@@ -362,9 +330,7 @@ fn decode(
         ENCODING_ZSTD => {
             // The output slice is exactly `data_len` long: zstd fails rather than write more.
             out.resize(data_len, 0);
-            let n = decompressor
-                .decompress_to_buffer(payload, &mut out[..])
-                .map_err(Corruption::Decompress)?;
+            let n = decompressor.decompress_to_buffer(payload, &mut out[..]).map_err(Corruption::Decompress)?;
             if n != data_len {
                 return Err(Corruption::LengthMismatch {
                     field: "decompressed length",
@@ -381,11 +347,8 @@ fn decode(
 /// Writes `data` to `tmp`, `fsync`s it and renames it to `dest`. The caller syncs the directory.
 pub fn write_durably(tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(tmp)
-            .map_err(|e| Error::io("create", tmp, e))?;
+        let mut f =
+            OpenOptions::new().write(true).create_new(true).open(tmp).map_err(|e| Error::io("create", tmp, e))?;
         f.write_all(data).map_err(|e| Error::io("write", tmp, e))?;
         f.sync_all().map_err(|e| Error::io("sync", tmp, e))?;
         fs::rename(tmp, dest).map_err(|e| Error::io("rename", tmp, e))
@@ -398,7 +361,5 @@ pub fn write_durably(tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
 
 /// `fsync` of a directory, making renames and removals in it durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync", dir, e))
 }

@@ -150,19 +150,10 @@ impl Manifest {
         let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let len = f.metadata().map_err(|e| Error::io("read", path, e))?.len();
         if len > MAX_MANIFEST_LEN {
-            return Err(Error::manifest(
-                path,
-                Corruption::TooLong {
-                    len,
-                    max: MAX_MANIFEST_LEN,
-                },
-            ));
+            return Err(Error::manifest(path, Corruption::TooLong { len, max: MAX_MANIFEST_LEN }));
         }
         let mut buf = Vec::with_capacity(len as usize);
-        (&mut f)
-            .take(MAX_MANIFEST_LEN + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::io("read", path, e))?;
+        (&mut f).take(MAX_MANIFEST_LEN + 1).read_to_end(&mut buf).map_err(|e| Error::io("read", path, e))?;
         Manifest::decode(&buf, chunk_size).map_err(|c| Error::manifest(path, c))
     }
 
@@ -176,9 +167,7 @@ impl Manifest {
             .take((HEADER_LEN + MAX_META_LEN) as u64)
             .read_to_end(&mut buf)
             .map_err(|e| Error::io("read", path, e))?;
-        decode_head(&buf, len, chunk_size)
-            .map(|(m, ..)| m)
-            .map_err(|c| Error::manifest(path, c))
+        decode_head(&buf, len, chunk_size).map(|(m, ..)| m).map_err(|c| Error::manifest(path, c))
     }
 }
 
@@ -205,61 +194,38 @@ fn decode_head(
     count_bytes.copy_from_slice(&buf[16..24]);
     let count = u64::from_le_bytes(count_bytes);
     if meta_len > MAX_META_LEN {
-        return Err(Corruption::Invalid(format!(
-            "metadata length {meta_len} exceeds {MAX_META_LEN}"
-        )));
+        return Err(Corruption::Invalid(format!("metadata length {meta_len} exceeds {MAX_META_LEN}")));
     }
     let expected_len = count
         .checked_mul(32)
         .and_then(|t| t.checked_add((HEADER_LEN + meta_len + TRAILER_LEN) as u64))
         .ok_or_else(|| Corruption::Invalid(format!("chunk count {count} is impossible")))?;
     if expected_len != file_len {
-        return Err(Corruption::LengthMismatch {
-            field: "file length",
-            expected: expected_len,
-            actual: file_len,
-        });
+        return Err(Corruption::LengthMismatch { field: "file length", expected: expected_len, actual: file_len });
     }
     let meta_end = HEADER_LEN + meta_len;
-    let meta_bytes = buf.get(HEADER_LEN..meta_end).ok_or(Corruption::TooShort {
-        len: buf.len() as u64,
-        min: meta_end as u64,
-    })?;
+    let meta_bytes =
+        buf.get(HEADER_LEN..meta_end).ok_or(Corruption::TooShort { len: buf.len() as u64, min: meta_end as u64 })?;
     let meta: ManifestMeta = serde_json::from_slice(meta_bytes).map_err(Corruption::Json)?;
-    for (what, name) in [
-        ("VM", &meta.vm),
-        ("disk", &meta.disk),
-        ("backup", &meta.backup),
-    ] {
+    for (what, name) in [("VM", &meta.vm), ("disk", &meta.disk), ("backup", &meta.backup)] {
         validate_name(what, name).map_err(|e| Corruption::Invalid(e.to_string()))?;
     }
     if meta.chunk_size != chunk_size {
-        return Err(Corruption::LengthMismatch {
-            field: "chunk size",
-            expected: chunk_size,
-            actual: meta.chunk_size,
-        });
+        return Err(Corruption::LengthMismatch { field: "chunk size", expected: chunk_size, actual: meta.chunk_size });
     }
     let want = meta.size.div_ceil(chunk_size);
     if want != count {
-        return Err(Corruption::LengthMismatch {
-            field: "chunk count",
-            expected: want,
-            actual: count,
-        });
+        return Err(Corruption::LengthMismatch { field: "chunk count", expected: want, actual: count });
     }
     if meta.kind == Kind::Full && meta.parent.is_some() {
         return Err(Corruption::Invalid("a full backup names a parent".into()));
     }
     if let Some(w) = &meta.freeze_window {
         if w.thawed_unix_us < w.frozen_unix_us {
-            return Err(Corruption::Invalid(
-                "the freeze window ends before it begins".into(),
-            ));
+            return Err(Corruption::Invalid("the freeze window ends before it begins".into()));
         }
     }
-    let count =
-        usize::try_from(count).map_err(|_| Corruption::Invalid("too many chunks".into()))?;
+    let count = usize::try_from(count).map_err(|_| Corruption::Invalid("too many chunks".into()))?;
     Ok((meta, count, meta_end))
 }
 

@@ -49,8 +49,7 @@ use serde::{Deserialize, Serialize};
 pub use chunk::ChunkHash;
 pub use manifest::{Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
 pub use ops::{
-    Backup, BackupInfo, ChunkFault, ChunkProblem, DiskInfo, GcReport, PruneReport, RestoreStats,
-    VerifyReport,
+    Backup, BackupInfo, ChunkFault, ChunkProblem, DiskInfo, GcReport, PruneReport, RestoreStats, VerifyReport,
 };
 pub use source::{FileSource, Source};
 pub use write::{BackupSpec, BackupWriter, Progress};
@@ -110,11 +109,7 @@ pub enum Error {
     #[error("There is no backup {vm}/{id}")]
     BackupNotFound { vm: String, id: String },
     #[error("Backup {vm}/{id} has no disk {disk}")]
-    DiskNotFound {
-        vm: String,
-        id: String,
-        disk: String,
-    },
+    DiskNotFound { vm: String, id: String, disk: String },
     #[error("Disk {0} was written twice in one backup")]
     DuplicateDisk(String),
     #[error("Backup {vm}/{id} has no disk: nothing to commit")]
@@ -132,11 +127,7 @@ pub enum Error {
         source: Corruption,
     },
     #[error("The manifests of backup {vm}/{id} disagree: {reason}")]
-    Inconsistent {
-        vm: String,
-        id: String,
-        reason: String,
-    },
+    Inconsistent { vm: String, id: String, reason: String },
     #[error("Chunk {hash} is missing from the repository")]
     ChunkMissing { hash: ChunkHash },
     #[error("Chunk {hash} is damaged")]
@@ -167,11 +158,7 @@ pub enum Corruption {
     #[error("Its format version {0} is not supported")]
     UnsupportedVersion(u32),
     #[error("Its {field} is {actual}, expected {expected}")]
-    LengthMismatch {
-        field: &'static str,
-        expected: u64,
-        actual: u64,
-    },
+    LengthMismatch { field: &'static str, expected: u64, actual: u64 },
     #[error("Its checksum does not match its contents")]
     ChecksumMismatch,
     #[error("Its contents hash to {actual}, not to its name")]
@@ -190,18 +177,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     fn io(op: &'static str, path: &Path, source: io::Error) -> Error {
-        Error::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
+        Error::Io { op, path: path.to_owned(), source }
     }
 
     fn manifest(path: &Path, source: Corruption) -> Error {
-        Error::Manifest {
-            path: path.to_owned(),
-            source,
-        }
+        Error::Manifest { path: path.to_owned(), source }
     }
 }
 
@@ -229,10 +209,7 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions {
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            compression_level: 3,
-        }
+        CreateOptions { chunk_size: DEFAULT_CHUNK_SIZE, compression_level: 3 }
     }
 }
 
@@ -285,11 +262,7 @@ impl Repository {
         json.push(b'\n');
         // config.json comes last: its presence says the rest is there.
         chunk::sync_dir(root)?;
-        chunk::write_durably(
-            &root.join(".config.json.tmp"),
-            &root.join("config.json"),
-            &json,
-        )?;
+        chunk::write_durably(&root.join(".config.json.tmp"), &root.join("config.json"), &json)?;
         chunk::sync_dir(root)?;
         if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             chunk::sync_dir(parent)?;
@@ -305,36 +278,19 @@ impl Repository {
         let mut buf = Vec::new();
         File::open(&config_path)
             .and_then(|f| f.take(MAX_CONFIG_LEN).read_to_end(&mut buf))
-            .map_err(|source| Error::NotARepository {
-                path: root.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::NotARepository { path: root.clone(), source })?;
         let config: RepoConfig =
-            serde_json::from_slice(&buf).map_err(|source| Error::ConfigParse {
-                path: config_path.clone(),
-                source,
-            })?;
-        let invalid = |reason: String| Error::ConfigInvalid {
-            path: config_path.clone(),
-            reason,
-        };
+            serde_json::from_slice(&buf).map_err(|source| Error::ConfigParse { path: config_path.clone(), source })?;
+        let invalid = |reason: String| Error::ConfigInvalid { path: config_path.clone(), reason };
         if config.format != CONFIG_FORMAT {
-            return Err(invalid(format!(
-                "format {:?} is not {CONFIG_FORMAT:?}",
-                config.format
-            )));
+            return Err(invalid(format!("format {:?} is not {CONFIG_FORMAT:?}", config.format)));
         }
         if config.version != CONFIG_VERSION {
-            return Err(invalid(format!(
-                "version {} is not supported",
-                config.version
-            )));
+            return Err(invalid(format!("version {} is not supported", config.version)));
         }
         let cs = config.chunk_size;
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) || !cs.is_power_of_two() {
-            return Err(invalid(format!(
-                "chunk size {cs} is not a power of two from 4 KiB to 64 MiB"
-            )));
+            return Err(invalid(format!("chunk size {cs} is not a power of two from 4 KiB to 64 MiB")));
         }
         if config.hash != "sha256" || config.compression != "zstd" {
             return Err(invalid(format!(
@@ -343,21 +299,11 @@ impl Repository {
             )));
         }
         if !(1..=19).contains(&config.compression_level) {
-            return Err(invalid(format!(
-                "zstd level {} is not from 1 to 19",
-                config.compression_level
-            )));
+            return Err(invalid(format!("zstd level {} is not from 1 to 19", config.compression_level)));
         }
         let chunks = ChunkStore::new(root.join("chunks"), cs as usize, config.compression_level);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(8);
-        Ok(Repository {
-            root,
-            config,
-            chunks,
-            threads,
-        })
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        Ok(Repository { root, config, chunks, threads })
     }
 
     pub fn path(&self) -> &Path {
@@ -390,8 +336,7 @@ impl Repository {
     }
 
     fn manifest_path(&self, vm: &str, id: &str, disk: &str) -> PathBuf {
-        self.backup_dir(vm, id)
-            .join(format!("{disk}{MANIFEST_SUFFIX}"))
+        self.backup_dir(vm, id).join(format!("{disk}{MANIFEST_SUFFIX}"))
     }
 
     /// Takes the repository lock: shared for writers, exclusive for garbage collection.
@@ -404,11 +349,7 @@ impl Repository {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;
-        let op = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        } | libc::LOCK_NB;
+        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc != 0 {
@@ -435,22 +376,15 @@ struct RepoLock {
 pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidName {
-            what,
-            name: name.to_owned(),
-        })
+        Err(Error::InvalidName { what, name: name.to_owned() })
     }
 }
 
 pub(crate) fn now_unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }

@@ -157,16 +157,9 @@ impl Repository {
         let path = self.manifest_path(vm, id, disk);
         if !path.exists() {
             if !self.backup_dir(vm, id).is_dir() {
-                return Err(Error::BackupNotFound {
-                    vm: vm.into(),
-                    id: id.into(),
-                });
+                return Err(Error::BackupNotFound { vm: vm.into(), id: id.into() });
             }
-            return Err(Error::DiskNotFound {
-                vm: vm.into(),
-                id: id.into(),
-                disk: disk.into(),
-            });
+            return Err(Error::DiskNotFound { vm: vm.into(), id: id.into(), disk: disk.into() });
         }
         let m = Manifest::read(&path, self.chunk_size())?;
         check_names(&path, &m.meta, vm, id, disk)?;
@@ -185,22 +178,14 @@ impl Repository {
     }
 
     /// Reads the manifests of a backup: metadata only, or whole.
-    fn read_backup(
-        &self,
-        vm: &str,
-        id: &str,
-        whole: bool,
-    ) -> Result<(Vec<super::ManifestMeta>, Vec<Manifest>)> {
+    fn read_backup(&self, vm: &str, id: &str, whole: bool) -> Result<(Vec<super::ManifestMeta>, Vec<Manifest>)> {
         validate_name("VM", vm)?;
         validate_name("backup", id)?;
         let dir = self.backup_dir(vm, id);
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::BackupNotFound {
-                    vm: vm.into(),
-                    id: id.into(),
-                })
+                return Err(Error::BackupNotFound { vm: vm.into(), id: id.into() })
             }
             Err(e) => return Err(Error::io("list", &dir, e)),
         };
@@ -217,11 +202,7 @@ impl Repository {
         }
         disks.sort();
         if disks.is_empty() {
-            return Err(Error::Inconsistent {
-                vm: vm.into(),
-                id: id.into(),
-                reason: "it has no manifest".into(),
-            });
+            return Err(Error::Inconsistent { vm: vm.into(), id: id.into(), reason: "it has no manifest".into() });
         }
         let mut metas = Vec::with_capacity(disks.len());
         let mut manifests = Vec::new();
@@ -241,19 +222,12 @@ impl Repository {
         let first = &metas[0];
         for m in &metas[1..] {
             if (m.created_unix_us, m.consistency, m.freeze_window)
-                != (
-                    first.created_unix_us,
-                    first.consistency,
-                    first.freeze_window,
-                )
+                != (first.created_unix_us, first.consistency, first.freeze_window)
             {
                 return Err(Error::Inconsistent {
                     vm: vm.into(),
                     id: id.into(),
-                    reason: format!(
-                        "disks {} and {} differ in time or consistency",
-                        first.disk, m.disk
-                    ),
+                    reason: format!("disks {} and {} differ in time or consistency", first.disk, m.disk),
                 });
             }
         }
@@ -333,23 +307,11 @@ impl Repository {
                 });
             }
         }
-        report
-            .problems
-            .sort_by(|a, b| (&a.disk, a.index).cmp(&(&b.disk, b.index)));
+        report.problems.sort_by(|a, b| (&a.disk, a.index).cmp(&(&b.disk, b.index)));
         if report.is_ok() {
-            tracing::info!(
-                vm,
-                backup = id,
-                chunks = report.chunks_checked,
-                "backup verified"
-            );
+            tracing::info!(vm, backup = id, chunks = report.chunks_checked, "backup verified");
         } else {
-            tracing::error!(
-                vm,
-                backup = id,
-                problems = report.problems.len(),
-                "backup damaged"
-            );
+            tracing::error!(vm, backup = id, problems = report.problems.len(), "backup damaged");
         }
         Ok(report)
     }
@@ -360,10 +322,7 @@ impl Repository {
         validate_name("backup", id)?;
         let dir = self.backup_dir(vm, id);
         if !dir.is_dir() {
-            return Err(Error::BackupNotFound {
-                vm: vm.into(),
-                id: id.into(),
-            });
+            return Err(Error::BackupNotFound { vm: vm.into(), id: id.into() });
         }
         let doomed = self.vm_dir(vm).join(format!(
             "{DEL_PREFIX}{id}-{}-{}",
@@ -392,17 +351,8 @@ impl Repository {
             deleted.push(b.id.clone());
         }
         let gc = self.gc_locked()?;
-        tracing::info!(
-            vm,
-            deleted = deleted.len(),
-            chunks_removed = gc.chunks_removed,
-            "pruned"
-        );
-        Ok(PruneReport {
-            deleted,
-            kept: new.iter().map(|b| b.id.clone()).collect(),
-            gc,
-        })
+        tracing::info!(vm, deleted = deleted.len(), chunks_removed = gc.chunks_removed, "pruned");
+        Ok(PruneReport { deleted, kept: new.iter().map(|b| b.id.clone()).collect(), gc })
     }
 
     /// Mark and sweep: removes every chunk no manifest refers to, and the leftovers of
@@ -492,19 +442,11 @@ impl Repository {
     }
 
     fn restore_raw_to(&self, m: &Manifest, path: &Path) -> Result<RestoreStats> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::io("create", path, e))?;
-        file.set_len(m.meta.size)
-            .map_err(|e| Error::io("resize", path, e))?;
-        let jobs: Vec<(usize, ChunkHash)> = m
-            .chunks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.map(|h| (i, h)))
-            .collect();
+        let file =
+            OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io("create", path, e))?;
+        file.set_len(m.meta.size).map_err(|e| Error::io("resize", path, e))?;
+        let jobs: Vec<(usize, ChunkHash)> =
+            m.chunks.iter().enumerate().filter_map(|(i, c)| c.map(|h| (i, h))).collect();
         let written = AtomicU64::new(0);
         parallel(
             self.threads,
@@ -512,13 +454,11 @@ impl Repository {
             || Ok((self.chunks.codec()?, Vec::new())),
             |(codec, buf), j| {
                 let (i, hash) = jobs[j];
-                self.chunks
-                    .read(&hash, m.chunk_len(i), buf, codec)
-                    .map_err(|f| match f {
-                        ReadFailure::Missing => Error::ChunkMissing { hash },
-                        ReadFailure::Corrupt(source) => Error::ChunkCorrupt { hash, source },
-                        ReadFailure::Io(e) => Error::io("read", &self.chunks.path(&hash), e),
-                    })?;
+                self.chunks.read(&hash, m.chunk_len(i), buf, codec).map_err(|f| match f {
+                    ReadFailure::Missing => Error::ChunkMissing { hash },
+                    ReadFailure::Corrupt(source) => Error::ChunkCorrupt { hash, source },
+                    ReadFailure::Io(e) => Error::io("read", &self.chunks.path(&hash), e),
+                })?;
                 let base = i as u64 * m.meta.chunk_size;
                 for (start, end) in nonzero_runs(buf, 4096) {
                     file.write_all_at(&buf[start..end], base + start as u64)
@@ -529,22 +469,12 @@ impl Repository {
             },
         )?;
         file.sync_all().map_err(|e| Error::io("sync", path, e))?;
-        Ok(RestoreStats {
-            size: m.meta.size,
-            bytes_written: written.into_inner(),
-            chunks_read: jobs.len() as u64,
-        })
+        Ok(RestoreStats { size: m.meta.size, bytes_written: written.into_inner(), chunks_read: jobs.len() as u64 })
     }
 
     /// Restores to a new qcow2 image: a raw image beside `dest` first, then
     /// `qemu-img convert -O qcow2` (which keeps the holes unallocated).
-    pub fn restore_qcow2(
-        &self,
-        vm: &str,
-        id: &str,
-        disk: &str,
-        dest: &Path,
-    ) -> Result<RestoreStats> {
+    pub fn restore_qcow2(&self, vm: &str, id: &str, disk: &str, dest: &Path) -> Result<RestoreStats> {
         let m = self.manifest(vm, id, disk)?;
         if dest.exists() {
             return Err(Error::DestinationExists(dest.to_owned()));
@@ -554,16 +484,7 @@ impl Repository {
         let result = (|| {
             let stats = self.restore_raw_to(&m, &raw)?;
             let out = Command::new("qemu-img")
-                .args([
-                    "convert",
-                    "-q",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "qcow2",
-                    "-t",
-                    "writeback",
-                ])
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
                 .arg(&raw)
                 .arg(&qcow)
                 .output()
@@ -574,9 +495,7 @@ impl Repository {
                     stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
                 });
             }
-            fs::File::open(&qcow)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io("sync", &qcow, e))?;
+            fs::File::open(&qcow).and_then(|f| f.sync_all()).map_err(|e| Error::io("sync", &qcow, e))?;
             fs::rename(&qcow, dest).map_err(|e| Error::io("rename", &qcow, e))?;
             chunk::sync_dir(parent_dir(dest))?;
             Ok(stats)
@@ -589,13 +508,7 @@ impl Repository {
     }
 }
 
-fn check_names(
-    path: &Path,
-    meta: &super::ManifestMeta,
-    vm: &str,
-    id: &str,
-    disk: &str,
-) -> Result<()> {
+fn check_names(path: &Path, meta: &super::ManifestMeta, vm: &str, id: &str, disk: &str) -> Result<()> {
     if meta.vm != vm || meta.backup != id || meta.disk != disk {
         return Err(Error::manifest(
             path,
@@ -631,10 +544,7 @@ fn list_names(dir: &Path) -> Result<Vec<String>> {
 
 /// `dir/.NAME.TAG-PID`, beside `dest`.
 fn sibling(dest: &Path, tag: &str) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     parent_dir(dest).join(format!(".{name}.{tag}-{}", std::process::id()))
 }
 

@@ -51,10 +51,7 @@ impl Source for [u8] {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let start = usize::try_from(off).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&end| end <= self.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let end = start.checked_add(buf.len()).filter(|&end| end <= self.len()).ok_or(io::ErrorKind::UnexpectedEof)?;
         buf.copy_from_slice(&self[start..end]);
         Ok(())
     }

@@ -16,14 +16,8 @@ const K64: u64 = 64 << 10;
 
 fn new_repo(chunk_size: u64) -> (tempfile::TempDir, Repository) {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::create(
-        dir.path().join("repo"),
-        CreateOptions {
-            chunk_size,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
+    let repo =
+        Repository::create(dir.path().join("repo"), CreateOptions { chunk_size, ..CreateOptions::default() }).unwrap();
     (dir, repo)
 }
 
@@ -32,10 +26,7 @@ fn spec(vm: &str, id: &str) -> BackupSpec {
         vm: vm.into(),
         id: id.into(),
         consistency: Consistency::Application,
-        freeze_window: Some(FreezeWindow {
-            frozen_unix_us: 1_000,
-            thawed_unix_us: 41_000,
-        }),
+        freeze_window: Some(FreezeWindow { frozen_unix_us: 1_000, thawed_unix_us: 41_000 }),
         created_unix_us: None,
     }
 }
@@ -68,9 +59,7 @@ fn mixed(size: usize, seed: u64) -> Vec<u8> {
             0 => rng.fill(piece),
             1 => {}
             2 => {
-                let text = format!(
-                    "record {k} of seed {seed}: the quick brown fox jumps over the lazy dog\n"
-                );
+                let text = format!("record {k} of seed {seed}: the quick brown fox jumps over the lazy dog\n");
                 for (b, t) in piece.iter_mut().zip(text.bytes().cycle()) {
                     *b = t;
                 }
@@ -93,33 +82,17 @@ fn write_file(path: &Path, data: &[u8]) -> FileSource {
 }
 
 fn stored_chunks(repo: &Repository) -> Vec<ChunkHash> {
-    let mut v: Vec<_> = repo
-        .chunks
-        .list()
-        .unwrap()
-        .chunks
-        .into_iter()
-        .map(|c| c.0)
-        .collect();
+    let mut v: Vec<_> = repo.chunks.list().unwrap().chunks.into_iter().map(|c| c.0).collect();
     v.sort();
     v
 }
 
 fn qemu_img() -> bool {
-    Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 fn qemu_img_compare(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", fa, "-F", fb])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap()
-        .success()
+    Command::new("qemu-img").args(["compare", "-q", "-f", fa, "-F", fb]).arg(a).arg(b).status().unwrap().success()
 }
 
 fn full_backup(repo: &Repository, vm: &str, id: &str, disk: &str, src: &dyn Source) -> DiskStats {
@@ -156,31 +129,15 @@ fn full_backup_of_an_odd_size_restores_byte_for_byte_and_sparse() {
     assert!(r.bytes_written < size as u64 - 2 * K64);
     // The zero chunks are holes.
     assert!(fs::metadata(&out).unwrap().blocks() * 512 < size as u64 - K64);
-    assert!(matches!(
-        repo.restore_raw("web01", "b1", "vda", &out),
-        Err(Error::DestinationExists(_))
-    ));
+    assert!(matches!(repo.restore_raw("web01", "b1", "vda", &out), Err(Error::DestinationExists(_))));
 
     if qemu_img() {
-        assert!(qemu_img_compare(
-            &dir.path().join("disk.raw"),
-            "raw",
-            &out,
-            "raw"
-        ));
+        assert!(qemu_img_compare(&dir.path().join("disk.raw"), "raw", &out, "raw"));
         let q = dir.path().join("restored.qcow2");
         repo.restore_qcow2("web01", "b1", "vda", &q).unwrap();
-        assert!(qemu_img_compare(
-            &dir.path().join("disk.raw"),
-            "raw",
-            &q,
-            "qcow2"
-        ));
+        assert!(qemu_img_compare(&dir.path().join("disk.raw"), "raw", &q, "qcow2"));
         // Only the qcow2 is left beside it.
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 4, "{names:?}");
     } else {
         eprintln!("qemu-img is not installed: compare and qcow2 restore not tested");
@@ -309,12 +266,7 @@ fn incremental_patches_small_changes_into_the_parent_chunk_and_reads_only_them()
 
     let mut new = old.clone();
     // 100 bytes of chunk 0, 4 KiB of (zero) chunk 1, most of chunk 2, 10 bytes of chunk 3.
-    let extents = [
-        (1000u64, 100u64),
-        (cs as u64 + 8192, 4096),
-        (2 * cs as u64, 200 << 10),
-        (3 * cs as u64 + 5, 10),
-    ];
+    let extents = [(1000u64, 100u64), (cs as u64 + 8192, 4096), (2 * cs as u64, 200 << 10), (3 * cs as u64 + 5, 10)];
     for &(off, len) in &extents {
         rng.fill(&mut new[off as usize..(off + len) as usize]);
     }
@@ -397,24 +349,12 @@ fn bad_extents_and_a_foreign_parent_are_refused() {
     let parent = repo.manifest("vm", "b1", "vda").unwrap();
     let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
     let unsorted = [(2 * K64, 10), (0, 10)];
-    assert!(matches!(
-        w.incremental("vda", &src, &parent, &unsorted),
-        Err(Error::InvalidExtents { .. })
-    ));
+    assert!(matches!(w.incremental("vda", &src, &parent, &unsorted), Err(Error::InvalidExtents { .. })));
     let beyond = [(4 * K64 - 5, 10)];
-    assert!(matches!(
-        w.incremental("vda", &src, &parent, &beyond),
-        Err(Error::InvalidExtents { .. })
-    ));
+    assert!(matches!(w.incremental("vda", &src, &parent, &beyond), Err(Error::InvalidExtents { .. })));
     let overflow = [(u64::MAX, 10)];
-    assert!(matches!(
-        w.incremental("vda", &src, &parent, &overflow),
-        Err(Error::InvalidExtents { .. })
-    ));
-    assert!(matches!(
-        w.incremental("vdb", &src, &parent, &[]),
-        Err(Error::ParentMismatch { .. })
-    ));
+    assert!(matches!(w.incremental("vda", &src, &parent, &overflow), Err(Error::InvalidExtents { .. })));
+    assert!(matches!(w.incremental("vdb", &src, &parent, &[]), Err(Error::ParentMismatch { .. })));
     // A failed disk is not part of the backup: nothing to commit.
     assert!(matches!(w.commit(), Err(Error::EmptyBackup { .. })));
     assert!(repo.list(Some("vm")).unwrap().len() == 1);
@@ -431,22 +371,10 @@ fn identical_data_of_two_vms_is_stored_once() {
     assert_eq!(b.chunks_new, 0);
     assert_eq!(b.bytes_stored, 0);
     assert_eq!(stored_chunks(&repo), before);
-    let distinct: std::collections::HashSet<_> = repo
-        .manifest("vm-a", "b1", "vda")
-        .unwrap()
-        .chunks
-        .into_iter()
-        .flatten()
-        .collect();
+    let distinct: std::collections::HashSet<_> =
+        repo.manifest("vm-a", "b1", "vda").unwrap().chunks.into_iter().flatten().collect();
     assert_eq!(before.len(), distinct.len());
-    assert_eq!(
-        repo.list(None)
-            .unwrap()
-            .iter()
-            .map(|b| b.vm.as_str())
-            .collect::<Vec<_>>(),
-        ["vm-a", "vm-b"]
-    );
+    assert_eq!(repo.list(None).unwrap().iter().map(|b| b.vm.as_str()).collect::<Vec<_>>(), ["vm-a", "vm-b"]);
 }
 
 #[test]
@@ -462,13 +390,8 @@ fn concurrent_writers_of_the_same_data_both_commit_whole_backups() {
     for vm in ["vm-a", "vm-b", "vm-c"] {
         assert!(repo.verify(vm, "b1").unwrap().is_ok());
     }
-    let distinct: std::collections::HashSet<_> = repo
-        .manifest("vm-a", "b1", "vda")
-        .unwrap()
-        .chunks
-        .into_iter()
-        .flatten()
-        .collect();
+    let distinct: std::collections::HashSet<_> =
+        repo.manifest("vm-a", "b1", "vda").unwrap().chunks.into_iter().flatten().collect();
     assert_eq!(stored_chunks(&repo).len(), distinct.len());
     assert!(repo.chunks.list().unwrap().temps.is_empty());
 }
@@ -497,36 +420,18 @@ fn verify_finds_a_flipped_byte_and_a_missing_chunk_and_restore_refuses_them() {
     fs::remove_file(repo.chunks.path(&gone)).unwrap();
 
     let report = repo.verify("vm", "b1").unwrap();
-    let found: Vec<_> = report
-        .problems
-        .iter()
-        .map(|p| (p.disk.as_str(), p.index, p.offset))
-        .collect();
+    let found: Vec<_> = report.problems.iter().map(|p| (p.disk.as_str(), p.index, p.offset)).collect();
     // Chunk 1 of vda is chunk 1 of vdb too.
-    assert_eq!(
-        found,
-        [("vda", 1, K64), ("vda", 5, 5 * K64), ("vdb", 1, K64)]
-    );
+    assert_eq!(found, [("vda", 1, K64), ("vda", 5, 5 * K64), ("vdb", 1, K64)]);
     assert_eq!(report.problems[0].fault, ChunkFault::Missing);
-    assert!(
-        matches!(report.problems[1].fault, ChunkFault::Corrupt(_)),
-        "{:?}",
-        report.problems[1]
-    );
+    assert!(matches!(report.problems[1].fault, ChunkFault::Corrupt(_)), "{:?}", report.problems[1]);
     assert_eq!(report.problems[1].hash, flipped.to_string());
 
     let out = dir.path().join("r.raw");
     let e = repo.restore_raw("vm", "b1", "vda", &out).unwrap_err();
-    assert!(
-        matches!(e, Error::ChunkMissing { .. } | Error::ChunkCorrupt { .. }),
-        "{e}"
-    );
+    assert!(matches!(e, Error::ChunkMissing { .. } | Error::ChunkCorrupt { .. }), "{e}");
     assert!(!out.exists());
-    assert_eq!(
-        fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "no partial file is left"
-    );
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no partial file is left");
 }
 
 #[test]
@@ -558,27 +463,17 @@ fn hostile_chunk_files_are_errors_and_decompression_is_bounded() {
         ("empty", Vec::new()),
         ("bad magic", [b"XXXXXXXX".as_slice(), &good[8..]].concat()),
         ("zstd bomb", header(1, K64 as u32, &bomb)),
-        (
-            "data length beyond chunk size",
-            header(0, 1 << 30, &[0; 16]),
-        ),
+        ("data length beyond chunk size", header(0, 1 << 30, &[0; 16])),
         ("unknown encoding", header(7, K64 as u32, &good[24..])),
         ("garbage payload", header(1, K64 as u32, &[0xFF; 100])),
-        (
-            "other content",
-            header(0, K64 as u32, &vec![3u8; K64 as usize]),
-        ),
+        ("other content", header(0, K64 as u32, &vec![3u8; K64 as usize])),
         ("huge file", vec![0u8; 1 << 20]),
     ];
     for (what, bytes) in cases {
         fs::write(&path, &bytes).unwrap();
         let report = repo.verify("vm", "b1").unwrap();
         assert_eq!(report.problems.len(), 1, "{what}");
-        assert!(
-            matches!(report.problems[0].fault, ChunkFault::Corrupt(_)),
-            "{what}: {:?}",
-            report.problems[0]
-        );
+        assert!(matches!(report.problems[0].fault, ChunkFault::Corrupt(_)), "{what}: {:?}", report.problems[0]);
     }
 }
 
@@ -601,12 +496,7 @@ fn prune_keeps_the_last_n_and_gc_removes_only_unreferenced_chunks() {
     assert_eq!(report.kept, ["b2", "b3"]);
     assert!(report.gc.chunks_removed > 0);
 
-    let ids: Vec<_> = repo
-        .list(None)
-        .unwrap()
-        .into_iter()
-        .map(|b| format!("{}/{}", b.vm, b.id))
-        .collect();
+    let ids: Vec<_> = repo.list(None).unwrap().into_iter().map(|b| format!("{}/{}", b.vm, b.id)).collect();
     assert_eq!(ids, ["other/x", "vm/b2", "vm/b3"]);
     let mut referenced = std::collections::BTreeSet::new();
     for b in repo.list(None).unwrap() {
@@ -615,10 +505,7 @@ fn prune_keeps_the_last_n_and_gc_removes_only_unreferenced_chunks() {
         }
         assert!(repo.verify(&b.vm, &b.id).unwrap().is_ok());
     }
-    assert_eq!(
-        stored_chunks(&repo),
-        referenced.into_iter().collect::<Vec<_>>()
-    );
+    assert_eq!(stored_chunks(&repo), referenced.into_iter().collect::<Vec<_>>());
     let again = repo.gc().unwrap();
     assert_eq!((again.chunks_removed, again.leftovers_removed), (0, 0));
 }
@@ -631,16 +518,10 @@ fn a_writer_dropped_before_commit_leaves_no_backup_and_gc_takes_its_chunks() {
         let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
         w.full("vda", &data).unwrap();
         assert!(matches!(repo.gc(), Err(Error::Busy)));
-        assert!(matches!(
-            repo.prune("vm", NonZeroUsize::MIN),
-            Err(Error::Busy)
-        ));
+        assert!(matches!(repo.prune("vm", NonZeroUsize::MIN), Err(Error::Busy)));
     }
     assert!(repo.list(None).unwrap().is_empty());
-    assert!(matches!(
-        repo.info("vm", "b1"),
-        Err(Error::BackupNotFound { .. })
-    ));
+    assert!(matches!(repo.info("vm", "b1"), Err(Error::BackupNotFound { .. })));
     assert!(!stored_chunks(&repo).is_empty());
     repo.gc().unwrap();
     assert!(stored_chunks(&repo).is_empty());
@@ -671,10 +552,7 @@ fn delete_removes_one_backup_and_gc_frees_its_chunks_only() {
     let keep = stored_chunks(&repo);
     full_backup(&repo, "vm", "b2", "vda", &mixed(2 * K64 as usize, 15));
     repo.delete("vm", "b2").unwrap();
-    assert!(matches!(
-        repo.delete("vm", "b2"),
-        Err(Error::BackupNotFound { .. })
-    ));
+    assert!(matches!(repo.delete("vm", "b2"), Err(Error::BackupNotFound { .. })));
     repo.gc().unwrap();
     assert_eq!(stored_chunks(&repo), keep);
     assert!(repo.verify("vm", "b1").unwrap().is_ok());
@@ -722,35 +600,14 @@ fn damaged_manifests_are_errors_never_panics_and_stop_gc() {
         ("flipped metadata byte", flipped),
         ("flipped table byte", flipped_table),
         ("bad magic", [b"LSNAPXXX".as_slice(), &good[8..]].concat()),
-        (
-            "version 9",
-            [&good[..8], &9u32.to_le_bytes()[..], &good[12..]].concat(),
-        ),
+        ("version 9", [&good[..8], &9u32.to_le_bytes()[..], &good[12..]].concat()),
         ("garbage json", resealed(b"{not json", 4, table)),
-        (
-            "wrong chunk count",
-            resealed(&good[32..32 + meta_len], 3, &table[..96]),
-        ),
-        (
-            "huge chunk count",
-            resealed(&good[32..32 + meta_len], u64::MAX / 16, table),
-        ),
-        (
-            "wrong chunk size",
-            resealed(&with("chunk_size", 4096.into()), 4, table),
-        ),
-        (
-            "other vm",
-            resealed(&with("vm", "intruder".into()), 4, table),
-        ),
-        (
-            "path in name",
-            resealed(&with("disk", "../../etc".into()), 4, table),
-        ),
-        (
-            "size overflow",
-            resealed(&with("size", u64::MAX.into()), 4, table),
-        ),
+        ("wrong chunk count", resealed(&good[32..32 + meta_len], 3, &table[..96])),
+        ("huge chunk count", resealed(&good[32..32 + meta_len], u64::MAX / 16, table)),
+        ("wrong chunk size", resealed(&with("chunk_size", 4096.into()), 4, table)),
+        ("other vm", resealed(&with("vm", "intruder".into()), 4, table)),
+        ("path in name", resealed(&with("disk", "../../etc".into()), 4, table)),
+        ("size overflow", resealed(&with("size", u64::MAX.into()), 4, table)),
     ];
     for (what, bytes) in cases {
         fs::write(&path, &bytes).unwrap();
@@ -758,21 +615,13 @@ fn damaged_manifests_are_errors_never_panics_and_stop_gc() {
         assert!(matches!(e, Error::Manifest { .. }), "{what}: {e}");
         assert!(repo.get("vm", "b1").is_err(), "{what}");
         assert!(repo.verify("vm", "b1").is_err(), "{what}");
-        assert!(
-            repo.restore_raw("vm", "b1", "vda", &_dir.path().join("x"))
-                .is_err(),
-            "{what}"
-        );
+        assert!(repo.restore_raw("vm", "b1", "vda", &_dir.path().join("x")).is_err(), "{what}");
         assert!(repo.gc().is_err(), "{what}");
         if what != "flipped table byte" {
             assert!(repo.list(None).is_err(), "{what}");
             assert!(repo.info("vm", "b1").is_err(), "{what}");
         }
-        assert_eq!(
-            stored_chunks(&repo),
-            chunks_before,
-            "{what}: gc removed nothing"
-        );
+        assert_eq!(stored_chunks(&repo), chunks_before, "{what}: gc removed nothing");
     }
     let e = repo.manifest("vm", "b1", "vda").unwrap_err();
     let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
@@ -786,36 +635,15 @@ fn damaged_manifests_are_errors_never_panics_and_stop_gc() {
 fn names_that_are_not_plain_path_components_are_refused() {
     let (_dir, repo) = new_repo(K64);
     for bad in ["", "..", ".tmp-x", "a/b", "-x", "x y", &"x".repeat(129)] {
-        assert!(
-            matches!(
-                repo.begin_backup(spec(bad, "b")),
-                Err(Error::InvalidName { .. })
-            ),
-            "{bad:?}"
-        );
-        assert!(
-            matches!(
-                repo.begin_backup(spec("vm", bad)),
-                Err(Error::InvalidName { .. })
-            ),
-            "{bad:?}"
-        );
+        assert!(matches!(repo.begin_backup(spec(bad, "b")), Err(Error::InvalidName { .. })), "{bad:?}");
+        assert!(matches!(repo.begin_backup(spec("vm", bad)), Err(Error::InvalidName { .. })), "{bad:?}");
     }
     let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
-    assert!(matches!(
-        w.full("../x", &vec![1u8; 10]),
-        Err(Error::InvalidName { .. })
-    ));
+    assert!(matches!(w.full("../x", &vec![1u8; 10]), Err(Error::InvalidName { .. })));
     w.full("vda", &vec![1u8; 10]).unwrap();
-    assert!(matches!(
-        w.full("vda", &vec![1u8; 10]),
-        Err(Error::DuplicateDisk(_))
-    ));
+    assert!(matches!(w.full("vda", &vec![1u8; 10]), Err(Error::DuplicateDisk(_))));
     w.commit().unwrap();
-    assert!(matches!(
-        repo.begin_backup(spec("vm", "b1")),
-        Err(Error::BackupExists { .. })
-    ));
+    assert!(matches!(repo.begin_backup(spec("vm", "b1")), Err(Error::BackupExists { .. })));
 }
 
 #[test]
@@ -823,43 +651,22 @@ fn a_repository_reopens_with_its_config_and_refuses_a_bad_one() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("repo");
     assert!(matches!(
-        Repository::create(
-            &root,
-            CreateOptions {
-                chunk_size: 3 << 20,
-                ..Default::default()
-            }
-        ),
+        Repository::create(&root, CreateOptions { chunk_size: 3 << 20, ..Default::default() }),
         Err(Error::InvalidChunkSize(_))
     ));
     let repo = Repository::create(&root, CreateOptions::default()).unwrap();
     assert_eq!(repo.chunk_size(), DEFAULT_CHUNK_SIZE);
     drop(repo);
-    assert_eq!(
-        Repository::open(&root).unwrap().config().chunk_size,
-        4 << 20
-    );
-    assert!(matches!(
-        Repository::create(&root, CreateOptions::default()),
-        Err(Error::NotEmpty(_))
-    ));
-    assert!(matches!(
-        Repository::open(dir.path()),
-        Err(Error::NotARepository { .. })
-    ));
+    assert_eq!(Repository::open(&root).unwrap().config().chunk_size, 4 << 20);
+    assert!(matches!(Repository::create(&root, CreateOptions::default()), Err(Error::NotEmpty(_))));
+    assert!(matches!(Repository::open(dir.path()), Err(Error::NotARepository { .. })));
     let config = root.join("config.json");
     fs::write(&config, b"{\"format\":").unwrap();
-    assert!(matches!(
-        Repository::open(&root),
-        Err(Error::ConfigParse { .. })
-    ));
+    assert!(matches!(Repository::open(&root), Err(Error::ConfigParse { .. })));
     let text = serde_json::json!({"format": "livesnap-repository", "version": 1, "chunk_size": 12345,
         "hash": "sha256", "compression": "zstd", "compression_level": 3, "created_unix_us": 0});
     fs::write(&config, text.to_string()).unwrap();
-    assert!(matches!(
-        Repository::open(&root),
-        Err(Error::ConfigInvalid { .. })
-    ));
+    assert!(matches!(Repository::open(&root), Err(Error::ConfigInvalid { .. })));
 }
 
 #[test]
@@ -880,10 +687,7 @@ fn a_failing_source_fails_the_disk_with_its_offset() {
     let (_dir, repo) = new_repo(K64);
     let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
     let e = w.full("vda", &Failing).unwrap_err();
-    assert!(
-        matches!(e, Error::SourceRead { offset, .. } if offset == 2 * K64),
-        "{e}"
-    );
+    assert!(matches!(e, Error::SourceRead { offset, .. } if offset == 2 * K64), "{e}");
 }
 
 #[test]
@@ -893,16 +697,12 @@ fn progress_reaches_the_total() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
     let s = seen.clone();
-    w.set_progress(Box::new(move |disk, done, total| {
-        s.lock().unwrap().push((disk.to_owned(), done, total))
-    }));
+    w.set_progress(Box::new(move |disk, done, total| s.lock().unwrap().push((disk.to_owned(), done, total))));
     w.full("vda", &data).unwrap();
     w.commit().unwrap();
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 6);
-    assert!(seen
-        .iter()
-        .any(|(d, done, total)| d == "vda" && *done == *total && *total == data.len() as u64));
+    assert!(seen.iter().any(|(d, done, total)| d == "vda" && *done == *total && *total == data.len() as u64));
 }
 
 fn mib_per_s(bytes: u64, since: Instant) -> f64 {
@@ -914,18 +714,14 @@ fn mib_per_s(bytes: u64, since: Instant) -> f64 {
 #[test]
 #[ignore = "measurement: run with --run-ignored only --no-capture"]
 fn measure_throughput_of_a_512_mib_full_backup() {
-    let dir = tempfile::tempdir_in(
-        std::env::var_os("MEASURE_DIR").map_or_else(std::env::temp_dir, PathBuf::from),
-    )
-    .unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").map_or_else(std::env::temp_dir, PathBuf::from)).unwrap();
     let size = 512usize << 20;
     let path = dir.path().join("disk.raw");
     fs::write(&path, mixed(size, 42)).unwrap();
     let src = FileSource::open(&path).unwrap();
     // Out of the page cache as far as possible: the source is a disk, not memory.
-    let _ = Command::new("sh")
-        .args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"])
-        .status();
+    let _ = Command::new("sh").args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"]).status();
     // Where a single thread's time goes, per stage, over the same 4 MiB chunks.
     {
         let cs = DEFAULT_CHUNK_SIZE as usize;
@@ -960,9 +756,7 @@ fn measure_throughput_of_a_512_mib_full_backup() {
         for i in 0..size / cs {
             let _ = fs::remove_file(dir.path().join(format!("sync{i}")));
         }
-        let _ = Command::new("sh")
-            .args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"])
-            .status();
+        let _ = Command::new("sh").args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"]).status();
     }
     for threads in [1, 2, 4] {
         let root = dir.path().join(format!("repo{threads}"));
@@ -978,18 +772,14 @@ fn measure_throughput_of_a_512_mib_full_backup() {
         assert!(repo.verify("vm", "b1").unwrap().is_ok());
         let verify = mib_per_s(size as u64, t);
         let t = Instant::now();
-        repo.restore_raw(
-            "vm",
-            "b1",
-            "vda",
-            &dir.path().join(format!("r{threads}.raw")),
-        )
-        .unwrap();
+        repo.restore_raw("vm", "b1", "vda", &dir.path().join(format!("r{threads}.raw"))).unwrap();
         let restore = mib_per_s(size as u64, t);
         eprintln!(
             "threads {threads}: full backup {full:.0} MiB/s (stored {} MiB of 512, {} zero chunks of {}), \
              second full (dedup) {dedup:.0} MiB/s, verify {verify:.0} MiB/s, restore {restore:.0} MiB/s",
-            s.bytes_stored >> 20, s.chunks_zero, s.chunks_read
+            s.bytes_stored >> 20,
+            s.chunks_zero,
+            s.chunks_read
         );
         if threads == 2 {
             measure_incremental_ratios(&repo, &src);
@@ -1022,40 +812,26 @@ fn measure_incremental_ratios(repo: &Repository, src: &FileSource) {
     let mut aligned: Vec<u64> = (0..chunks / 10).map(|_| rng.next() % chunks).collect();
     aligned.sort();
     aligned.dedup();
-    run(
-        "10% of the chunks, chunk-aligned",
-        aligned.iter().map(|c| (c * cs, cs)).collect(),
-    );
+    run("10% of the chunks, chunk-aligned", aligned.iter().map(|c| (c * cs, cs)).collect());
     for permille in [1u64, 10, 100] {
         let blocks = size / K64;
-        let mut picked: Vec<u64> = (0..blocks * permille / 1000)
-            .map(|_| rng.next() % blocks)
-            .collect();
+        let mut picked: Vec<u64> = (0..blocks * permille / 1000).map(|_| rng.next() % blocks).collect();
         picked.sort();
         picked.dedup();
         run(
-            &format!(
-                "{}% of the 64 KiB blocks, scattered at random",
-                permille as f64 / 10.0
-            ),
+            &format!("{}% of the 64 KiB blocks, scattered at random", permille as f64 / 10.0),
             picked.iter().map(|b| (b * K64, K64)).collect(),
         );
     }
     let blocks = size / K64;
     let start = rng.next() % (blocks - 1600);
-    run(
-        "a run of 100 MiB at a random 64 KiB boundary",
-        vec![(start * K64, 1600 * K64)],
-    );
+    run("a run of 100 MiB at a random 64 KiB boundary", vec![(start * K64, 1600 * K64)]);
 }
 
 #[test]
 fn chunks_compressed_at_the_highest_level_read_back_within_the_window_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = CreateOptions {
-        chunk_size: 256 << 10,
-        compression_level: 19,
-    };
+    let opts = CreateOptions { chunk_size: 256 << 10, compression_level: 19 };
     let repo = Repository::create(dir.path().join("repo"), opts).unwrap();
     let data = mixed(512 << 10, 77);
     let stats = full_backup(&repo, "vm", "b1", "vda", &data);

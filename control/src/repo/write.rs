@@ -7,13 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::chunk::{self, ChunkHash, Codec, TMP_PREFIX};
-use super::manifest::{
-    chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta,
-};
+use super::manifest::{chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
 use super::ops::BackupInfo;
-use super::{
-    now_unix_us, validate_name, Error, RepoLock, Repository, Result, Source, MANIFEST_SUFFIX,
-};
+use super::{now_unix_us, validate_name, Error, RepoLock, Repository, Result, Source, MANIFEST_SUFFIX};
 
 /// What a new backup is.
 #[derive(Clone, Debug)]
@@ -73,10 +69,7 @@ pub struct BackupWriter<'r> {
 
 impl std::fmt::Debug for BackupWriter<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackupWriter")
-            .field("spec", &self.spec)
-            .field("disks", &self.disks)
-            .finish_non_exhaustive()
+        f.debug_struct("BackupWriter").field("spec", &self.spec).field("disks", &self.disks).finish_non_exhaustive()
     }
 }
 
@@ -96,10 +89,7 @@ impl Repository {
         let lock = self.lock(false)?;
         let vm_dir = self.vm_dir(&spec.vm);
         if self.backup_dir(&spec.vm, &spec.id).exists() {
-            return Err(Error::BackupExists {
-                vm: spec.vm,
-                id: spec.id,
-            });
+            return Err(Error::BackupExists { vm: spec.vm, id: spec.id });
         }
         fs::create_dir_all(&vm_dir).map_err(|e| Error::io("create", &vm_dir, e))?;
         let tmp_dir = vm_dir.join(format!(
@@ -149,32 +139,19 @@ impl BackupWriter<'_> {
         parent: &Manifest,
         changed: &[(u64, u64)],
     ) -> Result<DiskStats> {
-        let mismatch = |reason: String| Error::ParentMismatch {
-            disk: disk.to_owned(),
-            reason,
-        };
+        let mismatch = |reason: String| Error::ParentMismatch { disk: disk.to_owned(), reason };
         if parent.meta.vm != self.spec.vm || parent.meta.disk != disk {
-            return Err(mismatch(format!(
-                "it is disk {} of VM {}",
-                parent.meta.disk, parent.meta.vm
-            )));
+            return Err(mismatch(format!("it is disk {} of VM {}", parent.meta.disk, parent.meta.vm)));
         }
         let cs = self.repo.chunk_size();
-        if parent.meta.chunk_size != cs
-            || parent.chunks.len() as u64 != parent.meta.size.div_ceil(cs)
-        {
-            return Err(mismatch(
-                "its chunk table does not fit this repository".into(),
-            ));
+        if parent.meta.chunk_size != cs || parent.chunks.len() as u64 != parent.meta.size.div_ceil(cs) {
+            return Err(mismatch("its chunk table does not fit this repository".into()));
         }
         self.start_disk(disk)?;
         let size = source.size();
         let count = chunk_count(disk, size, cs)?;
 
-        let invalid = |reason: String| Error::InvalidExtents {
-            disk: disk.to_owned(),
-            reason,
-        };
+        let invalid = |reason: String| Error::InvalidExtents { disk: disk.to_owned(), reason };
         // The changed ranges within each touched chunk, merged, relative to the chunk.
         let mut ranges: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
         let mut prev_off = 0u64;
@@ -182,16 +159,13 @@ impl BackupWriter<'_> {
         let mut bytes_changed = 0u64;
         for &(off, len) in changed {
             if off < prev_off {
-                return Err(invalid(format!(
-                    "offset {off} comes after offset {prev_off}"
-                )));
+                return Err(invalid(format!("offset {off} comes after offset {prev_off}")));
             }
             prev_off = off;
-            let end = off.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-                invalid(format!(
-                    "extent {off}+{len} ends beyond the disk's {size} bytes"
-                ))
-            })?;
+            let end = off
+                .checked_add(len)
+                .filter(|&e| e <= size)
+                .ok_or_else(|| invalid(format!("extent {off}+{len} ends beyond the disk's {size} bytes")))?;
             if len == 0 {
                 continue;
             }
@@ -202,10 +176,7 @@ impl BackupWriter<'_> {
             covered_end = covered_end.max(end);
             for i in off / cs..=(end - 1) / cs {
                 let base = i * cs;
-                let r = (
-                    (off.max(base) - base) as usize,
-                    (end.min(base + cs) - base) as usize,
-                );
+                let r = ((off.max(base) - base) as usize, (end.min(base + cs) - base) as usize);
                 let v = ranges.entry(i as usize).or_default();
                 match v.last_mut() {
                     Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
@@ -227,34 +198,19 @@ impl BackupWriter<'_> {
             }
             match ranges.remove(&i) {
                 None if same_bytes && old_stored => *entry = old,
-                None => jobs.push(Job {
-                    index: i,
-                    patch: None,
-                }),
+                None => jobs.push(Job { index: i, patch: None }),
                 Some(r) => {
                     let covered: usize = r.iter().map(|(s, e)| e - s).sum();
                     // Patching the parent's chunk reads only the changed bytes from the
                     // source (the storage the VMs run on), however much of it changed; the
                     // repository's copy is read instead of the rest.
-                    let patch = (same_bytes && old_stored && covered < len).then_some(Patch {
-                        base: old,
-                        ranges: r,
-                    });
+                    let patch = (same_bytes && old_stored && covered < len).then_some(Patch { base: old, ranges: r });
                     jobs.push(Job { index: i, patch });
                 }
             }
         }
         let parent_id = Some(parent.meta.backup.clone());
-        self.write_disk(
-            disk,
-            source,
-            table,
-            &jobs,
-            size,
-            bytes_changed,
-            Kind::Incremental,
-            parent_id,
-        )
+        self.write_disk(disk, source, table, &jobs, size, bytes_changed, Kind::Incremental, parent_id)
     }
 
     fn start_disk(&mut self, disk: &str) -> Result<()> {
@@ -285,14 +241,7 @@ impl BackupWriter<'_> {
         let Done { states, results } = parallel(
             repo.threads,
             jobs.len(),
-            || {
-                Ok((
-                    repo.chunks.codec()?,
-                    Vec::new(),
-                    DiskStats::default(),
-                    [false; 256],
-                ))
-            },
+            || Ok((repo.chunks.codec()?, Vec::new(), DiskStats::default(), [false; 256])),
             |(codec, buf, stats, dirty): &mut (Codec, Vec<u8>, DiskStats, [bool; 256]), j| {
                 let job = &jobs[j];
                 let i = job.index;
@@ -313,10 +262,7 @@ impl BackupWriter<'_> {
                         buf.resize(len, 0);
                         Some(ranges)
                     }
-                    Some(Patch {
-                        base: Some(h),
-                        ranges,
-                    }) => match repo.chunks.read(h, len, buf, codec) {
+                    Some(Patch { base: Some(h), ranges }) => match repo.chunks.read(h, len, buf, codec) {
                         Ok(()) => Some(ranges),
                         Err(f) => {
                             tracing::warn!(disk, chunk = %h, failure = ?f,
@@ -446,12 +392,7 @@ fn chunk_count(disk: &str, size: u64, chunk_size: u64) -> Result<usize> {
 
 /// Runs `work(state, j)` for `j` in `0..jobs` on up to `threads` threads, each with its own
 /// `init()` state. Stops at the first error. Returns the states and `(j, result)` pairs.
-pub(super) fn parallel<S, T, I, W>(
-    threads: usize,
-    jobs: usize,
-    init: I,
-    work: W,
-) -> Result<Done<S, T>>
+pub(super) fn parallel<S, T, I, W>(threads: usize, jobs: usize, init: I, work: W) -> Result<Done<S, T>>
 where
     S: Send,
     T: Send,
@@ -484,10 +425,7 @@ where
     } else {
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads).map(|_| s.spawn(run)).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         })
     };
     let mut states = Vec::with_capacity(threads);

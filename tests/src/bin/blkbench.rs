@@ -323,7 +323,8 @@ impl Runner {
         ensure!(capacity * SECTOR_SIZE == size, "device capacity {capacity} sectors, file {size} bytes");
         let depth = WORKLOADS.iter().map(|w| w.depth).max().unwrap_or(1) as u16;
         let block = WORKLOADS.iter().map(|w| w.block).max().unwrap_or(4096);
-        let queues = fe.take_queues().into_iter().map(|v| BlkQueue::new(v, depth, block)).collect::<Result<Vec<_>, _>>()?;
+        let queues =
+            fe.take_queues().into_iter().map(|v| BlkQueue::new(v, depth, block)).collect::<Result<Vec<_>, _>>()?;
         Ok(Runner::Vhost { queues, _frontend: fe, _daemon: daemon })
     }
 
@@ -572,8 +573,11 @@ mod snap {
 
         /// Merges snapshot `id` and returns once `Status` shows no snapshot any more.
         fn merge(&mut self, id: u64) -> Result<()> {
-            let mut stream =
-                self.rt.block_on(self.client.merge(pb::MergeRequest { snapshot_id: id })).context("merge failed")?.into_inner();
+            let mut stream = self
+                .rt
+                .block_on(self.client.merge(pb::MergeRequest { snapshot_id: id }))
+                .context("merge failed")?
+                .into_inner();
             // The first report comes once every disk is merging; the stream then reports only
             // every 200 ms, too coarse to time a merge, so the end is polled instead.
             let first = self.rt.block_on(stream.message()).context("merge failed")?;
@@ -583,7 +587,8 @@ mod snap {
             }
             let deadline = Instant::now() + Duration::from_secs(900);
             loop {
-                let st = self.rt.block_on(self.client.status(pb::StatusRequest {})).context("status failed")?.into_inner();
+                let st =
+                    self.rt.block_on(self.client.status(pb::StatusRequest {})).context("status failed")?.into_inner();
                 if st.snapshot.is_none() {
                     return Ok(());
                 }
@@ -658,7 +663,9 @@ mod snap {
 
     /// `sources[i]` for worker i of `n`: a pass over its share of `perm[0..count]`.
     fn pass_sources(perm: &Arc<Perm>, count: u64) -> Vec<Source> {
-        (0..QUEUES as u64).map(|i| pass(perm.clone(), i * count / QUEUES as u64..(i + 1) * count / QUEUES as u64)).collect()
+        (0..QUEUES as u64)
+            .map(|i| pass(perm.clone(), i * count / QUEUES as u64..(i + 1) * count / QUEUES as u64))
+            .collect()
     }
 
     /// What the workers of one load share with the thread steering it.
@@ -726,7 +733,13 @@ mod snap {
 
     /// Keeps `depth` requests of `next` in flight on `q` until `gate` stops it or `next` runs
     /// out; returns the completions counted.
-    fn worker(q: &mut BlkQueue, depth: usize, next: &mut Source, gate: &Gate, mut trace: Option<&mut Trace>) -> Result<u64> {
+    fn worker(
+        q: &mut BlkQueue,
+        depth: usize,
+        next: &mut Source,
+        gate: &Gate,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<u64> {
         let mut submitted = vec![gate.start; q.free_slots() + q.in_flight()];
         let mut done = Vec::with_capacity(depth);
         let (mut ops, mut last, mut more) = (0, Instant::now(), true);
@@ -797,7 +810,10 @@ mod snap {
                 .collect();
             let steered = steer(&gate);
             gate.stop.store(true, Ordering::SeqCst);
-            let ops = handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("worker panicked"))?).sum::<Result<u64>>();
+            let ops = handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("worker panicked"))?)
+                .sum::<Result<u64>>();
             let ran = gate.at();
             Ok((steered?, ops?, ran))
         })
@@ -868,7 +884,13 @@ mod snap {
     }
 
     /// Table 2, per round: IOPS with no snapshot, into a fresh delta, over the delta.
-    fn writes(queues: &mut [BlkQueue], ctl: &mut Ctl, size: u64, rounds: u32, sync: &dyn Fn() -> Result<()>) -> Result<Vec<[f64; 3]>> {
+    fn writes(
+        queues: &mut [BlkQueue],
+        ctl: &mut Ctl,
+        size: u64,
+        rounds: u32,
+        sync: &dyn Fn() -> Result<()>,
+    ) -> Result<Vec<[f64; 3]>> {
         let perm = Arc::new(Perm::new(size / BLOCK));
         let mut out = Vec::new();
         for _ in 0..rounds {
@@ -1074,7 +1096,10 @@ mod snap {
         };
         let first = |v: &[(f64, f64)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
         let second = |v: &[(f64, f64)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
-        println!("cut under 4k random read+write, QD32 on {QUEUES} queues: {} cuts, each merged before the next", c.pause.len());
+        println!(
+            "cut under 4k random read+write, QD32 on {QUEUES} queues: {} cuts, each merged before the next",
+            c.pause.len()
+        );
         println!("{:<52} {:>9} {:>9} {:>9}", "µs", "p50", "p99", "max");
         row("backend pause (BeginReply pause_us)", &c.pause);
         row("VMM longest request latency, during Begin", &first(&c.begin));
@@ -1132,7 +1157,10 @@ mod snap {
     }
 
     pub fn bench(args: &Args, dir: &Path, image: &Path, file: &File) -> Result<()> {
-        ensure!(args.merge_size >= BLOCK && args.merge_size % (2 * COPY_PIECE) == 0 && args.merge_size <= args.size, "--merge-size must be a multiple of 2M, at most --size");
+        ensure!(
+            args.merge_size >= BLOCK && args.merge_size % (2 * COPY_PIECE) == 0 && args.merge_size <= args.size,
+            "--merge-size must be a multiple of 2M, at most --size"
+        );
         let socket = dir.join("livesnap.sock");
         let control = dir.join("control.sock");
         let state = dir.join("state");
@@ -1151,8 +1179,11 @@ mod snap {
         let _daemon = Daemon::livesnap_blk(&daemon_args, &[&socket, &control]).context("livesnap-blk did not start")?;
         let opts = Options { queues: QUEUES as u16, mem_size: 48 << 20, timeout: TIMEOUT, ..Options::default() };
         let mut fe = Frontend::connect(&socket, &opts).context("cannot set up the device")?;
-        let mut queues =
-            fe.take_queues().into_iter().map(|v| BlkQueue::new(v, DEPTH as u16, COPY_PIECE as u32)).collect::<Result<Vec<_>, _>>()?;
+        let mut queues = fe
+            .take_queues()
+            .into_iter()
+            .map(|v| BlkQueue::new(v, DEPTH as u16, COPY_PIECE as u32))
+            .collect::<Result<Vec<_>, _>>()?;
         // A guest's data is in its memory already: fill the buffers once, copy nothing per request.
         for q in &mut queues {
             q.fill_slots(&vec![0x5a; COPY_PIECE as usize])?;
@@ -1160,7 +1191,8 @@ mod snap {
         let mut ctl = Ctl::connect(&control)?;
 
         let dst_path = dir.join("copy-dst.raw");
-        let dst = prepare_file(&dst_path, args.size).with_context(|| format!("cannot prepare {}", dst_path.display()))?;
+        let dst =
+            prepare_file(&dst_path, args.size).with_context(|| format!("cannot prepare {}", dst_path.display()))?;
         if args.page_cache == PageCache::Small {
             refill_cache_small(&dst, args.size).context("cannot refill the page cache")?;
         }

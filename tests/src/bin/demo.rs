@@ -119,7 +119,11 @@ impl Tools {
             .unwrap_or_else(|| home.join(".cargo/bin/vhost-device-vsock"));
         let control = "cargo build --release -p livesnap-control";
         Ok(Tools {
-            blk: tool("LIVESNAP_BLK", &root.join("target/release/livesnap-blk"), "cargo build --release -p livesnap-blk")?,
+            blk: tool(
+                "LIVESNAP_BLK",
+                &root.join("target/release/livesnap-blk"),
+                "cargo build --release -p livesnap-blk",
+            )?,
             livesnapd: tool("LIVESNAPD", &root.join("target/release/livesnapd"), control)?,
             snapctl: tool("SNAPCTL", &root.join("target/release/snapctl"), control)?,
             agent: tool("LIVESNAP_AGENT_STATIC", &root.join("target/guest-bin/livesnap-agent"), "run ci/demo.sh")?,
@@ -446,11 +450,7 @@ fn check_restored(sh: &Shell, image: &Path, t: &Taken, crash: bool) -> Result<u6
         "$ debugfs -R 'cat /log.txt' {name}: {n} lines, 1..{n} in order and whole (last: {:?})",
         log.lines().last().unwrap_or("")
     ));
-    ensure!(
-        n >= t.before,
-        "{name} lacks lines the guest had reported fsync'd before the freeze ({n} < {})",
-        t.before
-    );
+    ensure!(n >= t.before, "{name} lacks lines the guest had reported fsync'd before the freeze ({n} < {})", t.before);
     match t.hooks {
         Some((frozen, thawed)) => {
             fact(&format!(
@@ -537,7 +537,11 @@ fn run(crash: bool) -> Result<()> {
         job_script: JOB.into(),
         files: vec![
             GuestFile { path: "/usr/sbin/livesnap-agent".into(), contents: agent_bin, mode: 0o755 },
-            GuestFile { path: "/etc/livesnap/hooks.d/10-demo-app".into(), contents: HOOK.as_bytes().to_vec(), mode: 0o755 },
+            GuestFile {
+                path: "/etc/livesnap/hooks.d/10-demo-app".into(),
+                contents: HOOK.as_bytes().to_vec(),
+                mode: 0o755,
+            },
         ],
         extra_args: [vsock_args(&vhost_vsock), serial_args(&serial)].concat(),
         console_log: Some(console_log.clone()),
@@ -650,10 +654,8 @@ fn run(crash: bool) -> Result<()> {
         ended.exit_code,
         console_log.display()
     );
-    let last: u64 = ended
-        .value("DEMO-LAST")
-        .and_then(|v| v.parse().ok())
-        .context("the guest did not print its last line")?;
+    let last: u64 =
+        ended.value("DEMO-LAST").and_then(|v| v.parse().ok()).context("the guest did not print its last line")?;
     fact(&format!("the guest wrote and fsync'd {last} lines, unmounted its disk and powered off"));
     let status = vsock.stop(libc::SIGTERM, Duration::from_secs(30))?;
     fact(&format!("vhost-device-vsock stopped ({status})"));
@@ -668,7 +670,12 @@ fn run(crash: bool) -> Result<()> {
     let status = blk.stop(libc::SIGTERM, Duration::from_secs(30))?;
     ensure!(status.success(), "livesnap-blk exited with {status}");
     fact("livesnap-blk stopped (SIGTERM: in-flight requests finished, disks flushed, exit 0)");
-    let cmp = sh.show(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(dir.join("restored-idle.raw")).arg(&image))?;
+    let cmp = sh.show(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(dir.join("restored-idle.raw"))
+            .arg(&image),
+    )?;
     ensure!(cmp.contains("identical"), "qemu-img compare: the restore differs from the disk at the cut");
     fact(&format!("backup {} ({}) restores the disk byte for byte", idle.summary.id, idle.summary.kind));
 

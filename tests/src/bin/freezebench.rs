@@ -233,7 +233,10 @@ async fn channel(path: &Path) -> Result<Channel> {
         .with_context(|| format!("cannot connect to {}", path.display()))
 }
 
-async fn timed<T>(what: &str, f: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>) -> Result<(T, Duration)> {
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<(T, Duration)> {
     let t = Instant::now();
     let r = tokio::time::timeout(CALL, f).await.with_context(|| format!("{what} timed out"))?;
     let r = r.with_context(|| format!("{what} failed"))?;
@@ -384,7 +387,10 @@ async fn run(args: Args) -> Result<()> {
         .stderr(Stdio::null());
     let _vsock = Daemon::spawn("vhost-device-vsock", vsock_cmd, &[vhost_vsock.as_path()])?;
 
-    say(&format!("booting the guest (QEMU TCG, {} vCPUs, {} MiB ext4 disk on livesnap-blk, agent, no hooks)", args.cpus, args.disk_mib));
+    say(&format!(
+        "booting the guest (QEMU TCG, {} vCPUs, {} MiB ext4 disk on livesnap-blk, agent, no hooks)",
+        args.cpus, args.disk_mib
+    ));
     let agent_bin = std::fs::read(&tools.agent).with_context(|| format!("cannot read {}", tools.agent.display()))?;
     let mut guest = Guest::start(GuestConfig {
         disks: vec![disk_sock.clone()],
@@ -414,7 +420,9 @@ async fn run(args: Args) -> Result<()> {
         b.checked_sub(*a)
     };
     for j in 1..=n {
-        if let (Some(e), Some(f), Some(t)) = (span("EXEC0", "EXEC1", j), span("FREEZE0", "FREEZE1", j), span("FREEZE1", "THAW1", j)) {
+        if let (Some(e), Some(f), Some(t)) =
+            (span("EXEC0", "EXEC1", j), span("FREEZE0", "FREEZE1", j), span("FREEZE1", "THAW1", j))
+        {
             g_exec.v.push(e);
             g_freeze.v.push(f);
             g_thaw.v.push(t);
@@ -498,7 +506,9 @@ async fn run(args: Args) -> Result<()> {
         b_pause.v.push(snap.pause_us);
         let (mut merge, _) = timed("Merge", ctl.merge(MergeRequest { snapshot_id: snap.id })).await?;
         let mut done = false;
-        while let Some(p) = tokio::time::timeout(CALL, merge.message()).await.context("Merge timed out")?.context("Merge failed")? {
+        while let Some(p) =
+            tokio::time::timeout(CALL, merge.message()).await.context("Merge timed out")?.context("Merge failed")?
+        {
             done |= p.done;
         }
         ensure!(done, "the merge of snapshot {} ended before done", snap.id);
@@ -513,7 +523,10 @@ async fn run(args: Args) -> Result<()> {
     let log = std::fs::File::create(&daemon_log)?;
     daemon_cmd.stdout(log.try_clone()?).stderr(log);
     let daemon = Daemon::spawn("livesnapd", daemon_cmd, &[socket.as_path()])?;
-    say(&format!("phase 3: {n} x livesnapd CreateSnapshot (quiesce required, backup auto); its log in {}", daemon_log.display()));
+    say(&format!(
+        "phase 3: {n} x livesnapd CreateSnapshot (quiesce required, backup auto); its log in {}",
+        daemon_log.display()
+    ));
     let mut api = LivesnapdClient::new(channel(&socket).await?);
     let mut window = Series::new("freeze_window_us");
     let mut cut_pause = Series::new("cut_pause_us");
@@ -537,7 +550,11 @@ async fn run(args: Args) -> Result<()> {
         {
             match ev.event {
                 Some(Event::Cut(c)) => {
-                    ensure!(c.crash_consistent_reason.is_empty(), "snapshot {i} is crash-consistent: {}", c.crash_consistent_reason);
+                    ensure!(
+                        c.crash_consistent_reason.is_empty(),
+                        "snapshot {i} is crash-consistent: {}",
+                        c.crash_consistent_reason
+                    );
                     p = Some(c.pause_us);
                 }
                 Some(Event::Thawed(th)) => w = Some(th.freeze_window_us),
@@ -583,7 +600,11 @@ async fn run(args: Args) -> Result<()> {
          livesnap-blk, a light writer, the agent with no hooks; its plan: {filesystems}{}",
         args.cpus,
         args.disk_mib,
-        if args.guest_kernel_args.is_empty() { String::new() } else { format!("; guest kernel args: {}", args.guest_kernel_args) }
+        if args.guest_kernel_args.is_empty() {
+            String::new()
+        } else {
+            format!("; guest kernel args: {}", args.guest_kernel_args)
+        }
     );
     let _ = writeln!(out, "  {:<44} {:>9} {:>9} {:>9} {:>9} {:>9}", "(ms)", "p50", "p90", "p99", "max", "mean");
     let _ = writeln!(out, "  in the guest (kernel log timestamps), busybox, a process started each time:");
@@ -630,7 +651,10 @@ async fn run(args: Args) -> Result<()> {
     );
     print!("{out}");
     if args.json {
-        let all = [&g_exec, &g_freeze, &g_thaw, &a_ping, &f_written, &f_flushes, &a_freeze, &a_thaw, &a_pair, &b_rtt, &b_pause, &cut_pause, &job_rtt, &window, &job];
+        let all = [
+            &g_exec, &g_freeze, &g_thaw, &a_ping, &f_written, &f_flushes, &a_freeze, &a_thaw, &a_pair, &b_rtt,
+            &b_pause, &cut_pause, &job_rtt, &window, &job,
+        ];
         let arrays: Vec<String> = all.iter().map(|s| json_array(s)).collect();
         println!("{{\"iterations\":{n},\"cpus\":{},\"disk_mib\":{},{}}}", args.cpus, args.disk_mib, arrays.join(","));
     }

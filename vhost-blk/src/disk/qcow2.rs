@@ -130,11 +130,8 @@ fn incompatible_reason(bits: u64) -> String {
         (3, "non-zlib compression"),
         (4, "extended L2 entries"),
     ];
-    let mut found: Vec<String> = names
-        .iter()
-        .filter(|(bit, _)| bits & (1 << bit) != 0)
-        .map(|(_, n)| (*n).to_string())
-        .collect();
+    let mut found: Vec<String> =
+        names.iter().filter(|(bit, _)| bits & (1 << bit) != 0).map(|(_, n)| (*n).to_string()).collect();
     let known = names.iter().fold(0u64, |m, (bit, _)| m | 1 << bit);
     if bits & !known != 0 {
         found.push(format!("unknown bits {:#x}", bits & !known));
@@ -159,7 +156,10 @@ fn read_header(path: &Path, file: &File) -> Result<Header> {
     // qcow2-rs would read a missing table as zeroes; QEMU refuses such an image, and so do we.
     let file_len = file.metadata()?.len();
     if header.tables_end > file_len {
-        return Err(unsupported(path, format!("image is truncated: its tables end at {} but the file at {file_len}", header.tables_end)));
+        return Err(unsupported(
+            path,
+            format!("image is truncated: its tables end at {} but the file at {file_len}", header.tables_end),
+        ));
     }
     Ok(header)
 }

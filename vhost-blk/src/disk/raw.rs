@@ -139,7 +139,8 @@ fn uring_readv(ring: &mut IoUring, fd: RawFd, jobs: &[ReadJob]) -> io::Result<Ve
             // SAFETY: the iovec array and the guest buffers it points to outlive the operation:
             // this function waits for every completion before returning, and a failed ring is
             // dropped (which waits for or cancels what it has in flight) by the caller.
-            unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            unsafe { ring.submission().push(&entry) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
         let mut left = chunk.len();
         while left > 0 {
@@ -196,7 +197,9 @@ impl DiskFile for RawDisk {
             results.push(res);
         }
         if !blocked.is_empty() {
-            for (job, res) in blocked.iter().map(|j| j.index).collect::<Vec<_>>().into_iter().zip(self.read_blocked(&mut blocked)) {
+            for (job, res) in
+                blocked.iter().map(|j| j.index).collect::<Vec<_>>().into_iter().zip(self.read_blocked(&mut blocked))
+            {
                 results[job] = res;
             }
         }

@@ -125,8 +125,8 @@ impl Bitmap {
         }
         let old_boot = String::from_utf8_lossy(&h[41..41 + usize::from(h[40]).min(64)]).into_owned();
         let reason_len = usize::from(u16::from_le_bytes([h[106], h[107]])).min(MAX_REASON);
-        let mut untrusted = (flags & FLAG_UNTRUSTED != 0)
-            .then(|| String::from_utf8_lossy(&h[128..128 + reason_len]).into_owned());
+        let mut untrusted =
+            (flags & FLAG_UNTRUSTED != 0).then(|| String::from_utf8_lossy(&h[128..128 + reason_len]).into_owned());
         if untrusted.is_none() && flags & FLAG_OPEN != 0 && old_boot != boot_id {
             untrusted = Some(
                 "the host restarted while the disk was in use; writes not yet flushed may have reached the disk untracked"
@@ -139,7 +139,15 @@ impl Bitmap {
             untrusted.get_or_insert_with(|| "the change map file is truncated".into());
         }
         let words = body.chunks_exact(8).map(|w| AtomicU64::new(u64_at(w, 0))).collect();
-        let bm = Bitmap { gen, granularity, size, boot_id: boot_id.to_owned(), words, file, trust: Mutex::new(Trust { untrusted }) };
+        let bm = Bitmap {
+            gen,
+            granularity,
+            size,
+            boot_id: boot_id.to_owned(),
+            words,
+            file,
+            trust: Mutex::new(Trust { untrusted }),
+        };
         bm.write_header(true)?;
         Ok(bm)
     }

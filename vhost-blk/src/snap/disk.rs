@@ -234,7 +234,8 @@ impl DiskFile for SnapDisk {
         };
         // Reads wholly in the base or wholly in the delta still go to their file together.
         let mut results: Vec<Option<disk::Result<()>>> = reads.iter().map(|_| None).collect();
-        let (mut base_reads, mut base_idx, mut delta_reads, mut delta_idx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut base_reads, mut base_idx, mut delta_reads, mut delta_idx) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, (offset, bufs)) in reads.iter().enumerate() {
             let len = total_len(bufs);
             if let Err(e) = check_range(self.size, *offset, len) {

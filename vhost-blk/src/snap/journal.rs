@@ -201,7 +201,8 @@ mod tests {
     fn replay_rebuilds_the_map_and_cuts_a_torn_tail() {
         let f = file();
         let mut j = Journal::create(f.clone(), 7, 1 << 20).unwrap();
-        j.append(&[Record { op: Op::Add, start: 0, end: 8192 }, Record { op: Op::Add, start: 65536, end: 69632 }]).unwrap();
+        j.append(&[Record { op: Op::Add, start: 0, end: 8192 }, Record { op: Op::Add, start: 65536, end: 69632 }])
+            .unwrap();
         j.append(&[Record { op: Op::Remove, start: 4096, end: 8192 }]).unwrap();
         let good = j.bytes();
         // A torn append: half a record of garbage.
@@ -218,7 +219,8 @@ mod tests {
     fn a_valid_record_after_a_torn_one_is_not_replayed() {
         let f = file();
         let mut j = Journal::create(f.clone(), 1, 1 << 20).unwrap();
-        j.append(&[Record { op: Op::Add, start: 0, end: 512 }, Record { op: Op::Add, start: 1024, end: 1536 }]).unwrap();
+        j.append(&[Record { op: Op::Add, start: 0, end: 512 }, Record { op: Op::Add, start: 1024, end: 1536 }])
+            .unwrap();
         // Corrupt the first record: the second, though intact, must not count.
         f.write_at(&[0xff], HEADER_LEN + 20).unwrap();
         let (_, map) = Journal::open(f, 1, 1 << 20).unwrap();

@@ -301,8 +301,11 @@ impl Vm {
         };
         let jfile = dir.open(&jname).map_err(io_err(&jname))?.ok_or_else(|| missing(&jname))?;
         let data = dir.open_data(&dname).map_err(|_| missing(&dname))?;
-        let (journal, map) = Journal::open(jfile, snap.id, size)
-            .map_err(|source| Error::Delta { disk: disk.to_owned(), snapshot: snap.id, source })?;
+        let (journal, map) = Journal::open(jfile, snap.id, size).map_err(|source| Error::Delta {
+            disk: disk.to_owned(),
+            snapshot: snap.id,
+            source,
+        })?;
         Ok(Delta::new(snap.id, data, journal, map, (dname, jname), snap.delta_limit))
     }
 
@@ -375,7 +378,10 @@ impl VmShared {
     }
 
     fn disk_index(&self, id: &str) -> Result<usize, ControlError> {
-        self.disks.iter().position(|d| d.id == id).ok_or_else(|| ControlError::NotFound(format!("no disk {id:?} in VM {}", self.name)))
+        self.disks
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| ControlError::NotFound(format!("no disk {id:?} in VM {}", self.name)))
     }
 
     fn begin(self: &Arc<Self>, opts: BeginOptions) -> Result<SnapshotInfo, ControlError> {
@@ -400,7 +406,9 @@ impl VmShared {
         }
         let limit = opts.delta_limit.or(self.opts.delta_limit);
         if limit == Some(0) {
-            return Err(ControlError::Invalid("a delta limit of 0 bytes would abandon the snapshot at the first write".into()));
+            return Err(ControlError::Invalid(
+                "a delta limit of 0 bytes would abandon the snapshot at the first write".into(),
+            ));
         }
         let id = ctl.state.next_id;
 
@@ -414,11 +422,15 @@ impl VmShared {
                 let (dname, jname, cname) = (delta_name(&disk.id, id), map_name(&disk.id, id), cbt_name(&disk.id, id));
                 let data = self.dir.create_data(&dname, size).map_err(ctl_io(format!("cannot create {dname}")))?;
                 let jfile = self.dir.create(&jname).map_err(ctl_io(format!("cannot create {jname}")))?;
-                let journal = Journal::create(jfile, id, size)
-                    .map_err(|e| ControlError::Io { message: format!("cannot write {jname}"), source: std::io::Error::other(e) })?;
+                let journal = Journal::create(jfile, id, size).map_err(|e| ControlError::Io {
+                    message: format!("cannot write {jname}"),
+                    source: std::io::Error::other(e),
+                })?;
                 let cfile = self.dir.create(&cname).map_err(ctl_io(format!("cannot create {cname}")))?;
-                let next = Bitmap::create(cfile, id, self.opts.granularity, size, None, &self.opts.boot_id)
-                    .map_err(|e| ControlError::Io { message: format!("cannot write {cname}"), source: std::io::Error::other(e) })?;
+                let next =
+                    Bitmap::create(cfile, id, self.opts.granularity, size, None, &self.opts.boot_id).map_err(|e| {
+                        ControlError::Io { message: format!("cannot write {cname}"), source: std::io::Error::other(e) }
+                    })?;
                 // A frozen generation never acknowledged (its backup failed) joins the current
                 // one, so the next backup covers both.
                 let old = disk.frozen.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -571,7 +583,8 @@ impl VmShared {
             return;
         }
         let vm = self.clone();
-        let spawned = std::thread::Builder::new().name(format!("merge-{}", self.disks[i].id)).spawn(move || vm.run_merger(i));
+        let spawned =
+            std::thread::Builder::new().name(format!("merge-{}", self.disks[i].id)).spawn(move || vm.run_merger(i));
         match spawned {
             Ok(h) => self.mergers.lock().unwrap_or_else(PoisonError::into_inner).push(h),
             Err(e) => error!(disk = %self.disks[i].id, error = %e, "cannot start the merge thread"),
@@ -636,8 +649,10 @@ impl VmShared {
         if !delta.is_empty() {
             return Ok(());
         }
-        disk.commit_durably(&delta)
-            .map_err(|e| ControlError::Io { message: "cannot commit the merge".into(), source: std::io::Error::other(e) })?;
+        disk.commit_durably(&delta).map_err(|e| ControlError::Io {
+            message: "cannot commit the merge".into(),
+            source: std::io::Error::other(e),
+        })?;
         let mut next_state = ctl.state.clone();
         if let Some(s) = next_state.snapshot.as_mut() {
             s.disks.retain(|(d, _)| *d != disk.id);
@@ -731,7 +746,12 @@ impl SnapshotControl for Vm {
                         done_bytes: delta.as_ref().map_or(0, |x| x.merged_bytes()),
                         remaining_bytes: delta_bytes,
                     }),
-                    abandoned: ctl.state.snapshot.as_ref().and_then(|s| s.abandoned.clone()).filter(|_| delta.is_some()),
+                    abandoned: ctl
+                        .state
+                        .snapshot
+                        .as_ref()
+                        .and_then(|s| s.abandoned.clone())
+                        .filter(|_| delta.is_some()),
                     last_merge: *d.last_merge.lock().unwrap_or_else(PoisonError::into_inner),
                 }
             })
@@ -789,7 +809,9 @@ impl SnapshotControl for Vm {
         if let Some(s) = &ctl.state.snapshot {
             if s.id == id {
                 if let Some(why) = &s.abandoned {
-                    return Err(ControlError::State(format!("snapshot {id} was abandoned ({why}); its base was not kept frozen")));
+                    return Err(ControlError::State(format!(
+                        "snapshot {id} was abandoned ({why}); its base was not kept frozen"
+                    )));
                 }
             }
         }

@@ -67,7 +67,11 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        Model { cur: vec![0; SECTORS as usize], flushed: vec![0; SECTORS as usize], since: vec![Vec::new(); SECTORS as usize] }
+        Model {
+            cur: vec![0; SECTORS as usize],
+            flushed: vec![0; SECTORS as usize],
+            since: vec![Vec::new(); SECTORS as usize],
+        }
     }
 }
 
@@ -290,7 +294,9 @@ impl Case {
         for (i, v) in got.iter().enumerate() {
             let (flushed, since) = (self.model.flushed[i], &self.model.since[i]);
             if *v != flushed && !since.contains(v) {
-                self.fail(&format!("after the crash sector {i} holds v{v}, flushed was v{flushed}, written since {since:?}"));
+                self.fail(&format!(
+                    "after the crash sector {i} holds v{v}, flushed was v{flushed}, written since {since:?}"
+                ));
             }
         }
         self.model.cur = got.clone();
@@ -354,7 +360,9 @@ impl Case {
                 let res = self.vm().checkpoint(id);
                 match res {
                     Err(ControlError::State(_)) if self.abandoned.contains(&id) => true,
-                    Ok(()) if self.abandoned.contains(&id) => self.fail(&format!("checkpoint {id} of an abandoned snapshot accepted")),
+                    Ok(()) if self.abandoned.contains(&id) => {
+                        self.fail(&format!("checkpoint {id} of an abandoned snapshot accepted"))
+                    }
                     res => self.control(&format!("checkpoint {id}"), res),
                 }
             }
@@ -412,7 +420,13 @@ impl Case {
         self.vm = None;
         self.open();
         self.check_reads();
-        let left: Vec<String> = self.dir.list().unwrap_or_default().into_iter().filter(|n| n.contains(".delta.") || n.contains(".map.")).collect();
+        let left: Vec<String> = self
+            .dir
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.contains(".delta.") || n.contains(".map."))
+            .collect();
         if !left.is_empty() {
             self.fail(&format!("delta files left after the merge: {left:?}"));
         }

@@ -335,7 +335,8 @@ pub mod mem {
 
         /// A data file outside the directory's names (a base image) sharing its fuse.
         pub fn new_file(fuse: Arc<Fuse>, size: u64) -> Arc<MemFile> {
-            let content = Content { durable: vec![0; size as usize], current: vec![0; size as usize], unsynced: Vec::new() };
+            let content =
+                Content { durable: vec![0; size as usize], current: vec![0; size as usize], unsynced: Vec::new() };
             Arc::new(MemFile { content: Mutex::new(content), fuse, size })
         }
 
