@@ -7,9 +7,13 @@
 //! - [`daemon`]: livesnapd's API (`livesnapd.proto`, package `livesnap.daemon.v1`), for
 //!   orchestrators and snapctl.
 //! - [`unix_channel`]: a channel to a gRPC server on a unix socket.
+//! - [`error`]: the error-chain printer every binary uses, and a `tonic::Status` that carries
+//!   the whole chain.
 //!
 //! The code is generated at build time by `build.rs` (protox + tonic-prost-build); no system
 //! `protoc` is needed.
+
+pub mod error;
 
 use std::path::PathBuf;
 
