@@ -9,10 +9,17 @@
 //! - [`blk`]: virtio-blk requests on top of a frontend queue.
 //! - [`guest`]: a real QEMU guest (TCG) booted on disks served by a backend.
 //! - [`tls`]: a CA and a certificate for 127.0.0.1, made with `openssl`.
+//! - [`programs`]: where the programs the tests run are found (workspace binaries, the static
+//!   guest programs, vhost-device-vsock).
+//! - [`pattern`]: data to write and check again (disk patterns, seeded random bytes).
+//! - [`record`]: the numbered, checksummed records the guest's `recwriter` writes.
 
 pub mod blk;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
+pub mod pattern;
+pub mod programs;
+pub mod record;
 pub mod tls;
 pub mod virtq;
