@@ -1,10 +1,12 @@
 //! Backends under test, run as real processes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::programs;
 
 /// How long a backend may take to create its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,7 +42,7 @@ impl Daemon {
 
     /// `livesnap-blk` with the given arguments; `sockets` are the disks' socket paths.
     pub fn livesnap_blk(args: &[String], sockets: &[&Path]) -> Result<Self> {
-        let mut cmd = Command::new(livesnap_blk_path()?);
+        let mut cmd = Command::new(programs::livesnap_blk()?);
         cmd.args(args);
         Self::spawn("livesnap-blk", cmd, sockets)
     }
@@ -103,28 +105,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-/// Path of the `livesnap-blk` binary: `$LIVESNAP_BLK`, else beside the running test or bench
-/// binary in the cargo target directory (`target/<profile>/` or its `deps/`).
-pub fn livesnap_blk_path() -> Result<PathBuf> {
-    workspace_bin("LIVESNAP_BLK", "livesnap-blk")
-}
-
-/// Path of the workspace binary `name`: `$var`, else beside the running test or bench binary in
-/// the cargo target directory (`target/<profile>/` or its `deps/`).
-pub fn workspace_bin(var: &str, name: &str) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(var) {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} not found beside {}; build it (cargo build --workspace) or set {var}", exe.display())
 }
 
 /// A livesnapd config for one VM `vm`: state and repository under `dir`, the local socket at

@@ -55,7 +55,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("vhost-user {op} failed")]
+    #[error("Vhost-user {op} failed")]
     Vhost {
         op: &'static str,
         #[source]

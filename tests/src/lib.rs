@@ -1,4 +1,4 @@
-//! Test harness of livesnap: everything the tests and the benchmark need to play the parts
+//! Test harness of livesnap: everything the tests and the benchmarks need to play the parts
 //! around the backend under test.
 //!
 //! - [`daemon`]: starts the backends under test (`livesnap-blk`, `qemu-storage-daemon`) as real
@@ -9,10 +9,23 @@
 //! - [`blk`]: virtio-blk requests on top of a frontend queue.
 //! - [`guest`]: a real QEMU guest (TCG) booted on disks served by a backend.
 //! - [`tls`]: a CA and a certificate for 127.0.0.1, made with `openssl`.
+//! - [`programs`]: where the programs the tests run are found (workspace binaries, the static
+//!   guest programs, vhost-device-vsock).
+//! - [`pattern`]: data to write and check again (disk patterns, seeded random bytes).
+//! - [`record`]: the numbered, checksummed records the guest's `recwriter` writes.
+//! - [`load`]: load on a backend: workers keeping requests in flight on the test VMM's queues
+//!   while the calling thread steers and measures.
+//! - [`bench`]: what `blkbench` and `snapbench` share: the test file and its page cache,
+//!   livesnap-blk started and connected, statistics.
 
+pub mod bench;
 pub mod blk;
 pub mod daemon;
 pub mod frontend;
 pub mod guest;
+pub mod load;
+pub mod pattern;
+pub mod programs;
+pub mod record;
 pub mod tls;
 pub mod virtq;

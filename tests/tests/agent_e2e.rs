@@ -21,40 +21,13 @@ use std::time::{Duration, Instant};
 
 use livesnap_control::agent::{AgentClient, FsOutcome, HookOutcome, Limits, Target};
 use livesnap_control::vsock::HybridAddr;
+use livesnap_proto::error::chain;
 use livesnap_tests::daemon::Daemon;
 use livesnap_tests::guest::{vsock_args, Guest, GuestConfig, GuestFile};
+use livesnap_tests::programs;
 
 const PORT: u32 = 7735;
 const DISK_MIB: u64 = 32;
-
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIVESNAP_AGENT_STATIC") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debian/livesnap-agent");
-    assert!(p.is_file(), "{} missing: run ci/package-agent.sh (or set LIVESNAP_AGENT_STATIC)", p.display());
-    p
-}
-
-fn vhost_device_vsock() -> PathBuf {
-    if let Some(p) = std::env::var_os("VHOST_DEVICE_VSOCK") {
-        return PathBuf::from(p);
-    }
-    let in_path = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("vhost-device-vsock")).find(|p| p.is_file()));
-    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/vhost-device-vsock"));
-    in_path
-        .or(home.filter(|p| p.is_file()))
-        .expect("vhost-device-vsock not found: cargo install --locked vhost-device-vsock")
-}
-
-/// `snapctl`, built beside the tests (the workspace's target directory).
-fn snapctl() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().and_then(Path::parent).unwrap().join("snapctl");
-    assert!(p.is_file(), "{} missing: cargo build -p livesnap-control", p.display());
-    p
-}
 
 fn mkfs(image: &Path) {
     let f = std::fs::File::create(image).unwrap();
@@ -132,10 +105,10 @@ fn boot() -> Setup {
     .unwrap();
     let vhost_sock = dir.path().join("vsock-vhost.sock");
     let uds = dir.path().join("vm.vsock");
-    let mut cmd = Command::new(vhost_device_vsock());
+    let mut cmd = Command::new(programs::vhost_device_vsock().unwrap());
     cmd.arg("--vm").arg(format!("guest-cid=3,socket={},uds-path={}", vhost_sock.display(), uds.display()));
     let vsock = Daemon::spawn("vhost-device-vsock", cmd, &[vhost_sock.as_path()]).unwrap();
-    let agent = std::fs::read(agent_binary()).unwrap();
+    let agent = std::fs::read(programs::agent_static().unwrap()).unwrap();
     let guest = Guest::start(GuestConfig {
         disks: vec![disk_sock],
         job_script: JOB.into(),
@@ -177,9 +150,9 @@ impl Setup {
                         eprintln!("agent {} after {:?}", p.version, start.elapsed());
                         return c;
                     }
-                    Err(e) => eprintln!("ping: {e}"),
+                    Err(e) => eprintln!("ping: {}", chain(&e)),
                 },
-                Err(e) => eprintln!("connect: {e}"),
+                Err(e) => eprintln!("connect: {}", chain(&e)),
             }
             assert!(
                 start.elapsed() < Duration::from_secs(90),
@@ -220,7 +193,7 @@ async fn agent_in_guest_runs_hooks_in_order_and_holds_writes_until_thaw() {
     assert!(!s.guest.console().contains("WRITE-DONE"), "a write completed on a frozen filesystem");
 
     // snapctl over the same hybrid vsock socket sees the freeze.
-    let out = Command::new(snapctl())
+    let out = Command::new(programs::snapctl().unwrap())
         .args(["agent", "status", "--json", "--vsock"])
         .arg(format!("{}:{PORT}", s.uds.display()))
         .output()

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -141,17 +141,10 @@ async fn a_host_gone_mid_freeze_leaves_a_freeze_the_lease_thaws() {
     assert_eq!(s.calls(), ["10-slow freeze", "10-slow thaw"]);
 }
 
-fn snapctl() -> PathBuf {
-    // tests/ and control/ share the workspace's target directory.
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    dir.join("snapctl")
-}
-
 /// `snapctl agent ... --unix ... --json` prints what the agent answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapctl_talks_to_an_agent_with_json_output() {
-    let bin = snapctl();
+    let bin = livesnap_tests::programs::snapctl().unwrap();
     if !bin.exists() {
         let st = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "livesnap-control", "--bin", "snapctl"])

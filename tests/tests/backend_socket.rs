@@ -9,6 +9,7 @@ use std::time::Duration;
 use livesnap_tests::blk::{BlkQueue, Completion, Request};
 use livesnap_tests::daemon::Daemon;
 use livesnap_tests::frontend::{Frontend, Options, Vring};
+use livesnap_tests::pattern::disk as pattern;
 use livesnap_tests::virtq::Descriptor;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -61,11 +62,6 @@ fn qemu_img(args: &[&str]) -> String {
     let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
     assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The initial content of the disk: a byte pattern that differs at every 4 KiB.
-fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    (offset..offset + len as u64).map(|i| (i / 4096 * 7 + i % 251) as u8).collect()
 }
 
 fn connect(s: &Served, queues: u16) -> (Frontend, Vec<BlkQueue>) {
@@ -141,14 +137,11 @@ fn concurrent_queues_keep_every_write() {
                     scope.spawn(move || {
                         let base = q as u64 * SIZE / 2;
                         let mut model = pattern(base, (SIZE / 2) as usize);
-                        let mut rng = 0x9e37_79b9_u64 + q as u64;
+                        let mut rng = fastrand::Rng::with_seed(q as u64);
                         let mut in_flight = Vec::new();
                         for i in 0..600u32 {
-                            rng ^= rng << 13;
-                            rng ^= rng >> 7;
-                            rng ^= rng << 17;
-                            let off = (rng % (SIZE / 2 / 4096)) * 4096;
-                            let len = 4096 * (1 + (rng >> 40) % 4) as usize;
+                            let off = rng.u64(..SIZE / 2 / 4096) * 4096;
+                            let len = 4096 * rng.usize(1..=4);
                             let len = len.min((SIZE / 2 - off) as usize);
                             let data = vec![(i % 250 + 1) as u8 ^ q as u8; len];
                             model[off as usize..off as usize + len].copy_from_slice(&data);
@@ -460,7 +453,7 @@ fn block_device_is_served_with_its_own_discard_and_zeroing() {
 /// Runs livesnap-blk expecting it to refuse to start; returns its stderr.
 fn refused(args: &[String]) -> String {
     let out =
-        std::process::Command::new(livesnap_tests::daemon::livesnap_blk_path().unwrap()).args(args).output().unwrap();
+        std::process::Command::new(livesnap_tests::programs::livesnap_blk().unwrap()).args(args).output().unwrap();
     assert!(!out.status.success(), "livesnap-blk {args:?} started");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -37,8 +37,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use livesnap_tests::daemon::{livesnap_blk_path, workspace_bin, Daemon};
+use livesnap_tests::daemon::Daemon;
 use livesnap_tests::guest::{serial_args, vsock_args, Guest, GuestConfig, GuestFile};
+use livesnap_tests::programs;
 use serde_json::Value;
 
 const DISK_MIB: u64 = 64;
@@ -108,30 +109,6 @@ if [ "$1" = freeze ]; then
   echo "HOOK-FREEZE-$LIVESNAP_SNAPSHOT_ID=$k" >/dev/console
 fi
 "#;
-
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIVESNAP_AGENT_STATIC") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    ["target/debian/livesnap-agent", "target/guest-bin/livesnap-agent"]
-        .iter()
-        .map(|p| root.join(p))
-        .find(|p| p.is_file())
-        .expect("the static livesnap-agent is missing: run ci/package-agent.sh (or set LIVESNAP_AGENT_STATIC)")
-}
-
-fn vhost_device_vsock() -> PathBuf {
-    if let Some(p) = std::env::var_os("VHOST_DEVICE_VSOCK") {
-        return PathBuf::from(p);
-    }
-    let in_path = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("vhost-device-vsock")).find(|p| p.is_file()));
-    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/vhost-device-vsock"));
-    in_path
-        .or(home.filter(|p| p.is_file()))
-        .expect("vhost-device-vsock not found: cargo install --locked vhost-device-vsock")
-}
 
 fn sbin(name: &str) -> Command {
     let p = Path::new("/usr/sbin").join(name);
@@ -274,7 +251,7 @@ impl Rig {
         assert_eq!(code, 0, "mkfs.ext4: {err}");
 
         let (disk_sock, control) = (p("vda.sock"), p("control.sock"));
-        let mut cmd = Command::new(livesnap_blk_path().unwrap());
+        let mut cmd = Command::new(programs::livesnap_blk().unwrap());
         cmd.args(["--vm", VM, "--disk"])
             .arg(format!("id=vda,image={},socket={}", image.display(), disk_sock.display()))
             .arg("--state-dir")
@@ -285,7 +262,7 @@ impl Rig {
         let blk = Daemon::spawn("livesnap-blk", cmd, &[&disk_sock, &control]).unwrap();
 
         let (vhost_vsock, uds) = (p("vsock-vhost.sock"), p("web01.vsock"));
-        let mut cmd = Command::new(vhost_device_vsock());
+        let mut cmd = Command::new(programs::vhost_device_vsock().unwrap());
         cmd.arg("--vm")
             .arg(format!("guest-cid=3,socket={},uds-path={}", vhost_vsock.display(), uds.display()))
             .stderr(std::fs::File::create(p("vhost-device-vsock.log")).unwrap());
@@ -308,7 +285,7 @@ impl Rig {
         )
         .unwrap();
         let log = std::fs::File::create(p("livesnapd.log")).unwrap();
-        let mut cmd = Command::new(workspace_bin("LIVESNAPD", "livesnapd").unwrap());
+        let mut cmd = Command::new(programs::livesnapd().unwrap());
         cmd.arg("--config").arg(&config).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
         let livesnapd = Daemon::spawn("livesnapd", cmd, &[&socket]).unwrap();
 
@@ -319,7 +296,7 @@ impl Rig {
             files: vec![
                 GuestFile {
                     path: "/usr/sbin/livesnap-agent".into(),
-                    contents: std::fs::read(agent_binary()).unwrap(),
+                    contents: std::fs::read(programs::agent_static().unwrap()).unwrap(),
                     mode: 0o755,
                 },
                 GuestFile {
@@ -346,7 +323,7 @@ impl Rig {
                 }
             }
         };
-        let snapctl = workspace_bin("SNAPCTL", "snapctl").unwrap();
+        let snapctl = programs::snapctl().unwrap();
         Rig {
             dir,
             image,

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use livesnap_tests::daemon::Daemon;
 use livesnap_tests::guest::{Guest, GuestConfig, GuestFile, GuestRun};
+use livesnap_tests::pattern;
 
 const DISK_MIB: u64 = 64;
 /// Size of the guest's `data.bin`: not a multiple of the block size, so its last block is
@@ -87,28 +88,14 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-/// `len` bytes from a xorshift generator started at `seed` (not 0).
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// What the host seeds each disk with.
 fn seeded_bytes() -> Vec<u8> {
-    pseudo_random(0x9e37_79b9_7f4a_7c15, SEEDED_LEN)
+    pattern::random(0x9e37_79b9_7f4a_7c15, SEEDED_LEN)
 }
 
 /// What the guest writes to a disk's `/guest/data.bin`; the guest gets it in its initramfs.
 fn guest_data(seed: u64) -> Vec<u8> {
-    pseudo_random(seed, DATA_LEN)
+    pattern::random(seed, DATA_LEN)
 }
 
 fn hello(dev: &str) -> String {

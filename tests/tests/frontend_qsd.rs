@@ -11,6 +11,7 @@ use std::time::Duration;
 use livesnap_tests::blk::{self, BlkQueue, Completion, Request, SECTOR_SIZE};
 use livesnap_tests::daemon::Daemon;
 use livesnap_tests::frontend::{Frontend, Options};
+use livesnap_tests::pattern::seeded as pattern;
 use tempfile::TempDir;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -46,11 +47,6 @@ impl Setup {
     fn connect(&self) -> (Frontend, Vec<BlkQueue>) {
         self.connect_with(&Options { queues: 2, ..Options::default() })
     }
-}
-
-/// Bytes that differ with `seed` and position, so misplaced data is caught.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
 
 #[test]

@@ -18,8 +18,9 @@ use livesnap_proto::daemon::livesnapd_client::LivesnapdClient;
 use livesnap_proto::snapshot as spb;
 use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
 use livesnap_tests::blk::BlkQueue;
-use livesnap_tests::daemon::{livesnap_blk_path, Daemon};
+use livesnap_tests::daemon::Daemon;
 use livesnap_tests::frontend::{Frontend, Options};
+use livesnap_tests::{pattern, programs};
 use tonic::transport::{Channel, Endpoint};
 
 const MIB: u64 = 1 << 20;
@@ -32,19 +33,10 @@ const JOB_WAIT: Duration = Duration::from_secs(180);
 const VM: &str = "vm1";
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-/// The initial content: differs at every 4 KiB and is never all zeros.
-fn pattern(len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i / 4096 * 7 + i % 251 + 1) as u8).collect()
-}
-
 fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img").args(args).output().unwrap();
     assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn livesnapd_path() -> PathBuf {
-    livesnap_tests::daemon::workspace_bin("LIVESNAPD", "livesnapd").unwrap()
 }
 
 /// One VM on livesnap-blk, the test VMM connected, and livesnapd's files.
@@ -73,7 +65,7 @@ impl Rig {
     fn with(top: &str, defaults: &str, vm_extra: &str, qcow2: bool) -> Rig {
         let dir = tempfile::Builder::new().prefix("livesnapd-test").tempdir().unwrap();
         let raw = dir.path().join("vda.raw");
-        let model = pattern(DISK);
+        let model = pattern::disk(0, DISK as usize);
         std::fs::write(&raw, &model).unwrap();
         let (image, format) = if qcow2 {
             let q = dir.path().join("vda.qcow2");
@@ -85,7 +77,7 @@ impl Rig {
         };
         let (vhost, control) = (dir.path().join("vda.sock"), dir.path().join("control.sock"));
         let log = std::fs::File::create(dir.path().join("livesnap-blk.log")).unwrap();
-        let mut cmd = Command::new(livesnap_blk_path().unwrap());
+        let mut cmd = Command::new(programs::livesnap_blk().unwrap());
         cmd.args(["--vm", VM, "--queues", "1", "--disk"])
             .arg(format!("id=vda,image={},socket={},format={format}", image.display(), vhost.display()))
             .arg("--state-dir")
@@ -117,7 +109,7 @@ impl Rig {
     fn start(&self) -> Daemon {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("livesnapd.log")).unwrap();
-        let mut cmd = Command::new(livesnapd_path());
+        let mut cmd = Command::new(programs::livesnapd().unwrap());
         cmd.arg("--config").arg(&self.config).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
         Daemon::spawn("livesnapd", cmd, &[&self.socket]).unwrap()
     }
@@ -497,7 +489,7 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
 
     // The job is recorded failed (the database is read with the daemon stopped).
     assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success());
-    let out = Command::new(livesnapd_path())
+    let out = Command::new(programs::livesnapd().unwrap())
         .arg("--config")
         .arg(&rig.config)
         .arg("jobs")

@@ -19,15 +19,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use livesnap_proto::daemon::livesnapd_server::{Livesnapd, LivesnapdServer};
 use livesnap_proto::daemon::*;
+use livesnap_tests::{pattern, programs};
 use serde_json::Value;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 
 const MIB: u64 = 1 << 20;
-
-fn snapctl_path() -> Result<PathBuf> {
-    livesnap_tests::daemon::workspace_bin("SNAPCTL", "snapctl")
-}
 
 /// One step of a scripted stream.
 #[derive(Clone)]
@@ -258,7 +255,7 @@ impl Fake {
     }
 
     fn cmd(&self, args: &[&str]) -> Result<Command> {
-        let mut c = Command::new(snapctl_path()?);
+        let mut c = Command::new(programs::snapctl()?);
         c.args(args).env("LIVESNAP_SOCKET", &self.socket).env_remove("LIVESNAP_LOG").stdin(Stdio::null());
         Ok(c)
     }
@@ -912,7 +909,7 @@ fn control_characters_from_the_daemon_do_not_reach_the_terminal() -> Result<()> 
 fn no_daemon_exits_3_and_says_how_to_start_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let missing = dir.path().join("livesnapd.sock");
-    let mut cmd = Command::new(snapctl_path()?);
+    let mut cmd = Command::new(programs::snapctl()?);
     cmd.args(["vm", "list"]).env("LIVESNAP_SOCKET", &missing);
     let r = run(cmd)?;
     assert_eq!(r.code, 3);
@@ -928,7 +925,7 @@ fn no_daemon_exits_3_and_says_how_to_start_it() -> Result<()> {
     // A socket left behind by a daemon that is gone; --socket wins over the environment.
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale)?);
-    let mut cmd = Command::new(snapctl_path()?);
+    let mut cmd = Command::new(programs::snapctl()?);
     cmd.args(["--socket"]).arg(&stale).args(["backup", "list"]).env("LIVESNAP_SOCKET", &missing);
     let r = run(cmd)?;
     assert_eq!(r.code, 3);
@@ -940,7 +937,7 @@ fn no_daemon_exits_3_and_says_how_to_start_it() -> Result<()> {
 
 #[test]
 fn tcp_endpoint_needs_https_and_readable_files() -> Result<()> {
-    let bin = snapctl_path()?;
+    let bin = programs::snapctl()?;
     let r = run({
         let mut c = Command::new(&bin);
         c.args(["--addr", "http://127.0.0.1:7736", "vm", "list"]);
@@ -982,7 +979,7 @@ fn tcp_endpoint_needs_https_and_readable_files() -> Result<()> {
 #[test]
 fn agent_commands_still_work_and_say_their_error_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cmd = Command::new(snapctl_path()?);
+    let mut cmd = Command::new(programs::snapctl()?);
     cmd.args(["agent", "status", "--unix"]).arg(dir.path().join("agent.sock")).arg("--json");
     let r = run(cmd)?;
     assert_eq!(r.code, 1);
@@ -1001,7 +998,7 @@ fn snapshot_on_a_terminal_draws_bars_then_the_summary() -> Result<()> {
     // Slow enough in the middle of vda that the bar is drawn while it moves.
     steps.insert(100, Step::Pause(Duration::from_millis(300)));
     let fake = Fake::start(Script { snapshot: Ok(steps), ..Script::default() })?;
-    let line = format!("stty cols 120 rows 40; {} vm snapshot web01", snapctl_path()?.display());
+    let line = format!("stty cols 120 rows 40; {} vm snapshot web01", programs::snapctl()?.display());
     let mut cmd = Command::new("script");
     cmd.args(["-qfec", &line, "/dev/null"]).env("LIVESNAP_SOCKET", &fake.socket).env("COLUMNS", "120");
     let r = run(cmd)?;
@@ -1018,26 +1015,21 @@ fn snapshot_on_a_terminal_draws_bars_then_the_summary() -> Result<()> {
     Ok(())
 }
 
-/// livesnapd in target/, or `LIVESNAPD`.
-fn livesnapd_path() -> Result<PathBuf> {
-    livesnap_tests::daemon::workspace_bin("LIVESNAPD", "livesnapd")
-}
-
 /// The whole path once, against the real daemon: livesnap-blk serving a raw disk to the test
 /// VMM, livesnapd with a config naming it (no agent), snapctl for every step. Needs
 /// `cargo build -p livesnap-blk -p livesnap-control`.
 #[test]
 fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_and_deletes() -> Result<()> {
-    use livesnap_tests::daemon::{livesnap_blk_path, Daemon};
+    use livesnap_tests::daemon::Daemon;
     use livesnap_tests::frontend::{Frontend, Options};
 
     let dir = tempfile::Builder::new().prefix("snapctl-real").tempdir()?;
     let d = dir.path();
     let image = d.join("vda.raw");
-    let content: Vec<u8> = (0..16 * MIB).map(|i| (i / 4096 * 7 + i % 251 + 1) as u8).collect();
+    let content = pattern::disk(0, (16 * MIB) as usize);
     std::fs::write(&image, &content)?;
     let (vhost, control, socket) = (d.join("vda.sock"), d.join("control.sock"), d.join("livesnapd.sock"));
-    let mut blk = Command::new(livesnap_blk_path()?);
+    let mut blk = Command::new(programs::livesnap_blk()?);
     blk.args(["--vm", "vm1", "--queues", "1", "--disk"])
         .arg(format!("id=vda,image={},socket={},format=raw", image.display(), vhost.display()))
         .arg("--state-dir")
@@ -1058,11 +1050,11 @@ fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_
             dd = d.display()
         ),
     )?;
-    let mut daemon = Command::new(livesnapd_path()?);
+    let mut daemon = Command::new(programs::livesnapd()?);
     daemon.arg("--config").arg(&config).stdout(Stdio::null()).stderr(std::fs::File::create(d.join("livesnapd.log"))?);
     let _daemon = Daemon::spawn("livesnapd", daemon, &[&socket])?;
     let snapctl = |args: &[&str]| -> Result<Run> {
-        let mut c = Command::new(snapctl_path()?);
+        let mut c = Command::new(programs::snapctl()?);
         c.arg("--socket").arg(&socket).args(args).current_dir(d).stdin(Stdio::null());
         run(c)
     };
@@ -1147,7 +1139,7 @@ fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exi
     )?;
     let addr = format!("https://127.0.0.1:{port}");
     let snapctl = |ca: &str, args: &[&str]| -> Result<Run> {
-        let mut c = Command::new(snapctl_path()?);
+        let mut c = Command::new(programs::snapctl()?);
         c.args(["--addr", &addr, "--token-file"]).arg(d.join("token")).arg("--ca-cert").arg(d.join(ca)).args(args);
         run(c)
     };
@@ -1165,7 +1157,7 @@ fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exi
 
     let (_rt2, _daemon2, port2) =
         start_tls(Script { vms: Err((Code::Unauthenticated, "a bearer token is required")), ..Script::default() }, d)?;
-    let mut c = Command::new(snapctl_path()?);
+    let mut c = Command::new(programs::snapctl()?);
     c.args(["--addr", &format!("https://127.0.0.1:{port2}"), "--ca-cert"]).arg(d.join("ca.pem")).args(["vm", "list"]);
     let r = run(c)?;
     assert_eq!(r.code, 3);

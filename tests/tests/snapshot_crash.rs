@@ -22,11 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use fastrand::Rng;
+use livesnap_proto::error::chain;
 use livesnap_proto::snapshot as pb;
 use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
 use livesnap_tests::blk::{self, BlkQueue, Completion, Request};
-use livesnap_tests::daemon::{livesnap_blk_path, Daemon};
+use livesnap_tests::daemon::Daemon;
 use livesnap_tests::frontend::{Frontend, Options};
+use livesnap_tests::programs;
 use tonic::transport::{Channel, Endpoint};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
 
@@ -46,42 +49,14 @@ const DISK_ID: &str = "vda";
 // ---------------------------------------------------------------------------------------------
 // Random numbers and the seed.
 
-/// xorshift64*: small, seedable, good enough to pick offsets and moments.
-#[derive(Clone, Debug)]
-struct Rng(u64);
+/// Whether an event of one chance in `n` happens.
+fn one_in(rng: &mut Rng, n: u64) -> bool {
+    rng.u64(..n) == 0
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
-        if r.0 == 0 {
-            r.0 = 1;
-        }
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-
-    fn fork(&mut self) -> Rng {
-        Rng::new(self.next())
-    }
-
-    fn sleep_ms(&mut self, lo: u64, hi: u64) {
-        std::thread::sleep(Duration::from_millis(lo + self.below(hi - lo + 1)));
-    }
+/// Sleeps from `lo` to `hi` milliseconds, both included.
+fn sleep_ms(rng: &mut Rng, lo: u64, hi: u64) {
+    std::thread::sleep(Duration::from_millis(rng.u64(lo..=hi)));
 }
 
 /// The test's seed: `LIVESNAP_SEED`, else the clock; printed so that a failure can be replayed.
@@ -91,7 +66,7 @@ fn seed(test: &str) -> Rng {
         t.as_nanos() as u64 ^ u64::from(std::process::id())
     });
     eprintln!("{test}: seed {seed} (replay with LIVESNAP_SEED={seed})");
-    Rng::new(seed)
+    Rng::with_seed(seed)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,7 +199,7 @@ impl Model {
     /// Picks a range of `n` blocks with no write in flight and gives it the next version.
     fn reserve(&mut self, rng: &mut Rng, n: usize, zero: bool) -> Option<(usize, u64)> {
         for _ in 0..8 {
-            let start = rng.below((BLOCKS - n + 1) as u64) as usize;
+            let start = rng.u64(..(BLOCKS - n + 1) as u64) as usize;
             if self.busy[start..start + n].iter().any(|&b| b) {
                 continue;
             }
@@ -302,10 +277,10 @@ enum Pending {
 
 /// Blocks per write: mostly 4 KiB, some up to 64 KiB, some up to 1 MiB.
 fn write_len(rng: &mut Rng) -> usize {
-    match rng.below(20) {
+    match rng.u64(..20) {
         0..=11 => 1,
-        12..=16 => 2 + rng.below(15) as usize,
-        _ => 17 + rng.below(240) as usize,
+        12..=16 => 2 + rng.u64(..15) as usize,
+        _ => 17 + rng.u64(..240) as usize,
     }
 }
 
@@ -320,18 +295,18 @@ fn drive(q: &mut BlkQueue, load: &Load, mut rng: Rng) {
         }
         let mut submitted = false;
         while budget_left && pending.len() < DEPTH && q.free_slots() > 0 {
-            if rng.chance(1, load.flush_one_in) {
+            if one_in(&mut rng, load.flush_one_in) {
                 let durable = load.model().acked.clone();
                 let tag = q.submit(&Request::Flush).unwrap();
                 pending.insert(tag, Pending::Flush(durable));
             } else {
                 let n = write_len(&mut rng);
-                let zero = rng.chance(1, 12);
+                let zero = one_in(&mut rng, 12);
                 let Some((start, version)) = load.model().reserve(&mut rng, n, zero) else { break };
                 let sector = start as u64 * SECTORS_PER_BLOCK;
                 let tag = if zero {
                     let num_sectors = (n as u64 * SECTORS_PER_BLOCK) as u32;
-                    q.submit(&Request::WriteZeroes { sector, num_sectors, unmap: rng.chance(1, 2) }).unwrap()
+                    q.submit(&Request::WriteZeroes { sector, num_sectors, unmap: one_in(&mut rng, 2) }).unwrap()
                 } else {
                     q.submit(&Request::Write { sector, data: &stamped(start, n, version) }).unwrap()
                 };
@@ -346,7 +321,7 @@ fn drive(q: &mut BlkQueue, load: &Load, mut rng: Rng) {
         done.clear();
         match q.reap(Some(Duration::from_millis(20)), &mut done) {
             Ok(_) | Err(blk::Error::Timeout(_)) => {}
-            Err(e) => panic!("queue failed: {e:#}"),
+            Err(e) => panic!("queue failed: {}", chain(&e)),
         }
         for c in &done {
             let p = pending.remove(&c.tag).unwrap();
@@ -504,7 +479,7 @@ impl Rig {
     /// queues and the control client.
     fn start(&self) -> (Daemon, Frontend, Vec<BlkQueue>, Ctl) {
         let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = Command::new(livesnap_blk_path().unwrap());
+        let mut cmd = Command::new(programs::livesnap_blk().unwrap());
         cmd.args(&self.args).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log);
         let daemon = Daemon::spawn("livesnap-blk", cmd, &[&self.socket, &self.control]).unwrap();
         let mut f =
@@ -705,7 +680,7 @@ fn crash_script(
     what: &str,
 ) -> Kill {
     let mut snapshot = ctl.status().snapshot.map(|s| s.id);
-    rng.sleep_ms(30, 200);
+    sleep_ms(rng, 30, 200);
     loop {
         match phase {
             pb::Phase::Direct => {
@@ -729,10 +704,10 @@ fn crash_script(
                 *cut = Some(CutWindow { lo, hi });
                 phase = pb::Phase::Active;
                 // Long enough for the delta to grow to many MiB.
-                rng.sleep_ms(100, 500);
+                sleep_ms(rng, 100, 500);
             }
             pb::Phase::Active => {
-                if rng.chance(1, 2) {
+                if one_in(rng, 2) {
                     // The base is frozen: read straight from the host under load, it is the disk at the cut.
                     let w = cut.as_ref().unwrap();
                     let zeroes = load.model().zeroes.clone();
@@ -764,8 +739,8 @@ fn crash_script(
             }
             _ => {
                 // Often right after the Merge call, while the delta is still large.
-                if rng.chance(1, 2) {
-                    rng.sleep_ms(0, 40);
+                if one_in(rng, 2) {
+                    sleep_ms(rng, 0, 40);
                 }
                 kill9(daemon);
                 return Kill::Merging;
@@ -777,10 +752,10 @@ fn crash_script(
 /// How long after sending a call to kill: a Begin or a Merge syncs files (the delta, the
 /// base) and takes from under a millisecond to tens of them, so spread the kill over that.
 fn call_delay(rng: &mut Rng) -> Duration {
-    if rng.chance(1, 2) {
-        Duration::from_micros(rng.below(5000))
+    if one_in(rng, 2) {
+        Duration::from_micros(rng.u64(..5000))
     } else {
-        Duration::from_millis(5 + rng.below(80))
+        Duration::from_millis(5 + rng.u64(..80))
     }
 }
 
@@ -809,7 +784,7 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
             // Every kind of kill in turn for a run's first kill; then what the phase allows.
             let target = match phase {
                 pb::Phase::Direct => ALL_KILLS[(iteration - 1) % ALL_KILLS.len()],
-                pb::Phase::Active => ALL_KILLS[2 + rng.below(3) as usize],
+                pb::Phase::Active => ALL_KILLS[2 + rng.u64(..3) as usize],
                 _ => Kill::Merging,
             };
             let (back, m, kill) = with_load(qs, load, &mut rng, |load| {
@@ -853,7 +828,7 @@ fn kill_before_the_cut_while_active_and_mid_merge_keeps_every_flushed_write() {
                 _ => cut = None,
             }
             // A snapshot that survived the kill may take another one before it is merged.
-            if phase == pb::Phase::Direct || round >= 2 || rng.chance(1, 2) || total_kills >= KILLS {
+            if phase == pb::Phase::Direct || round >= 2 || one_in(&mut rng, 2) || total_kills >= KILLS {
                 break;
             }
         }
@@ -889,7 +864,7 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
         let mut script_rng = rng.fork();
         let (back, m, (id, first_after_cut)) = with_load(qs, load, &mut rng, |load| {
             let r = &mut script_rng;
-            r.sleep_ms(20, 150);
+            sleep_ms(r, 20, 150);
             let s = ctl.begin();
             // Every version from here on was sent after the cut: its blocks are in the new map.
             let first_after_cut = load.model().next_version;
@@ -901,10 +876,10 @@ fn changes_after_kill_cover_every_acknowledged_write_since_the_checkpoint() {
                 "{what}: the map of a generation begun by a cut is untrusted: {}",
                 page.untrusted_reason
             );
-            r.sleep_ms(100, 400);
-            if r.chance(1, 2) {
+            sleep_ms(r, 100, 400);
+            if one_in(r, 2) {
                 ctl.merge(s.id);
-                r.sleep_ms(0, 100);
+                sleep_ms(r, 0, 100);
             }
             kill9(daemon);
             (s.id, first_after_cut)

@@ -42,11 +42,11 @@ use livesnap_proto::snapshot as pb;
 use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
 use livesnap_tests::daemon::Daemon;
 use livesnap_tests::guest::{serial_args, Guest, GuestConfig, GuestFile};
+use livesnap_tests::programs;
+use livesnap_tests::record::{self, record, RECORD};
 use tonic::transport::{Channel, Endpoint};
 
 const DISK_MIB: u64 = 512;
-const RECORD: usize = 4096;
-const MAGIC: &[u8; 8] = b"LSREC01\0";
 const PROGRESS: &str = "RECWRITER-PROGRESS=";
 /// For hangs only: TCG is slow and CI machines are busy.
 const WAIT: Duration = Duration::from_secs(300);
@@ -74,15 +74,6 @@ impl Format {
     }
 }
 
-fn recwriter_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("LIVESNAP_RECWRITER") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-bin/recwriter");
-    assert!(p.is_file(), "{} missing: run ci/build-recwriter.sh (or set LIVESNAP_RECWRITER)", p.display());
-    p
-}
-
 fn run(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (see ci/install-deps.sh)"));
     assert!(
@@ -93,27 +84,6 @@ fn run(cmd: &mut Command) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// Record `k` as `recwriter` writes it (see its module doc), built here independently.
-fn record(k: u64) -> Vec<u8> {
-    let mut r = Vec::with_capacity(RECORD);
-    r.extend_from_slice(MAGIC);
-    r.extend_from_slice(&k.to_le_bytes());
-    let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    while r.len() < RECORD - 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        r.extend_from_slice(&x.to_le_bytes());
-    }
-    let h = fnv1a64(&r);
-    r.extend_from_slice(&h.to_le_bytes());
-    r
 }
 
 /// Whether block `i` was filled with a pattern before the guest started (else zeros).
@@ -154,9 +124,7 @@ fn describe(i: u64, block: &[u8]) -> String {
     if block.iter().all(|&b| b == 0) {
         return "zeros".into();
     }
-    if block.starts_with(MAGIC) {
-        let k = u64::from_le_bytes(block[8..16].try_into().unwrap());
-        let sum_ok = fnv1a64(&block[..RECORD - 8]) == u64::from_le_bytes(block[RECORD - 8..].try_into().unwrap());
+    if let Some((k, sum_ok)) = record::header(block) {
         return format!(
             "a record header with k={k} (checksum {}, content {})",
             if sum_ok { "ok" } else { "BAD" },
@@ -357,7 +325,7 @@ fn snapshot_cut_under_a_writing_guest_freezes_a_prefix_and_merge_keeps_every_rec
         job_script: JOB.into(),
         files: vec![GuestFile {
             path: "/usr/bin/recwriter".into(),
-            contents: std::fs::read(recwriter_binary()).unwrap(),
+            contents: std::fs::read(programs::recwriter_static().unwrap()).unwrap(),
             mode: 0o755,
         }],
         extra_args: serial_args(&stop_sock),

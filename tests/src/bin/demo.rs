@@ -34,8 +34,10 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use livesnap_proto::error::chain;
 use livesnap_tests::daemon::Daemon;
 use livesnap_tests::guest::{serial_args, vsock_args, Guest, GuestConfig, GuestFile};
+use livesnap_tests::programs;
 
 const VM: &str = "demo";
 const DISK_MIB: u64 = 256;
@@ -105,29 +107,14 @@ struct Tools {
     vsock: PathBuf,
 }
 
-fn tool(var: &str, default: &Path, how: &str) -> Result<PathBuf> {
-    let p = std::env::var_os(var).map_or_else(|| default.to_path_buf(), PathBuf::from);
-    ensure!(p.is_file(), "{} not found: {how} (or set {var})", p.display());
-    Ok(p)
-}
-
 impl Tools {
-    fn find(root: &Path) -> Result<Tools> {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        let vsock_default = std::env::var_os("PATH")
-            .and_then(|p| std::env::split_paths(&p).map(|d| d.join("vhost-device-vsock")).find(|p| p.is_file()))
-            .unwrap_or_else(|| home.join(".cargo/bin/vhost-device-vsock"));
-        let control = "cargo build --release -p livesnap-control";
+    fn find() -> Result<Tools> {
         Ok(Tools {
-            blk: tool(
-                "LIVESNAP_BLK",
-                &root.join("target/release/livesnap-blk"),
-                "cargo build --release -p livesnap-blk",
-            )?,
-            livesnapd: tool("LIVESNAPD", &root.join("target/release/livesnapd"), control)?,
-            snapctl: tool("SNAPCTL", &root.join("target/release/snapctl"), control)?,
-            agent: tool("LIVESNAP_AGENT_STATIC", &root.join("target/guest-bin/livesnap-agent"), "run ci/demo.sh")?,
-            vsock: tool("VHOST_DEVICE_VSOCK", &vsock_default, "cargo install --locked vhost-device-vsock")?,
+            blk: programs::livesnap_blk()?,
+            livesnapd: programs::livesnapd()?,
+            snapctl: programs::snapctl()?,
+            agent: programs::agent_static()?,
+            vsock: programs::vhost_device_vsock()?,
         })
     }
 }
@@ -474,7 +461,7 @@ fn main() -> ExitCode {
     match run(crash_consistent) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("\ndemo FAILED: {e:#}");
+            eprintln!("\ndemo FAILED: {}", chain(&*e));
             ExitCode::FAILURE
         }
     }
@@ -483,7 +470,7 @@ fn main() -> ExitCode {
 fn run(crash: bool) -> Result<()> {
     let started = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("no workspace root")?;
-    let tools = Tools::find(root)?;
+    let tools = Tools::find()?;
     let rel = Path::new("target/demo");
     let dir = root.join(rel);
     let _ = std::fs::remove_dir_all(&dir);

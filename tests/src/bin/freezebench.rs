@@ -30,10 +30,10 @@
 //!     --bin livesnap-blk --bin livesnapd --bin freezebench && target/release/freezebench
 //! ```
 //!
-//! Needs the guest image (`ci/build-guest.sh`), the static agent in
-//! `target/guest-bin/livesnap-agent` (as `ci/demo.sh` builds it), and vhost-device-vsock (on
-//! `PATH` or in `~/.cargo/bin`); found through `LIVESNAP_BLK`, `LIVESNAPD`,
-//! `LIVESNAP_AGENT_STATIC` and `VHOST_DEVICE_VSOCK` otherwise. Files go to `target/freezebench/`.
+//! Needs the guest image (`ci/build-guest.sh`), the static agent (`ci/package-agent.sh` or
+//! `ci/demo.sh` builds it), and vhost-device-vsock (on `PATH` or in `~/.cargo/bin`); found as
+//! [`livesnap_tests::programs`] says, or through `LIVESNAP_BLK`, `LIVESNAPD`,
+//! `LIVESNAP_AGENT_STATIC` and `VHOST_DEVICE_VSOCK`. Files go to `target/freezebench/`.
 //!
 //! The agent is reached through a small in-process relay (a unix socket that does the hybrid
 //! vsock handshake and copies bytes): `livesnap_control::agent::AgentClient` is only a
@@ -51,11 +51,13 @@ use livesnap_proto::agent::agent_client::AgentClient;
 use livesnap_proto::agent::{FreezeRequest, FsOutcome, PingRequest, ThawRequest};
 use livesnap_proto::daemon::livesnapd_client::LivesnapdClient;
 use livesnap_proto::daemon::{snapshot_event::Event, BackupKind, BackupMode, CreateSnapshotRequest, QuiesceMode};
+use livesnap_proto::error::chain;
 use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
 use livesnap_proto::snapshot::{BeginRequest, MergeRequest, StatsRequest};
 use livesnap_proto::unix_channel;
-use livesnap_tests::daemon::{workspace_bin, Daemon};
+use livesnap_tests::daemon::Daemon;
 use livesnap_tests::guest::{vsock_args, Guest, GuestConfig, GuestFile};
+use livesnap_tests::programs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::{Channel, Endpoint};
@@ -157,21 +159,8 @@ struct Tools {
     vsock: PathBuf,
 }
 
-fn existing(var: &str, default: PathBuf, how: &str) -> Result<PathBuf> {
-    let p = std::env::var_os(var).map_or(default, PathBuf::from);
-    ensure!(p.is_file(), "{} not found: {how} (or set {var})", p.display());
-    Ok(p)
-}
-
 impl Tools {
-    fn find(root: &Path) -> Result<Tools> {
-        let build = "cargo build --release -p livesnap-blk -p livesnap-control --bin livesnap-blk --bin livesnapd";
-        let vsock_default = std::env::var_os("PATH")
-            .and_then(|p| std::env::split_paths(&p).map(|d| d.join("vhost-device-vsock")).find(|p| p.is_file()))
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-                home.join(".cargo/bin/vhost-device-vsock")
-            });
+    fn find() -> Result<Tools> {
         let guest = livesnap_tests::guest::guest_dir();
         ensure!(
             guest.join("vmlinuz").is_file() && guest.join("initramfs.img").is_file(),
@@ -179,14 +168,10 @@ impl Tools {
             guest.display()
         );
         Ok(Tools {
-            blk: workspace_bin("LIVESNAP_BLK", "livesnap-blk").with_context(|| format!("livesnap-blk: {build}"))?,
-            livesnapd: workspace_bin("LIVESNAPD", "livesnapd").with_context(|| format!("livesnapd: {build}"))?,
-            agent: existing(
-                "LIVESNAP_AGENT_STATIC",
-                root.join("target/guest-bin/livesnap-agent"),
-                "build the static agent as ci/demo.sh does",
-            )?,
-            vsock: existing("VHOST_DEVICE_VSOCK", vsock_default, "cargo install --locked vhost-device-vsock")?,
+            blk: programs::livesnap_blk()?,
+            livesnapd: programs::livesnapd()?,
+            agent: programs::agent_static()?,
+            vsock: programs::vhost_device_vsock()?,
         })
     }
 }
@@ -337,7 +322,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("\nfreezebench FAILED: {e:#}");
+            eprintln!("\nfreezebench FAILED: {}", chain(&*e));
             ExitCode::FAILURE
         }
     }
@@ -347,7 +332,7 @@ async fn run(args: Args) -> Result<()> {
     ensure!(args.iterations > 0, "--iterations must be at least 1");
     let started = Instant::now();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("no workspace root")?;
-    let tools = Tools::find(root)?;
+    let tools = Tools::find()?;
     let dir = root.join("target/freezebench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("blk-state"))?;

@@ -7,14 +7,7 @@
 //! recwriter DEVICE STOP_FILE
 //! ```
 //!
-//! Record `k`, every integer little-endian:
-//!
-//! | offset | size | what |
-//! |---:|---:|---|
-//! | 0 | 8 | magic `LSREC01\0` |
-//! | 8 | 8 | `k` |
-//! | 16 | 4072 | payload: xorshift64 started at `k * 0x9E3779B97F4A7C15 + 1`, as 8-byte words |
-//! | 4088 | 8 | FNV-1a 64 of bytes 0..4088 |
+//! The records are laid out as [`livesnap_tests::record`] says.
 //!
 //! Only one write is in flight at a time and each starts after the previous one completed, so
 //! the device holds, at any instant, a prefix of the sequence (plus at most the record in flight).
@@ -25,50 +18,59 @@
 //! Built as a static binary by `ci/build-recwriter.sh` (the guest has no libc).
 
 use std::fs::OpenOptions;
-use std::io::{Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::ExitCode;
 
-/// Bytes per record (and per write).
-const RECORD: usize = 4096;
+use livesnap_proto::error::chain;
+use livesnap_tests::record::{self, RECORD};
+
 /// Records between two progress lines.
 const PROGRESS_EVERY: u64 = 64;
 /// `O_DIRECT` on x86_64 Linux (kept here so the guest binary needs no libc crate).
 const O_DIRECT: i32 = 0o40000;
-const MAGIC: &[u8; 8] = b"LSREC01\0";
 
 /// A record's buffer, aligned for `O_DIRECT`.
 #[repr(C, align(4096))]
 struct Aligned([u8; RECORD]);
 
-fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("Cannot open {device} with O_DIRECT")]
+    Open {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot size {device}")]
+    Size {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Write of record {k} failed")]
+    Write {
+        k: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Sync of {device} failed")]
+    Sync {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// Record `k` into `buf` (`RECORD` bytes).
-fn fill(buf: &mut [u8], k: u64) {
-    buf[..8].copy_from_slice(MAGIC);
-    buf[8..16].copy_from_slice(&k.to_le_bytes());
-    let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    for w in buf[16..RECORD - 8].chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-    let h = fnv1a64(&buf[..RECORD - 8]);
-    buf[RECORD - 8..].copy_from_slice(&h.to_le_bytes());
-}
-
-fn run(device: &str, stop: &Path) -> Result<i64, String> {
+fn run(device: &str, stop: &Path) -> Result<i64, Error> {
     let mut dev = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(O_DIRECT)
         .open(device)
-        .map_err(|e| format!("cannot open {device} with O_DIRECT: {e}"))?;
-    let size = dev.seek(SeekFrom::End(0)).map_err(|e| format!("cannot size {device}: {e}"))?;
+        .map_err(|source| Error::Open { device: device.into(), source })?;
+    let size = dev.seek(SeekFrom::End(0)).map_err(|source| Error::Size { device: device.into(), source })?;
     let capacity = size / RECORD as u64;
     println!("RECWRITER-START size={size}");
     let mut buf = Box::new(Aligned([0; RECORD]));
@@ -78,14 +80,14 @@ fn run(device: &str, stop: &Path) -> Result<i64, String> {
             println!("RECWRITER-FULL");
             break;
         }
-        fill(&mut buf.0, done);
-        dev.write_all_at(&buf.0, done * RECORD as u64).map_err(|e| format!("write of record {done} failed: {e}"))?;
+        record::fill(&mut buf.0, done);
+        dev.write_all_at(&buf.0, done * RECORD as u64).map_err(|source| Error::Write { k: done, source })?;
         done += 1;
         if done % PROGRESS_EVERY == 0 {
             println!("RECWRITER-PROGRESS={done}");
         }
     }
-    dev.sync_all().map_err(|e| format!("sync of {device} failed: {e}"))?;
+    dev.sync_all().map_err(|source| Error::Sync { device: device.into(), source })?;
     // At most the device's size over 4 KiB: far below i64::MAX.
     Ok(i64::try_from(done).unwrap_or(i64::MAX) - 1)
 }
@@ -102,7 +104,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("RECWRITER-ERROR={e}");
+            println!("RECWRITER-ERROR={}", chain(&e));
             ExitCode::FAILURE
         }
     }

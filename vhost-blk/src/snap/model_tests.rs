@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use fastrand::Rng;
+
 use super::store::mem::{crash_file, Fuse, MemDir, MemFile};
 use super::*;
 use crate::disk::Buf;
@@ -18,24 +20,9 @@ const SECTORS: u64 = 96;
 const SIZE: u64 = SECTORS * SECTOR;
 const GRANULARITY: u64 = 2048;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
+/// Whether an event of `percent` in 100 happens.
+fn chance(rng: &mut Rng, percent: u64) -> bool {
+    rng.u64(..100) < percent
 }
 
 /// Sector `idx` holding version `v` (0 is all zeroes).
@@ -97,10 +84,10 @@ struct Case {
 
 impl Case {
     fn new(seed: u64) -> Self {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::with_seed(seed);
         let fuse = Arc::new(Fuse::default());
         fuse.arm(i64::MAX);
-        let delta_limit = rng.chance(20).then(|| (4 + rng.below(20)) * SECTOR);
+        let delta_limit = chance(&mut rng, 20).then(|| (4 + rng.u64(..20)) * SECTOR);
         let mut c = Case {
             rng,
             seed,
@@ -164,17 +151,17 @@ impl Case {
     }
 
     fn write(&mut self, zeroes: bool) -> bool {
-        let start = self.rng.below(SECTORS);
-        let n = 1 + self.rng.below(8.min(SECTORS - start));
+        let start = self.rng.u64(..SECTORS);
+        let n = 1 + self.rng.u64(..8.min(SECTORS - start));
         let v = if zeroes { 0 } else { self.next_version };
         self.next_version += 1;
         self.log.push(format!("write {start}+{n} v{v}"));
         let res = if zeroes {
-            self.disk().write_zeroes(start * SECTOR, n * SECTOR, self.rng.chance(50))
+            self.disk().write_zeroes(start * SECTOR, n * SECTOR, chance(&mut self.rng, 50))
         } else {
             let mut data: Vec<u8> = (start..start + n).flat_map(|i| sector_bytes(v, i)).collect();
             // Split across two buffers now and then, as a guest's scatter list would be.
-            let cut = if n > 1 && self.rng.chance(30) { SECTOR as usize } else { data.len() };
+            let cut = if n > 1 && chance(&mut self.rng, 30) { SECTOR as usize } else { data.len() };
             let (a, b) = data.split_at_mut(cut);
             let bufs: Vec<Buf<'_>> = [a, b].into_iter().filter(|x| !x.is_empty()).map(Buf::from).collect();
             self.disk().write_vectored_at(&bufs, start * SECTOR)
@@ -265,18 +252,18 @@ impl Case {
     }
 
     fn crash(&mut self) {
-        let power_loss = self.rng.chance(40);
+        let power_loss = chance(&mut self.rng, 40);
         self.log.push(format!("crash ({})", if power_loss { "power loss" } else { "kill" }));
         self.vm = None;
-        let mut rng = Rng(self.rng.next());
+        let mut rng = self.rng.fork();
         let mut keep = |_: usize| -> Option<usize> {
             if !power_loss {
                 return Some(usize::MAX);
             }
-            match rng.below(3) {
+            match rng.u64(..3) {
                 0 => None,
                 1 => Some(usize::MAX),
-                _ => Some(rng.below(8) as usize),
+                _ => Some(rng.u64(..8) as usize),
             }
         };
         self.dir.crash(&mut keep);
@@ -306,7 +293,7 @@ impl Case {
     }
 
     fn step(&mut self) -> bool {
-        let r = self.rng.below(100);
+        let r = self.rng.u64(..100);
         let snap = self.snapshot();
         match r {
             0..=44 => self.write(false),
@@ -338,7 +325,7 @@ impl Case {
                 _ => true,
             },
             78..=87 => {
-                let steps = 1 + self.rng.below(3) as usize;
+                let steps = 1 + self.rng.u64(..3) as usize;
                 self.log.push(format!("merge_some {steps}"));
                 match self.vm().merge_some(steps) {
                     Ok(_) => true,
@@ -376,8 +363,8 @@ impl Case {
 
     fn run(&mut self, ops: usize) {
         // Half the cases blow the fuse at some persistence step; the rest crash at random.
-        if self.rng.chance(50) {
-            let budget = self.rng.below(300) as i64;
+        if chance(&mut self.rng, 50) {
+            let budget = self.rng.u64(..300) as i64;
             self.fuse.arm(budget);
         }
         for _ in 0..ops {
@@ -387,8 +374,8 @@ impl Case {
             }
             if !stepped {
                 self.crash();
-                if self.rng.chance(50) {
-                    let budget = self.rng.below(300) as i64;
+                if chance(&mut self.rng, 50) {
+                    let budget = self.rng.u64(..300) as i64;
                     self.fuse.arm(budget);
                 }
             } else {
