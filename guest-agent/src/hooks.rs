@@ -183,7 +183,7 @@ impl Hooks {
             }
             Ok(Err(e)) => {
                 result.outcome = Outcome::Failed;
-                result.output = format!("cannot wait for the hook: {e}\n");
+                result.output = format!("Cannot wait for the hook: {e}\n");
             }
             Err(_) => {
                 if let Some(pgid) = pgid {
