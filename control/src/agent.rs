@@ -23,6 +23,9 @@ use crate::vsock;
 pub enum Target {
     /// A guest vsock port behind a hybrid vsock unix socket.
     HybridVsock(vsock::HybridAddr),
+    /// A guest vsock port reached over AF_VSOCK by the guest's context id (QEMU's
+    /// vhost-vsock-pci, `guest-cid=`).
+    Vsock { cid: u32, port: u32 },
     /// A plain unix socket (the agent run with `--unix`, tests).
     Unix(PathBuf),
 }
@@ -64,8 +67,8 @@ pub enum Error {
     Connect(#[source] tonic::transport::Error),
     #[error("The agent did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("The agent refused: {}: {}", .0.code(), .0.message())]
-    Rpc(#[source] tonic::Status),
+    #[error("The agent refused the call")]
+    Rpc(#[source] RpcStatus),
     #[error("The agent's reply is invalid: {0}")]
     InvalidReply(String),
     #[error("The freeze was aborted: {reason}")]
@@ -73,6 +76,34 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A status the agent answered with (or tonic made of a broken call), as a link of an error
+/// chain: its code and message, then its own cause if it has one. Derefs to the status.
+#[derive(Debug)]
+pub struct RpcStatus(pub tonic::Status);
+
+impl std::fmt::Display for RpcStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.message() {
+            "" => write!(f, "{}", self.0.code()),
+            m => write!(f, "{}: {m}", self.0.code()),
+        }
+    }
+}
+
+impl std::error::Error for RpcStatus {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
+}
+
+impl std::ops::Deref for RpcStatus {
+    type Target = tonic::Status;
+
+    fn deref(&self) -> &tonic::Status {
+        &self.0
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PingReply {
@@ -165,14 +196,16 @@ impl AgentClient {
         let endpoint = Endpoint::from_static("http://agent.invalid").http2_max_header_list_size(16 * 1024);
         let connect = async {
             match target {
-                Target::HybridVsock(addr) => {
+                Target::HybridVsock(addr) => endpoint
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let addr = addr.clone();
+                        async move { Ok::<_, vsock::Error>(TokioIo::new(vsock::connect(&addr.path, addr.port).await?)) }
+                    }))
+                    .await,
+                Target::Vsock { cid, port } => {
                     endpoint
-                        .connect_with_connector(tower::service_fn(move |_: Uri| {
-                            let addr = addr.clone();
-                            async move {
-                                let s = vsock::connect(&addr.path, addr.port).await?;
-                                Ok::<_, std::io::Error>(TokioIo::new(s))
-                            }
+                        .connect_with_connector(tower::service_fn(move |_: Uri| async move {
+                            Ok::<_, vsock::Error>(TokioIo::new(vsock::connect_cid(cid, port).await?))
                         }))
                         .await
                 }
@@ -199,7 +232,7 @@ impl AgentClient {
             Ok(Err(status)) if status.code() == tonic::Code::Cancelled && status.message().contains("Timeout") => {
                 Err(Error::Timeout(limit))
             }
-            Ok(Err(status)) => Err(Error::Rpc(status)),
+            Ok(Err(status)) => Err(Error::Rpc(RpcStatus(status))),
             Ok(Ok(r)) => Ok(r.into_inner()),
         }
     }
@@ -367,5 +400,43 @@ fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+    use std::time::Instant;
+
+    use livesnap_proto::error::chain;
+
+    use super::*;
+
+    /// No guest has this context id.
+    const NO_GUEST: u32 = 0xffff_fff0;
+
+    /// Without a vsock transport the socket cannot be made (EAFNOSUPPORT); with the host's, no
+    /// such guest (ENODEV); with a guest's, the kernel gives up after its 2 s connect timeout.
+    /// Never a hang up to our own timeout, never a panic.
+    #[tokio::test]
+    async fn a_vsock_target_that_cannot_be_reached_fails_at_once_naming_its_cid_and_port() {
+        let limits = Limits { connect_timeout: Duration::from_secs(30), ..Limits::default() };
+        let t0 = Instant::now();
+        let e = AgentClient::connect(Target::Vsock { cid: NO_GUEST, port: 7735 }, limits).await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+        assert!(matches!(e, Error::Connect(_)), "{e:?}");
+        let text = chain(&e);
+        assert!(text.starts_with("Cannot connect to the agent: "), "{text}");
+        assert!(text.contains(&format!("Cannot connect to vsock cid {NO_GUEST} port 7735: ")), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_reads_as_its_code_and_message_once() {
+        let e = Error::Rpc(RpcStatus(tonic::Status::invalid_argument("Snapshot id is too long")));
+        assert_eq!(
+            chain(&e),
+            "The agent refused the call: Client specified an invalid argument: Snapshot id is too long"
+        );
     }
 }

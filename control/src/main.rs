@@ -9,6 +9,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
+use livesnap_proto::error::chain;
 
 use cli::args::{BackupAction, Command, DaemonOpts, VmAction};
 use cli::error::{Error, Exit};
@@ -28,22 +29,6 @@ async fn run_daemon(opts: &DaemonOpts, command: DaemonCommand, json: bool) -> Re
     }
 }
 
-/// `e` and its causes, `: `-separated, leaving out a cause the text already says (tonic's
-/// transport errors repeat their source in their own message).
-fn chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out += ": ";
-            }
-            out += &text;
-        }
-    }
-    out
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -56,7 +41,7 @@ fn main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("snapctl: cannot start the runtime: {e}");
+            eprintln!("snapctl: {}", chain(&cli::error::Error::Runtime(e)));
             return ExitCode::FAILURE;
         }
     };
@@ -66,7 +51,7 @@ fn main() -> ExitCode {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
-                    eprintln!("snapctl: {}", chain(&e));
+                    eprintln!("snapctl: {}", chain(&*e));
                     ExitCode::FAILURE
                 }
             };
@@ -77,7 +62,7 @@ fn main() -> ExitCode {
     match rt.block_on(run_daemon(&cli.daemon, command, cli.json)) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
-            eprintln!("snapctl: {e}");
+            eprintln!("snapctl: {}", chain(&e));
             e.exit().into()
         }
     }

@@ -1,8 +1,9 @@
-//! Hybrid vsock: reaching a guest's vsock port through the host-side unix socket of
-//! vhost-device-vsock, Cloud Hypervisor or Firecracker.
+//! Reaching a guest's vsock port: through the host-side unix socket of vhost-device-vsock,
+//! Cloud Hypervisor or Firecracker (hybrid vsock, [`connect`]), or over AF_VSOCK by the
+//! guest's context id where the host runs the vhost-vsock transport ([`connect_cid`]).
 //!
-//! Protocol: connect to the unix socket, send `CONNECT <port>\n`, read `OK <host-port>\n`;
-//! the socket is then the stream to the guest's port.
+//! Hybrid protocol: connect to the unix socket, send `CONNECT <port>\n`, read
+//! `OK <host-port>\n`; the socket is then the stream to the guest's port.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::str::FromStr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio_vsock::{VsockAddr, VsockStream};
 
 /// The longest handshake reply line accepted (`OK 4294967295` is 13 bytes).
 const MAX_REPLY_LINE: usize = 32;
@@ -46,16 +48,13 @@ pub enum Error {
     Io(#[source] io::Error),
     #[error("Hybrid vsock handshake refused or malformed: {0:?}")]
     BadReply(String),
-}
-
-impl From<Error> for io::Error {
-    fn from(e: Error) -> io::Error {
-        let kind = match &e {
-            Error::Connect { source, .. } | Error::Io(source) => source.kind(),
-            Error::BadReply(_) => io::ErrorKind::ConnectionRefused,
-        };
-        io::Error::new(kind, e)
-    }
+    #[error("Cannot connect to vsock cid {cid} port {port}")]
+    Vsock {
+        cid: u32,
+        port: u32,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Connects to guest port `port` through the hybrid vsock socket at `path`. The caller bounds
@@ -81,6 +80,12 @@ pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, Error> {
         Some(n) if n.trim().parse::<u32>().is_ok() => Ok(s),
         _ => Err(Error::BadReply(text)),
     }
+}
+
+/// Connects to port `port` of the guest with context id `cid` over AF_VSOCK. Fails at once
+/// where the host has no vsock transport. The caller bounds the time.
+pub async fn connect_cid(cid: u32, port: u32) -> Result<VsockStream, Error> {
+    VsockStream::connect(VsockAddr::new(cid, port)).await.map_err(|source| Error::Vsock { cid, port, source })
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use livesnap_proto::error::chain;
+
 use crate::freeze::{FreezeOutcome, Freezer, FsTarget, ThawOutcome};
 use crate::hooks::{HookResult, Hooks, Phase};
 use crate::lease::{LeaseState, StateFile};
@@ -38,7 +40,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidDeadline { .. } | Error::InvalidSnapshotId => tonic::Code::InvalidArgument,
             Error::Worker(_) => tonic::Code::Internal,
         };
-        tonic::Status::new(code, e.to_string())
+        livesnap_proto::error::status(code, &e)
     }
 }
 
@@ -207,7 +209,7 @@ impl<F: Freezer> Agent<F> {
             Ok(None) => return Ok(None),
             Ok(Some(s)) => s,
             Err(e) => {
-                tracing::error!(error = %e, "state file unreadable: thawing every freezable filesystem");
+                tracing::error!(error = %chain(&e), "state file unreadable: thawing every freezable filesystem");
                 let inner = Arc::clone(&self.inner);
                 let plan = blocking(move || inner.freezer.plan()).await?.unwrap_or_default();
                 LeaseState { frozen: plan.into_iter().map(|t| t.mount_point).collect(), ..Default::default() }
@@ -260,7 +262,8 @@ impl<F: Freezer> Agent<F> {
         let hook_list = match hooks_cfg.list() {
             Ok(h) => h,
             Err(e) => {
-                report.error = Some(format!("cannot list the hooks directory {}: {e}", hooks_cfg.dir.display()));
+                report.error =
+                    Some(format!("Cannot list the hooks directory {}: {}", hooks_cfg.dir.display(), chain(&e)));
                 return Ok(report);
             }
         };
@@ -273,7 +276,7 @@ impl<F: Freezer> Agent<F> {
         if let Some(why) = report.hooks.iter().find_map(HookResult::failure) {
             abort(&mut report, why);
         } else if Instant::now() >= deadline_at {
-            abort(&mut report, "the deadline passed while the freeze hooks ran".into());
+            abort(&mut report, "The deadline passed while the freeze hooks ran".into());
         }
         if report.error.is_none() {
             self.freeze_filesystems(&mut report, &snapshot_id, deadline_wall, &ran, deadline_at).await?;
@@ -327,13 +330,13 @@ impl<F: Freezer> Agent<F> {
         let plan = match blocking(move || inner.freezer.plan()).await? {
             Ok(p) => p,
             Err(e) => {
-                report.error = Some(format!("cannot list the filesystems: {e}"));
+                report.error = Some(format!("Cannot list the filesystems: {}", chain(&e)));
                 return Ok(());
             }
         };
         if let Some(t) = on_planned_fs(self.inner.state_file.dir(), &plan) {
             report.error = Some(format!(
-                "the state directory {} is on {}, a filesystem to freeze; it must be on a tmpfs such as /run",
+                "The state directory {} is on {}, a filesystem to freeze; it must be on a tmpfs such as /run",
                 self.inner.state_file.dir().display(),
                 t.mount_point.display()
             ));
@@ -349,7 +352,7 @@ impl<F: Freezer> Agent<F> {
         for t in &plan {
             record.frozen = ours.iter().chain([t]).map(|t| t.mount_point.clone()).collect();
             if let Err(e) = self.inner.state_file.write(&record) {
-                report.error = Some(format!("{e}: {}", e.source_text()));
+                report.error = Some(chain(&e));
                 break;
             }
             let inner = Arc::clone(&self.inner);
@@ -367,20 +370,20 @@ impl<F: Freezer> Agent<F> {
                     report.filesystems.push(FsReport::new(t, FsOutcome::Unsupported, None));
                 }
                 Err(e) => {
-                    report.filesystems.push(FsReport::new(t, FsOutcome::Failed, Some(e.to_string())));
-                    report.error = Some(format!("cannot freeze {}: {e}", t.mount_point.display()));
+                    report.filesystems.push(FsReport::new(t, FsOutcome::Failed, Some(chain(&e))));
+                    report.error = Some(format!("Cannot freeze {}: {}", t.mount_point.display(), chain(&e)));
                     break;
                 }
             }
             if Instant::now() >= deadline_at {
-                report.error = Some("the deadline passed while freezing".into());
+                report.error = Some("The deadline passed while freezing".into());
                 break;
             }
         }
         record.frozen = ours.iter().map(|t| t.mount_point.clone()).collect();
         if report.error.is_none() {
             if let Err(e) = self.inner.state_file.write(&record) {
-                report.error = Some(format!("{e}: {}", e.source_text()));
+                report.error = Some(chain(&e));
             }
         }
         if report.error.is_some() {
@@ -391,7 +394,7 @@ impl<F: Freezer> Agent<F> {
                 }
             }
             if let Err(e) = self.inner.state_file.remove() {
-                tracing::error!(error = %e, "cannot remove the state file");
+                tracing::error!(error = %chain(&e), "cannot remove the state file");
             }
         }
         Ok(())
@@ -409,8 +412,8 @@ impl<F: Freezer> Agent<F> {
                 Ok(ThawOutcome::NotFrozen) => FsReport::new(t, FsOutcome::NotFrozen, None),
                 Err(e) => {
                     ok = false;
-                    tracing::error!(mount_point = %t.mount_point.display(), error = %e, "cannot thaw");
-                    FsReport::new(t, FsOutcome::Failed, Some(e.to_string()))
+                    tracing::error!(mount_point = %t.mount_point.display(), error = %chain(&e), "cannot thaw");
+                    FsReport::new(t, FsOutcome::Failed, Some(chain(&e)))
                 }
             };
             out.push(r);
@@ -427,11 +430,11 @@ impl<F: Freezer> Agent<F> {
         let mut report = ThawReport { was_frozen: true, filesystems, ..Default::default() };
         if ok {
             if let Err(e) = self.inner.state_file.remove() {
-                tracing::error!(error = %e, "cannot remove the state file");
+                tracing::error!(error = %chain(&e), "cannot remove the state file");
             }
         } else {
             // The record stays: a restarted agent tries again.
-            report.error = Some("some filesystems could not be thawed".into());
+            report.error = Some("Some filesystems could not be thawed".into());
         }
         tracing::warn!(snapshot = %frozen.snapshot_id, reason = reason.as_str(), "thawed");
         st.last_thaw_reason = Some(reason);
@@ -447,7 +450,7 @@ impl<F: Freezer> Agent<F> {
             if st.generation == generation && st.frozen.is_some() {
                 tracing::warn!("freeze lease expired: thawing");
                 if let Err(e) = agent.thaw_locked(&mut st, ThawReason::Lease).await {
-                    tracing::error!(error = %e, "lease thaw failed");
+                    tracing::error!(error = %chain(&e), "lease thaw failed");
                 }
             }
         });
@@ -501,16 +504,6 @@ fn on_planned_fs<'a>(dir: &Path, plan: &'a [FsTarget]) -> Option<&'a FsTarget> {
     plan.iter().find(|t| t.dev == (major, minor))
 }
 
-trait SourceText {
-    fn source_text(&self) -> String;
-}
-
-impl<E: std::error::Error> SourceText for E {
-    fn source_text(&self) -> String {
-        self.source().map(ToString::to_string).unwrap_or_default()
-    }
-}
-
 /// Milliseconds since the Unix epoch, for the wire.
 pub fn to_unix_ms(t: Option<SystemTime>) -> u64 {
     t.map(unix_ms).unwrap_or(0)
@@ -520,6 +513,18 @@ pub fn to_unix_ms(t: Option<SystemTime>) -> u64 {
 mod tests {
     use super::*;
     use crate::fake::{AgentHome, FakeFreezer};
+
+    #[tokio::test]
+    async fn a_failed_call_answers_with_its_whole_chain_and_a_fitting_code() {
+        let join = tokio::spawn(async { panic!("worker exploded") }).await.unwrap_err();
+        let status = tonic::Status::from(Error::Worker(join));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().starts_with("The agent's worker task failed: "), "{}", status.message());
+        assert!(status.message().contains("worker exploded"), "{}", status.message());
+        let status = tonic::Status::from(Error::AlreadyFrozen { snapshot_id: "s1".into() });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(status.message(), "Already frozen (snapshot \"s1\"); thaw first");
+    }
 
     struct Fixture {
         /// Holds the home's folder.

@@ -67,7 +67,7 @@ impl FakeFreezer {
 }
 
 impl Freezer for FakeFreezer {
-    fn plan(&self) -> io::Result<Vec<FsTarget>> {
+    fn plan(&self) -> Result<Vec<FsTarget>, crate::freeze::Error> {
         Ok(self.lock().plan.clone())
     }
 

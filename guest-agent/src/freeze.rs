@@ -41,6 +41,8 @@ pub struct FsTarget {
 pub enum Error {
     #[error("Malformed mountinfo line {line}: {reason}")]
     Malformed { line: usize, reason: &'static str },
+    #[error("Cannot read the mount table")]
+    MountTable(#[source] std::io::Error),
 }
 
 /// Filesystems with nothing to freeze: kernel interfaces and memory filesystems.
@@ -209,7 +211,7 @@ pub enum ThawOutcome {
 /// fakes.
 pub trait Freezer: Send + Sync + 'static {
     /// The filesystems to freeze, in freeze order.
-    fn plan(&self) -> std::io::Result<Vec<FsTarget>>;
+    fn plan(&self) -> Result<Vec<FsTarget>, Error>;
     fn freeze(&self, mount_point: &Path) -> std::io::Result<FreezeOutcome>;
     fn thaw(&self, mount_point: &Path) -> std::io::Result<ThawOutcome>;
 }

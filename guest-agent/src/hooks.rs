@@ -80,7 +80,7 @@ impl HookResult {
         };
         let out = self.output.trim();
         let out = if out.is_empty() { String::new() } else { format!(": {}", tail_chars(out, 512)) };
-        Some(format!("hook {} ({}) {why}{out}", self.name, self.phase.as_str()))
+        Some(format!("Hook {} ({}) {why}{out}", self.name, self.phase.as_str()))
     }
 }
 
@@ -167,7 +167,7 @@ impl Hooks {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(hook = %result.name, phase = phase.as_str(), error = %e, "cannot start hook");
+                tracing::error!(hook = %result.name, phase = phase.as_str(), error = %livesnap_proto::error::chain(&e), "cannot start hook");
                 result.output = e.to_string();
                 return result;
             }
@@ -183,7 +183,7 @@ impl Hooks {
             }
             Ok(Err(e)) => {
                 result.outcome = Outcome::Failed;
-                result.output = format!("cannot wait for the hook: {e}\n");
+                result.output = format!("Cannot wait for the hook: {e}\n");
             }
             Err(_) => {
                 if let Some(pgid) = pgid {

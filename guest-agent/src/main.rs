@@ -24,9 +24,10 @@ fn main() {
         .map_err(anyhow::Error::from)
         .and_then(|rt| rt.block_on(serve::run(args, SysFreezer)));
     if let Err(e) = result {
-        tracing::error!("{e:#}");
+        let text = livesnap_proto::error::chain(&*e);
+        tracing::error!("{text}");
         drop(_guard);
-        eprintln!("livesnap-agent: {e:#}");
+        eprintln!("livesnap-agent: {text}");
         std::process::exit(1);
     }
 }

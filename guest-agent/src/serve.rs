@@ -26,7 +26,7 @@ impl From<&Args> for Config {
 /// Binds a unix socket at `path` (replacing a stale one).
 pub fn bind_unix(path: &Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+    UnixListener::bind(path).with_context(|| format!("Cannot listen on {}", path.display()))
 }
 
 /// Serves `agent` on `listener` until `shutdown` resolves.
@@ -38,7 +38,7 @@ pub async fn serve_unix<F: Freezer>(
     tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(Service::new(agent).into_server(), UnixListenerStream::new(listener), shutdown)
         .await
-        .context("gRPC server failed")
+        .context("The gRPC server failed")
 }
 
 /// The daemon: thaw what a previous run left frozen, serve until SIGTERM/SIGINT, thaw.
@@ -51,7 +51,7 @@ pub async fn run<F: Freezer>(args: Args, freezer: F) -> Result<()> {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM");
+                tracing::error!(error = %livesnap_proto::error::chain(&e), "cannot watch SIGTERM");
                 return std::future::pending().await;
             }
         };
@@ -69,13 +69,13 @@ pub async fn run<F: Freezer>(args: Args, freezer: F) -> Result<()> {
         }
         None => {
             let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, args.vsock_port)).with_context(|| {
-                format!("cannot listen on vsock port {} (is the vsock transport loaded?)", args.vsock_port)
+                format!("Cannot listen on vsock port {} (is the vsock transport loaded?)", args.vsock_port)
             })?;
             tracing::info!(port = args.vsock_port, "listening on vsock");
             tonic::transport::Server::builder()
                 .serve_with_incoming_shutdown(Service::new(agent.clone()).into_server(), listener.incoming(), shutdown)
                 .await
-                .context("gRPC server failed")?;
+                .context("The gRPC server failed")?;
         }
     }
     let r = agent.shutdown().await?;

@@ -42,9 +42,9 @@ fn fs_ioctl(mount_point: &Path, request: libc::c_ulong) -> io::Result<()> {
 pub struct SysFreezer;
 
 impl Freezer for SysFreezer {
-    fn plan(&self) -> io::Result<Vec<FsTarget>> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let mounts = freeze::parse_mountinfo(&text).map_err(io::Error::other)?;
+    fn plan(&self) -> Result<Vec<FsTarget>, freeze::Error> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(freeze::Error::MountTable)?;
+        let mounts = freeze::parse_mountinfo(&text)?;
         Ok(freeze::plan(&mounts))
     }
 
@@ -89,7 +89,7 @@ impl Drop for RcuExpedited {
     fn drop(&mut self) {
         if self.restore {
             if let Err(e) = std::fs::write(RCU_EXPEDITED, "0") {
-                tracing::warn!(error = %e, "cannot restore {RCU_EXPEDITED} to 0");
+                tracing::warn!(error = %livesnap_proto::error::chain(&e), "cannot restore {RCU_EXPEDITED} to 0");
             }
         }
     }

@@ -484,9 +484,9 @@ fn bad_arguments_and_images_fail_with_a_readable_error() {
     let raw = dir.path().join("good.raw");
     std::fs::write(&raw, [0u8; 4096]).unwrap();
     for (disk, expect) in [
-        (format!("id=vda,image={}/missing.raw,socket={}", dir.path().display(), sock.display()), "cannot open image"),
+        (format!("id=vda,image={}/missing.raw,socket={}", dir.path().display(), sock.display()), "Cannot open image"),
         (format!("id=vda,image={},socket={}", garbage.display(), sock.display()), "cannot be served"),
-        (format!("id=vda,image={},socket=/nonexistent-dir/s.sock", raw.display()), "cannot listen on"),
+        (format!("id=vda,image={},socket=/nonexistent-dir/s.sock", raw.display()), "Cannot listen on"),
         (format!("id=vda,image={},socket={},format=vmdk", garbage.display(), sock.display()), "unknown image format"),
     ] {
         let err = refused(&["--vm".into(), "bad".into(), "--disk".into(), disk.clone()]);

@@ -516,7 +516,7 @@ fn snapshot_failed_event_exits_1_with_the_stage_and_reason() -> Result<()> {
     assert_eq!(r.code, 1);
     assert_eq!(
         r.stderr.trim(),
-        "snapctl: snapshot of web01 failed in backup: cannot write chunk 12: No space left on device [internal]"
+        "snapctl: Snapshot of web01 failed in backup: cannot write chunk 12: No space left on device [internal]"
     );
     assert!(r.stdout.contains("failed in backup"));
     assert!(!r.stdout.contains("backup "), "no summary after a failure");
@@ -540,7 +540,7 @@ fn snapshot_failed_event_with_a_refusal_code_exits_5_like_the_refusal_before_the
     let r = fake.run(&["vm", "snapshot", "web01", "--require-quiesce"])?;
     assert_eq!(r.code, 5);
     assert!(r.stderr.contains(
-        "snapshot of web01 failed in quiesce: the agent is unreachable and quiesce is required [failed_precondition]"
+        "Snapshot of web01 failed in quiesce: the agent is unreachable and quiesce is required [failed_precondition]"
     ));
     Ok(())
 }
@@ -553,7 +553,7 @@ fn snapshot_refused_while_a_job_runs_exits_5() -> Result<()> {
     })?;
     let r = fake.run(&["vm", "snapshot", "web01"])?;
     assert_eq!(r.code, 5);
-    assert_eq!(r.stderr.trim(), "snapctl: cannot snapshot web01: web01 already has a job running (j9)");
+    assert_eq!(r.stderr.trim(), "snapctl: Cannot snapshot web01: web01 already has a job running (j9)");
     assert!(r.stdout.is_empty());
     Ok(())
 }
@@ -563,12 +563,12 @@ fn snapshot_of_an_unknown_vm_exits_4_and_an_invalid_argument_exits_2() -> Result
     let fake = Fake::start(Script { snapshot: Err((Code::NotFound, "no VM named web09")), ..Script::default() })?;
     let r = fake.run(&["vm", "snapshot", "web09"])?;
     assert_eq!(r.code, 4);
-    assert!(r.stderr.contains("cannot snapshot web09: no VM named web09"));
+    assert!(r.stderr.contains("Cannot snapshot web09: no VM named web09"));
 
     let fake = Fake::start(Script { snapshot: Err((Code::InvalidArgument, "")), ..Script::default() })?;
     let r = fake.run(&["vm", "snapshot", "web01"])?;
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("cannot snapshot web01: invalid argument"), "an empty message says what the code means");
+    assert!(r.stderr.contains("Cannot snapshot web01: invalid argument"), "an empty message says what the code means");
     Ok(())
 }
 
@@ -614,7 +614,7 @@ fn snapshot_with_unknown_events_and_enum_values_still_finishes() -> Result<()> {
     })?;
     let r = fake.run(&["vm", "snapshot", "web01"])?;
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("snapshot of web01 failed: no reason given [unknown(99)]"));
+    assert!(r.stderr.contains("Snapshot of web01 failed: no reason given [unknown(99)]"));
 
     let fake = Fake::start(Script {
         snapshot: Ok(vec![Step::UnknownEvent, progress("vda", 20 * MIB, 10 * MIB), Step::Event(Event::Done(b))]),
@@ -641,7 +641,7 @@ fn snapshot_connection_lost_mid_stream_exits_3_without_repeating_the_cause() -> 
     })?;
     let r = fake.run(&["vm", "snapshot", "web01"])?;
     assert_eq!(r.code, 3);
-    let want = format!("snapctl: snapshot of web01: lost the connection to livesnapd at {}: ", fake.socket.display());
+    let want = format!("snapctl: Snapshot of web01: lost the connection to livesnapd at {}: ", fake.socket.display());
     assert!(r.stderr.starts_with(&want), "{:?}", r.stderr);
     // The cause once: tonic's transport error and its sources say the same thing.
     let cause = r.stderr.trim().strip_prefix(&want).unwrap_or_default().to_owned();
@@ -672,7 +672,7 @@ fn snapshot_interrupted_detaches_and_says_the_job_goes_on() -> Result<()> {
     let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130));
-    assert!(stderr.contains("stopped following the snapshot of web01; livesnapd goes on with job j1"), "{stderr}");
+    assert!(stderr.contains("Stopped following the snapshot of web01; livesnapd goes on with job j1"), "{stderr}");
     Ok(())
 }
 
@@ -720,7 +720,7 @@ fn backup_show_of_a_missing_backup_exits_4() -> Result<()> {
     let fake = Fake::start(Script { backup: Err((Code::NotFound, "no backup b9 of web01")), ..Script::default() })?;
     let r = fake.run(&["backup", "show", "web01", "b9"])?;
     assert_eq!(r.code, 4);
-    assert_eq!(r.stderr.trim(), "snapctl: cannot show backup b9 of web01: no backup b9 of web01");
+    assert_eq!(r.stderr.trim(), "snapctl: Cannot show backup b9 of web01: no backup b9 of web01");
     Ok(())
 }
 
@@ -749,7 +749,7 @@ fn backup_verify_exits_0_when_clean_and_1_on_damage_or_data_loss() -> Result<()>
     assert_eq!(r.code, 1);
     assert!(r.stdout.contains("DAMAGED, 1 problem(s) in 42 chunks checked"));
     assert!(r.stdout.contains("disk vda chunk 3 at offset 12582912 (ab12): corrupt: hash mismatch"));
-    assert!(r.stderr.contains("backup b1 of web01 is damaged"));
+    assert!(r.stderr.contains("Backup b1 of web01 is damaged"));
     let r = fake.run(&["backup", "verify", "web01", "b1", "--json"])?;
     assert_eq!(r.code, 1);
     let v: Value = serde_json::from_str(&r.stdout)?;
@@ -767,7 +767,7 @@ fn backup_verify_exits_0_when_clean_and_1_on_damage_or_data_loss() -> Result<()>
         Fake::start(Script { verify: Err((Code::DataLoss, "the manifest of vda is damaged")), ..Script::default() })?;
     let r = fake.run(&["backup", "verify", "web01", "b1"])?;
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("cannot verify backup b1 of web01: the manifest of vda is damaged"));
+    assert!(r.stderr.contains("Cannot verify backup b1 of web01: the manifest of vda is damaged"));
     Ok(())
 }
 
@@ -835,7 +835,7 @@ fn backup_restore_stream_without_done_exits_1_and_an_existing_target_exits_5() -
     let fake = Fake::start(Script { restore: Err((Code::AlreadyExists, "/tmp/vda.raw exists")), ..Script::default() })?;
     let r = fake.run(&["backup", "restore", "web01", "b1", "--disk", "vda", "--to", "/tmp/vda.raw"])?;
     assert_eq!(r.code, 5);
-    assert!(r.stderr.contains("cannot restore disk vda of backup b1 of web01: /tmp/vda.raw exists"));
+    assert!(r.stderr.contains("Cannot restore disk vda of backup b1 of web01: /tmp/vda.raw exists"));
 
     let fake = Fake::start(Script {
         restore: Ok(vec![Step::Error(Code::NotFound, "backup b1 of web01 has no disk vdz")]),
@@ -952,7 +952,7 @@ fn tcp_endpoint_needs_https_and_readable_files() -> Result<()> {
         c
     })?;
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("cannot read the token file /nonexistent/token"));
+    assert!(r.stderr.contains("Cannot read the token file /nonexistent/token"));
 
     // A port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -964,7 +964,7 @@ fn tcp_endpoint_needs_https_and_readable_files() -> Result<()> {
     assert_eq!(r.code, 3);
     assert_eq!(
         r.stderr.trim(),
-        format!("snapctl: cannot reach livesnapd at https://127.0.0.1:{port}: Connection refused (os error 111)")
+        format!("snapctl: Cannot reach livesnapd at https://127.0.0.1:{port}: Connection refused (os error 111)")
     );
 
     let r = run({
@@ -1150,7 +1150,7 @@ fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exi
 
     let r = snapctl("other-ca.pem", &["vm", "list"])?;
     assert_eq!(r.code, 3);
-    assert!(r.stderr.starts_with(&format!("snapctl: cannot reach livesnapd at {addr}: ")), "{}", r.stderr);
+    assert!(r.stderr.starts_with(&format!("snapctl: Cannot reach livesnapd at {addr}: ")), "{}", r.stderr);
     assert!(r.stderr.to_lowercase().contains("certificate"), "says what is wrong: {}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1);
     assert_eq!(daemon.seen().authorization.len(), 1, "no request over a connection snapctl does not trust");
@@ -1163,7 +1163,7 @@ fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exi
     assert_eq!(r.code, 3);
     assert_eq!(
         r.stderr.trim(),
-        "snapctl: cannot list VMs: a bearer token is required (livesnapd wants its token: --token-file FILE)"
+        "snapctl: Cannot list VMs: a bearer token is required (livesnapd wants its token: --token-file FILE)"
     );
     Ok(())
 }

@@ -28,6 +28,20 @@ const CONFIG_WRITEBACK: usize = 32;
 /// Bytes of `struct virtio_blk_config` up to and including the write-zeroes fields.
 const CONFIG_LEN: usize = 60;
 
+/// Why a queue could not be served. The guest's requests get their own virtio status; these
+/// are faults of the ring itself, logged at `debug!` (the frontend or the guest broke it).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot change the queue's notification state")]
+    Notification(#[source] virtio_queue::Error),
+    #[error("Cannot signal the used queue")]
+    Signal(#[source] io::Error),
+    #[error("The available ring index is invalid")]
+    InvalidAvailIndex,
+    #[error("Event for unknown queue {0}")]
+    UnknownQueue(u16),
+}
+
 /// The vhost-user backend of one disk, for one frontend connection.
 #[derive(Debug)]
 pub struct BlkBackend {
@@ -61,12 +75,12 @@ impl BlkBackend {
     }
 
     /// Serves one queue until it has no more requests, signalling the guest once per batch.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, vring: &VringRwLock) -> Result<(), Error> {
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
+                vring.disable_notification().map_err(Error::Notification)?;
             }
             // Take every available request first, so that their reads can overlap; the queue
             // lock is released before add_used takes it again.
@@ -84,19 +98,21 @@ impl BlkBackend {
                 // with the requests behind it.
                 match vring.add_used(head, len) {
                     Ok(()) => used = true,
-                    Err(e) => debug!(head, error = %e, "dropping a chain with an invalid head"),
+                    Err(e) => {
+                        debug!(head, error = %livesnap_proto::error::chain(&e), "dropping a chain with an invalid head")
+                    }
                 }
             }
-            if used && (!event_idx || vring.needs_notification().map_err(io::Error::other)?) {
-                vring.signal_used_queue()?;
+            if used && (!event_idx || vring.needs_notification().map_err(Error::Notification)?) {
+                vring.signal_used_queue().map_err(Error::Signal)?;
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !event_idx || !vring.enable_notification().map_err(Error::Notification)? {
                 return Ok(());
             }
             if !taken {
                 // The ring claims more requests but yields none: its available index is
                 // corrupt. Spinning here would burn a host CPU for a broken guest.
-                return Err(io::Error::other("available ring index is invalid"));
+                return Err(Error::InvalidAvailIndex);
             }
         }
     }
@@ -177,7 +193,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .map_err(|e| warn!(error = %e, "cannot create an exit event"))
+            .map_err(|e| warn!(error = %livesnap_proto::error::chain(&e), "cannot create an exit event"))
             .ok()
     }
 
@@ -193,11 +209,13 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         // One queue per thread: the event index is the thread's own vring.
-        let vring =
-            vrings.get(usize::from(device_event)).ok_or_else(|| io::Error::other("event for an unknown queue"))?;
+        // The trait wants an io::Error; the typed one rides in it as its payload.
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, Error::UnknownQueue(device_event)))?;
         if let Err(e) = self.process_queue(vring) {
             // A broken ring is the frontend's fault; keep the worker alive for the next kick.
-            debug!(error = %e, "queue processing failed");
+            debug!(error = %livesnap_proto::error::chain(&e), "queue processing failed");
         }
         Ok(())
     }

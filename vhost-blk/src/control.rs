@@ -14,7 +14,7 @@ use livesnap_proto::snapshot::snapshot_control_server::{SnapshotControl as PbSer
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::{error, info, warn};
 
 use crate::snap::{self, BeginOptions, ControlError, Phase, SnapshotControl};
@@ -28,24 +28,44 @@ const MERGE_REPORT_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {}", path.display())]
+    #[error("Cannot listen on {}", path.display())]
     Listen {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the control service's runtime")]
+    #[error("Cannot start the control service's runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("The control call's task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
+/// `RESOURCE_EXHAUSTED` when the state directory's filesystem is full (the operator frees
+/// space and retries), `INTERNAL` for any other failure of the state directory.
+fn storage_code(io: Option<&std::io::Error>) -> Code {
+    match io.and_then(std::io::Error::raw_os_error) {
+        Some(libc::ENOSPC | libc::EDQUOT) => Code::ResourceExhausted,
+        _ => Code::Internal,
+    }
+}
+
+/// The whole chain, so that the operator reads "Cannot write the snapshot record: No space
+/// left on device", not only its first part.
 impl From<ControlError> for Status {
     fn from(e: ControlError) -> Status {
-        match &e {
-            ControlError::NotFound(m) => Status::not_found(m.clone()),
-            ControlError::State(m) => Status::failed_precondition(m.clone()),
-            ControlError::Invalid(m) => Status::invalid_argument(m.clone()),
-            ControlError::Io { message, source } => Status::internal(format!("{message}: {source}")),
-        }
+        let code = match &e {
+            ControlError::NotFound(_) => Code::NotFound,
+            ControlError::State(_) => Code::FailedPrecondition,
+            ControlError::Invalid(_) => Code::InvalidArgument,
+            ControlError::Record(_)
+            | ControlError::Create { .. }
+            | ControlError::SyncDir(_)
+            | ControlError::DeltaMap { .. }
+            | ControlError::ChangeMap { .. }
+            | ControlError::AbsorbChanges { .. }
+            | ControlError::Merge { .. } => storage_code(e.io()),
+        };
+        livesnap_proto::error::status(code, &e)
     }
 }
 
@@ -113,7 +133,7 @@ pub fn serve(path: &Path, ctl: Arc<dyn SnapshotControl>) -> Result<ControlServer
             rt.block_on(async {
                 tokio::select! {
                     served = server => if let Err(e) = served {
-                        error!(socket = %shown, error = %e, "control service failed");
+                        error!(socket = %shown, error = %livesnap_proto::error::chain(&e), "control service failed");
                     },
                     () = deadline => warn!(socket = %shown, "control clients still connected at the stop; closing them"),
                 }
@@ -138,7 +158,7 @@ impl Service {
         let ctl = self.ctl.clone();
         tokio::task::spawn_blocking(move || f(&*ctl))
             .await
-            .map_err(|e| Status::internal(format!("control call failed: {e}")))
+            .map_err(|e| livesnap_proto::error::status(Code::Internal, &Error::Task(e)))
     }
 }
 
@@ -269,7 +289,7 @@ impl PbService for Service {
                 match tokio::task::spawn_blocking(move || c.status()).await {
                     Ok(st) => report = merge_report(id, &disks, &st),
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("control call failed: {e}")))).await;
+                        let _ = tx.send(Err(livesnap_proto::error::status(Code::Internal, &Error::Task(e)))).await;
                         return;
                     }
                 }

@@ -67,7 +67,7 @@ enum Cmd {
 /// Runs `livesnap-blk ctl ARGS…`; `args` starts with `ctl`.
 pub fn run(args: impl IntoIterator<Item = OsString>) -> Result<()> {
     let ctl = Ctl::parse_from(args);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("Cannot start a runtime")?;
     rt.block_on(ctl.run())
 }
 
@@ -93,7 +93,8 @@ fn merge_json(m: &pb::MergeProgress) -> Value {
     json!({ "snapshot": m.snapshot_id, "disks": disks, "done": m.done })
 }
 
-/// The reason a call failed, without tonic's repetitions.
+/// The reason a call failed, without tonic's repetitions: the backend's message holds the
+/// whole chain of causes.
 fn call_err(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow!("{what} failed: {} ({:?})", s.message(), s.code())
 }
@@ -103,8 +104,8 @@ impl Ctl {
         let endpoint = Endpoint::from_static("http://livesnap-blk.invalid").timeout(self.timeout);
         let channel = tokio::time::timeout(self.timeout, livesnap_proto::unix_channel(endpoint, self.control.clone()))
             .await
-            .map_err(|_| anyhow!("no answer from {} within {:?}", self.control.display(), self.timeout))?
-            .with_context(|| format!("cannot connect to the control socket {}", self.control.display()))?;
+            .map_err(|_| anyhow!("No answer from {} within {:?}", self.control.display(), self.timeout))?
+            .with_context(|| format!("Cannot connect to the control socket {}", self.control.display()))?;
         Ok(SnapshotControlClient::new(channel))
     }
 
@@ -121,14 +122,14 @@ impl Ctl {
         match &self.cmd {
             Cmd::Begin { disks, delta_limit } => {
                 let req = pb::BeginRequest { disks: disks.clone(), delta_limit: delta_limit.unwrap_or(0) };
-                let reply = c.begin(req).await.map_err(|s| call_err("begin", s))?.into_inner();
-                let s = reply.snapshot.context("the backend's reply carries no snapshot")?;
+                let reply = c.begin(req).await.map_err(|s| call_err("Begin", s))?.into_inner();
+                let s = reply.snapshot.context("The backend's reply carries no snapshot")?;
                 self.print(&snapshot_json(&s), || {
                     format!("snapshot {} cut on {} (guest paused {} µs)", s.id, s.disks.join(", "), s.pause_us)
                 });
             }
             Cmd::Status => {
-                let st = c.status(pb::StatusRequest {}).await.map_err(|s| call_err("status", s))?.into_inner();
+                let st = c.status(pb::StatusRequest {}).await.map_err(|s| call_err("Status", s))?.into_inner();
                 let disks: Vec<Value> = st
                     .disks
                     .iter()
@@ -171,15 +172,15 @@ impl Ctl {
                 let mut stream = c
                     .changes(pb::ChangesRequest { disk: disk.clone() })
                     .await
-                    .map_err(|s| call_err("changes", s))?
+                    .map_err(|s| call_err("Changes", s))?
                     .into_inner();
                 let mut head: Option<pb::ChangesPage> = None;
                 let mut extents = Vec::new();
-                while let Some(page) = stream.message().await.map_err(|s| call_err("changes", s))? {
+                while let Some(page) = stream.message().await.map_err(|s| call_err("Changes", s))? {
                     extents.extend(page.extents.iter().map(|e| (e.offset, e.length)));
                     head.get_or_insert(page);
                 }
-                let h = head.context("the backend sent no change page")?;
+                let h = head.context("The backend sent no change page")?;
                 let value = json!({
                     "disk": h.disk, "since_checkpoint": h.since_checkpoint, "until_snapshot": h.until_snapshot,
                     "granularity": h.granularity, "trusted": h.trusted, "untrusted_reason": h.untrusted_reason,
@@ -204,15 +205,15 @@ impl Ctl {
                 let mut stream = c
                     .merge(pb::MergeRequest { snapshot_id: *snapshot })
                     .await
-                    .map_err(|s| call_err("merge", s))?
+                    .map_err(|s| call_err("Merge", s))?
                     .into_inner();
                 loop {
                     let next = tokio::time::timeout(self.timeout, stream.message())
                         .await
-                        .map_err(|_| anyhow!("no merge progress within {:?}", self.timeout))?
-                        .map_err(|s| call_err("merge", s))?;
+                        .map_err(|_| anyhow!("No merge progress within {:?}", self.timeout))?
+                        .map_err(|s| call_err("Merge", s))?;
                     let Some(m) = next else {
-                        return Err(anyhow!("the merge stream ended before the merge was complete"));
+                        return Err(anyhow!("The merge stream ended before the merge was complete"));
                     };
                     self.print(&merge_json(&m), || {
                         let parts: Vec<String> = m
@@ -240,7 +241,7 @@ impl Ctl {
             }
             Cmd::Abandon { snapshot, reason } => {
                 let req = pb::AbandonRequest { snapshot_id: *snapshot, reason: reason.clone() };
-                c.abandon(req).await.map_err(|s| call_err("abandon", s))?;
+                c.abandon(req).await.map_err(|s| call_err("Abandon", s))?;
                 self.print(&json!({ "abandoned": snapshot }), || {
                     format!("snapshot {snapshot} abandoned; its deltas are merging")
                 });
@@ -248,11 +249,11 @@ impl Ctl {
             Cmd::Checkpoint { snapshot } => {
                 c.checkpoint(pb::CheckpointRequest { snapshot_id: *snapshot })
                     .await
-                    .map_err(|s| call_err("checkpoint", s))?;
+                    .map_err(|s| call_err("Checkpoint", s))?;
                 self.print(&json!({ "checkpoint": snapshot }), || format!("checkpoint {snapshot} acknowledged"));
             }
             Cmd::Stats => {
-                let st = c.stats(pb::StatsRequest {}).await.map_err(|s| call_err("stats", s))?.into_inner();
+                let st = c.stats(pb::StatsRequest {}).await.map_err(|s| call_err("Stats", s))?.into_inner();
                 let disks: Vec<Value> = st
                     .disks
                     .iter()

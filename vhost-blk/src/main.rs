@@ -23,22 +23,22 @@ fn run() -> Result<()> {
     let args = Args::parse();
     args.validate().map_err(|e| anyhow!(e))?;
     // Every thread spawned from here on inherits the mask; the main thread waits for them.
-    sys::block_signals(&STOP_SIGNALS).context("cannot block signals")?;
+    sys::block_signals(&STOP_SIGNALS).context("Cannot block signals")?;
 
     let num_queues = args.num_queues();
     let mut opened = Vec::new();
     for spec in &args.disks {
-        let disk = disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("disk {}", spec.id))?;
+        let disk = disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("Disk {}", spec.id))?;
         info!(vm = %args.vm, disk = %spec.id, image = %spec.image.display(), format = %disk.format(),
               size = disk.size(), readonly = spec.readonly, "serving disk");
         opened.push(snap::DiskSpec { id: spec.id.clone(), base: disk, base_path: spec.image.clone() });
     }
     let (engine, disks): (_, Vec<Arc<dyn DiskFile>>) = match &args.state_dir {
         Some(dir) => {
-            let store = FsDir::new(dir).with_context(|| format!("cannot use state directory {}", dir.display()))?;
+            let store = FsDir::new(dir).with_context(|| format!("Cannot use state directory {}", dir.display()))?;
             let opts = snap::Options { delta_limit: args.delta_limit, ..snap::Options::default() };
             let vm =
-                snap::Vm::open(&args.vm, Arc::new(store), opened, opts).context("cannot recover snapshot state")?;
+                snap::Vm::open(&args.vm, Arc::new(store), opened, opts).context("Cannot recover snapshot state")?;
             let disks = args.disks.iter().filter_map(|d| vm.disk(&d.id)).collect();
             (Some(vm), disks)
         }
@@ -50,7 +50,7 @@ fn run() -> Result<()> {
         let dev = Arc::new(BlkDevice::new(disk, spec.id.clone(), spec.readonly));
         servers.push(
             DiskServer::bind(spec.id.clone(), dev, &spec.socket, num_queues)
-                .with_context(|| format!("disk {}", spec.id))?,
+                .with_context(|| format!("Disk {}", spec.id))?,
         );
     }
 
@@ -60,18 +60,18 @@ fn run() -> Result<()> {
         std::thread::Builder::new()
             .name("vhost-listener".into())
             .spawn(move || server.run())
-            .context("cannot start a listener thread")?;
+            .context("Cannot start a listener thread")?;
     }
     let control = match (&args.control, &engine) {
         (Some(path), Some(vm)) => Some(
             control::serve(path, Arc::new(vm.clone()))
-                .with_context(|| format!("cannot serve control socket {}", path.display()))?,
+                .with_context(|| format!("Cannot serve control socket {}", path.display()))?,
         ),
         _ => None,
     };
     info!(vm = %args.vm, disks = ?devices, queues = num_queues, snapshots = engine.is_some(), "ready");
 
-    let sig = sys::wait_signal(&STOP_SIGNALS).context("cannot wait for signals")?;
+    let sig = sys::wait_signal(&STOP_SIGNALS).context("Cannot wait for signals")?;
     info!(signal = sig, "stopping: finishing in-flight requests");
     for (stopper, socket) in &stoppers {
         stopper.stop();
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("livesnap-blk: {e:#}");
+            eprintln!("livesnap-blk: {}", livesnap_proto::error::chain(&*e));
             ExitCode::FAILURE
         }
     }

@@ -16,7 +16,7 @@ use crate::virtio::BlkDevice;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("cannot listen on {}", path.display())]
+    #[error("Cannot listen on {}", path.display())]
     Listen {
         path: PathBuf,
         #[source]
@@ -130,7 +130,7 @@ impl DiskServer {
         // Dropping the daemon joins the queue threads: every request they took has completed.
         drop(daemon);
         if let Err(e) = self.dev.disk.flush() {
-            warn!(disk = %self.name, error = %e, "flush after disconnect failed");
+            warn!(disk = %self.name, error = %livesnap_proto::error::chain(&e), "flush after disconnect failed");
         }
         info!(disk = %self.name, "frontend disconnected");
         let mut slot = self.slot();

@@ -31,29 +31,29 @@ pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("descriptor points outside guest memory")]
+    #[error("Descriptor points outside guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
-    #[error("device-readable descriptor follows a device-writable one")]
+    #[error("Device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
-    #[error("request has no device-writable status byte")]
+    #[error("Request has no device-writable status byte")]
     NoStatus,
-    #[error("request header is shorter than {HEADER_LEN} bytes")]
+    #[error("Request header is shorter than {HEADER_LEN} bytes")]
     ShortHeader,
-    #[error("request carries more than {MAX_REQUEST_BYTES} bytes")]
+    #[error("Request carries more than {MAX_REQUEST_BYTES} bytes")]
     TooLarge,
-    #[error("data length {0} is not a whole number of sectors")]
+    #[error("Data length {0} is not a whole number of sectors")]
     UnalignedLength(u64),
-    #[error("sector {0} is out of range")]
+    #[error("Sector {0} is out of range")]
     SectorOutOfRange(u64),
-    #[error("request type {0} is not supported")]
+    #[error("Request type {0} is not supported")]
     UnsupportedType(u32),
-    #[error("segment flags {0:#x} are not supported")]
+    #[error("Segment flags {0:#x} are not supported")]
     UnsupportedFlags(u32),
-    #[error("write to a read-only disk")]
+    #[error("Write to a read-only disk")]
     ReadOnly,
-    #[error("malformed discard or write-zeroes segment list of {0} bytes")]
+    #[error("Malformed discard or write-zeroes segment list of {0} bytes")]
     BadSegments(u64),
-    #[error("disk I/O failed")]
+    #[error("Disk I/O failed")]
     Disk(#[source] disk::Error),
 }
 

@@ -31,8 +31,14 @@ pub enum AgentAction {
 #[derive(Debug, Args)]
 pub struct Conn {
     /// The VM's hybrid vsock unix socket and the agent's port: <unix-socket-path>:<port>.
-    #[arg(long, global = true, conflicts_with = "unix")]
+    #[arg(long, global = true, conflicts_with_all = ["unix", "cid"])]
     vsock: Option<HybridAddr>,
+    /// The guest's vsock context id, reached over AF_VSOCK (QEMU's vhost-vsock-pci guest-cid).
+    #[arg(long, global = true, requires = "port", conflicts_with = "unix")]
+    cid: Option<u32>,
+    /// The agent's vsock port, with --cid.
+    #[arg(long, global = true, requires = "cid")]
+    port: Option<u32>,
     /// An agent listening on a plain unix socket (`livesnap-agent --unix`).
     #[arg(long, global = true)]
     unix: Option<PathBuf>,
@@ -42,7 +48,7 @@ pub struct Conn {
 }
 
 fn print_json(v: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v).context("cannot encode JSON")?);
+    println!("{}", serde_json::to_string_pretty(v).context("Cannot encode JSON")?);
     Ok(())
 }
 
@@ -70,10 +76,13 @@ fn print_hooks(hooks: &[HookResult]) {
 
 /// Runs one agent command; `Ok(false)`: it ran and failed (exit 1).
 pub async fn run(action: AgentAction, conn: Conn, json: bool) -> Result<bool> {
-    let target = match (conn.vsock, conn.unix) {
-        (Some(a), _) => Target::HybridVsock(a),
-        (None, Some(p)) => Target::Unix(p),
-        (None, None) => anyhow::bail!("give --vsock <unix-socket-path>:<port> or --unix <path>"),
+    let target = match (conn.vsock, conn.cid.zip(conn.port), conn.unix) {
+        (Some(a), _, _) => Target::HybridVsock(a),
+        (None, Some((cid, port)), _) => Target::Vsock { cid, port },
+        (None, None, Some(p)) => Target::Unix(p),
+        (None, None, None) => {
+            anyhow::bail!("Give --vsock <unix-socket-path>:<port>, --cid <cid> --port <port> or --unix <path>")
+        }
     };
     let limits = Limits { connect_timeout: conn.timeout, call_timeout: conn.timeout, ..Limits::default() };
     let client = AgentClient::connect(target, limits).await?;

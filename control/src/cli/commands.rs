@@ -69,7 +69,7 @@ fn or_dash(s: &str) -> String {
 }
 
 pub async fn vm_list(d: &mut Daemon, json: bool) -> Result<(), Error> {
-    let action = "cannot list VMs";
+    let action = "Cannot list VMs";
     let mut client = d.client.clone();
     let reply = bounded(d, action, client.list_vms(ListVmsRequest {})).await?.into_inner();
     if json {
@@ -111,9 +111,9 @@ pub async fn backup(d: &mut Daemon, action: BackupAction, json: bool) -> Result<
 async fn list(d: &mut Daemon, vm: Option<String>, json: bool) -> Result<(), Error> {
     let vm = vm.unwrap_or_default();
     let action = if vm.is_empty() {
-        "cannot list backups".to_owned()
+        "Cannot list backups".to_owned()
     } else {
-        format!("cannot list the backups of {}", clean(&vm))
+        format!("Cannot list the backups of {}", clean(&vm))
     };
     let mut client = d.client.clone();
     let reply = bounded(d, &action, client.list_backups(ListBackupsRequest { vm: vm.clone() })).await?.into_inner();
@@ -149,7 +149,7 @@ async fn list(d: &mut Daemon, vm: Option<String>, json: bool) -> Result<(), Erro
 }
 
 async fn show(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {
-    let action = format!("cannot show backup {} of {}", clean(&id), clean(&vm));
+    let action = format!("Cannot show backup {} of {}", clean(&id), clean(&vm));
     let mut client = d.client.clone();
     let b = bounded(d, &action, client.get_backup(BackupRef { vm, id })).await?.into_inner();
     if json {
@@ -161,8 +161,9 @@ async fn show(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), 
 }
 
 async fn verify(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {
-    let action = format!("cannot verify backup {} of {}", clean(&id), clean(&vm));
+    let action = format!("Cannot verify backup {} of {}", clean(&id), clean(&vm));
     let name = format!("backup {} of {}", clean(&id), clean(&vm));
+    let damaged = format!("Backup {} of {} is damaged", clean(&id), clean(&vm));
     let r = d.client.verify_backup(BackupRef { vm, id }).await.map_err(|s| d.error(&action, &s))?.into_inner();
     // A reply that says ok and lists problems is not ok.
     let ok = r.ok && r.problems.is_empty();
@@ -190,7 +191,7 @@ async fn verify(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<()
     if ok {
         Ok(())
     } else {
-        Err(Error::Failed(format!("{name} is damaged: {} problem(s)", r.problems.len())))
+        Err(Error::Failed(format!("{damaged}: {} problem(s)", r.problems.len())))
     }
 }
 
@@ -203,7 +204,7 @@ fn target_path(d: &Daemon, to: &Path) -> Result<PathBuf, Error> {
     if !d.local {
         return Err(Error::Usage(format!("--to {}: give an absolute path on livesnapd's host", to.display())));
     }
-    std::path::absolute(to).map_err(|e| Error::Usage(format!("--to {}: {e}", to.display())))
+    std::path::absolute(to).map_err(|source| Error::Absolute { path: to.to_owned(), source })
 }
 
 async fn restore(
@@ -218,7 +219,7 @@ async fn restore(
     let path = target_path(d, &to)?;
     let format =
         format.unwrap_or(if path.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
-    let action = format!("cannot restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
+    let action = format!("Cannot restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
     let target_path = path.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", path.display())))?;
     let req = RestoreRequest {
         vm: vm.clone(),
@@ -298,7 +299,7 @@ async fn restore(
 }
 
 async fn delete(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {
-    let action = format!("cannot delete backup {} of {}", clean(&id), clean(&vm));
+    let action = format!("Cannot delete backup {} of {}", clean(&id), clean(&vm));
     let mut client = d.client.clone();
     bounded(d, &action, client.delete_backup(BackupRef { vm: vm.clone(), id: id.clone() })).await?;
     if json {
@@ -310,7 +311,7 @@ async fn delete(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<()
 }
 
 async fn prune(d: &mut Daemon, vm: String, keep: u32, json: bool) -> Result<(), Error> {
-    let action = format!("cannot prune the backups of {}", clean(&vm));
+    let action = format!("Cannot prune the backups of {}", clean(&vm));
     let r = d
         .client
         .prune(PruneRequest { vm: vm.clone(), keep_last: keep })

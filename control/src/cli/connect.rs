@@ -129,14 +129,17 @@ async fn connect_tcp(addr: &str, token_file: Option<&Path>, ca_cert: Option<&Pat
     let token = match token_file {
         None => None,
         Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| Error::Usage(format!("cannot read the token file {}: {e}", f.display())))?;
+            let text = std::fs::read_to_string(f).map_err(|source| Error::ReadFile {
+                what: "token file",
+                path: f.to_owned(),
+                source,
+            })?;
             let token = text.lines().next().unwrap_or("").trim();
             if token.is_empty() {
-                return Err(Error::Usage(format!("the token file {} is empty", f.display())));
+                return Err(Error::Usage(format!("The token file {} is empty", f.display())));
             }
             let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                Error::Usage(format!("the token in {} has characters a header cannot carry", f.display()))
+                Error::Usage(format!("The token in {} has characters a header cannot carry", f.display()))
             })?;
             Some(value)
         }
@@ -144,8 +147,11 @@ async fn connect_tcp(addr: &str, token_file: Option<&Path>, ca_cert: Option<&Pat
     let mut tls = ClientTlsConfig::new();
     match ca_cert {
         Some(f) => {
-            let pem = std::fs::read(f)
-                .map_err(|e| Error::Usage(format!("cannot read the CA certificate {}: {e}", f.display())))?;
+            let pem = std::fs::read(f).map_err(|source| Error::ReadFile {
+                what: "CA certificate",
+                path: f.to_owned(),
+                source,
+            })?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
         None => tls = tls.with_native_roots(),
@@ -153,7 +159,7 @@ async fn connect_tcp(addr: &str, token_file: Option<&Path>, ca_cert: Option<&Pat
     let endpoint = Endpoint::from(uri)
         .connect_timeout(CONNECT_TIMEOUT)
         .tls_config(tls)
-        .map_err(|e| Error::Usage(format!("cannot use the TLS settings: {}", innermost(&e))))?;
+        .map_err(|e| Error::Usage(format!("Cannot use the TLS settings: {}", innermost(&e))))?;
     let channel = match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
         Err(_) => {
             return Err(Error::Unreachable {

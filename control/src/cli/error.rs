@@ -58,8 +58,16 @@ pub enum Error {
          /etc/livesnap/livesnapd.toml`, or name its socket with --socket or LIVESNAP_SOCKET"
     )]
     NotRunning { path: String, why: &'static str },
-    #[error("cannot reach livesnapd at {target}: {reason}")]
+    #[error("Cannot reach livesnapd at {target}: {reason}")]
     Unreachable { target: String, reason: String },
+    /// A file named on the command line cannot be read (`what`: "token file").
+    #[error("Cannot read the {what} {}", path.display())]
+    ReadFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Usage(String),
     /// livesnapd answered with an error.
@@ -71,10 +79,23 @@ pub enum Error {
     #[error("{action}: {reason}")]
     BadReply { action: String, reason: String },
     #[error(
-        "stopped following the snapshot of {vm}; livesnapd goes on with job {job}: see `snapctl vm list` \
+        "Stopped following the snapshot of {vm}; livesnapd goes on with job {job}: see `snapctl vm list` \
          and `snapctl backup list {vm}`"
     )]
     Detached { job: String, vm: String },
+    /// Ctrl-C cannot be watched for.
+    #[error("Cannot handle Ctrl-C")]
+    Signal(#[source] std::io::Error),
+    /// A relative path given to a local livesnapd cannot be made absolute.
+    #[error("Cannot make {} absolute", path.display())]
+    Absolute {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// snapctl's own runtime cannot start.
+    #[error("Cannot start the runtime")]
+    Runtime(#[source] std::io::Error),
     /// A snapshot's Failed event: `code` is its gRPC code.
     #[error("{message}")]
     SnapshotFailed { message: String, code: i32 },
@@ -87,9 +108,9 @@ impl Error {
     pub fn exit(&self) -> Exit {
         match self {
             Error::NotRunning { .. } | Error::Unreachable { .. } | Error::ConnectionLost { .. } => Exit::Unreachable,
-            Error::Usage(_) => Exit::Usage,
+            Error::Usage(_) | Error::ReadFile { .. } | Error::Absolute { .. } => Exit::Usage,
             Error::Status { code, .. } => exit_for_code(*code),
-            Error::BadReply { .. } | Error::Failed(_) => Exit::Failed,
+            Error::BadReply { .. } | Error::Failed(_) | Error::Signal(_) | Error::Runtime(_) => Exit::Failed,
             Error::Detached { .. } => Exit::Interrupted,
             // A refusal found during the job (quiesce required, the agent unreachable) exits
             // like the same refusal before the stream; any other failure is a failure.

@@ -25,7 +25,7 @@ const MAX_DISKS_SHOWN: usize = 64;
 
 pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), Error> {
     let vm = args.vm;
-    let action = format!("cannot snapshot {}", clean(&vm));
+    let action = format!("Cannot snapshot {}", clean(&vm));
     let backup = if args.full {
         BackupMode::Full
     } else if args.incremental {
@@ -51,8 +51,8 @@ pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), E
     let mut job = String::new();
     // Registered now (not at a first poll), for the whole stream: from here a Ctrl-C
     // detaches, it does not kill snapctl mid-line.
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Error::Failed(format!("cannot handle Ctrl-C: {e}")))?;
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Signal)?;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -66,7 +66,7 @@ pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), E
             Ok(None) => {
                 view.abandon();
                 return Err(Error::BadReply {
-                    action: format!("snapshot of {}", clean(&vm)),
+                    action: format!("Snapshot of {}", clean(&vm)),
                     reason: format!(
                         "livesnapd's event stream ended before the snapshot was done or failed{}; \
                          see `snapctl vm list` and `snapctl backup list {}`",
@@ -77,7 +77,7 @@ pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), E
             }
             Err(s) => {
                 view.abandon();
-                return Err(d.error(format!("snapshot of {}", clean(&vm)), &s));
+                return Err(d.error(format!("Snapshot of {}", clean(&vm)), &s));
             }
         };
         if job.is_empty() && !ev.job_id.is_empty() {
@@ -95,7 +95,7 @@ pub async fn run(d: &mut Daemon, args: SnapshotArgs, json: bool) -> Result<(), E
                 let stage = if f.stage.is_empty() { String::new() } else { format!(" in {}", clean(&f.stage)) };
                 let reason = if f.reason.is_empty() { "no reason given".to_owned() } else { clean(&f.reason) };
                 return Err(Error::SnapshotFailed {
-                    message: format!("snapshot of {} failed{stage}: {reason} [{}]", clean(&vm), render::code(f.code)),
+                    message: format!("Snapshot of {} failed{stage}: {reason} [{}]", clean(&vm), render::code(f.code)),
                     code: f.code,
                 });
             }

@@ -29,29 +29,47 @@ pub const SECTOR_SIZE: u64 = 512;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("cannot open image {}", path.display())]
+    #[error("Cannot open image {}", path.display())]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("image {} is in use by another process", path.display())]
+    #[error("Image {} is in use by another process", path.display())]
     Locked { path: PathBuf },
-    #[error("image {} is not a qcow2 image", path.display())]
+    #[error("Image {} is not a qcow2 image", path.display())]
     NotQcow2 { path: PathBuf },
-    #[error("qcow2 image {} cannot be served: {reason}", path.display())]
+    #[error("Qcow2 image {} cannot be served: {reason}", path.display())]
     Qcow2Unsupported { path: PathBuf, reason: String },
-    #[error("qcow2 layer failed: {0}")]
-    Qcow2(String),
-    #[error("the disk stopped serving after an internal fault; restart the backend")]
+    #[error("The qcow2 layer failed")]
+    Qcow2(#[source] qcow2_rs::error::Qcow2Error),
+    #[error("The qcow2 layer read {read} of {len} bytes")]
+    Qcow2ShortRead { read: usize, len: u64 },
+    #[error("The disk stopped serving after an internal fault; restart the backend")]
     Failed,
-    #[error("request of {len} bytes at offset {offset} lies outside the disk")]
+    #[error("Request of {len} bytes at offset {offset} lies outside the disk")]
     OutOfRange { offset: u64, len: u64 },
     #[error("I/O error")]
     Io(#[from] io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The I/O error that caused this one, if there is one.
+    pub fn io(&self) -> Option<&io::Error> {
+        match self {
+            Error::Open { source, .. } | Error::Io(source) => Some(source),
+            Error::Qcow2(e) => Some(e.get_inner()),
+            Error::Locked { .. }
+            | Error::NotQcow2 { .. }
+            | Error::Qcow2Unsupported { .. }
+            | Error::Qcow2ShortRead { .. }
+            | Error::Failed
+            | Error::OutOfRange { .. } => None,
+        }
+    }
+}
 
 /// On-disk format of an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +166,7 @@ pub fn open(path: &Path, format: Option<Format>, readonly: bool) -> Result<Arc<d
         None => detect(&file).map_err(|source| Error::Open { path: path.to_owned(), source })?,
     };
     Ok(match format {
-        Format::Raw => Arc::new(RawDisk::new(file)?),
+        Format::Raw => Arc::new(RawDisk::new(file).map_err(|source| Error::Open { path: path.to_owned(), source })?),
         Format::Qcow2 => Arc::new(Qcow2Disk::open(path, file, readonly)?),
     })
 }

@@ -195,7 +195,7 @@ fn open_chain(path: &Path, header: &Header, readonly: bool, depth: usize) -> Res
 }
 
 fn qerr(e: qcow2_rs::error::Qcow2Error) -> Error {
-    Error::Qcow2(format!("{e:?}"))
+    Error::Qcow2(e)
 }
 
 #[derive(Debug)]
@@ -257,7 +257,7 @@ impl DiskFile for Qcow2Disk {
         let mut data = vec![0u8; len as usize];
         let n = self.with_dev(|dev| block_on(dev.read_at(&mut data, offset)))?;
         if n != data.len() {
-            return Err(Error::Qcow2(format!("short read of {n} of {len} bytes")));
+            return Err(Error::Qcow2ShortRead { read: n, len });
         }
         let mut pos = 0;
         for b in bufs {
@@ -315,7 +315,7 @@ impl DiskFile for Qcow2Disk {
 impl Drop for Qcow2Disk {
     fn drop(&mut self) {
         if let Err(e) = self.flush() {
-            error!(error = %e, "cannot flush qcow2 metadata on close");
+            error!(error = %livesnap_proto::error::chain(&e), "cannot flush qcow2 metadata on close");
         }
         let dev = self.dev.get_mut().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(dev) = dev {

@@ -22,7 +22,7 @@ pub struct RawDisk {
 }
 
 impl RawDisk {
-    pub fn new(mut file: File) -> Result<Self> {
+    pub fn new(mut file: File) -> io::Result<Self> {
         let block_device = file.metadata()?.file_type().is_block_device();
         // Seeking to the end gives the size of regular files and block devices alike.
         let size = file.seek(SeekFrom::End(0))?;
@@ -55,7 +55,8 @@ impl RawDisk {
             let mut slot = cell.borrow_mut();
             let ring = slot.get_or_insert_with(|| IoUring::new(RING_ENTRIES).ok()).as_mut()?;
             let res = uring_readv(ring, self.file.as_raw_fd(), jobs);
-            if res.is_err() {
+            if let Err(e) = &res {
+                tracing::warn!(error = %livesnap_proto::error::chain(e), "io_uring failed; reading the blocking way");
                 // Completions may still be owed to a failed ring: never reuse it.
                 *slot = None;
             }
@@ -68,7 +69,7 @@ impl RawDisk {
                 .map(|(job, res)| {
                     let n = res?;
                     if n == 0 {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image ended early").into());
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "The image ended early").into());
                     }
                     // A short read: finish it the blocking way.
                     let rest = sys::advance_iovecs(&mut job.iovs, n);
@@ -111,6 +112,18 @@ thread_local! {
     static RING: RefCell<Option<Option<IoUring>>> = const { RefCell::new(None) };
 }
 
+/// Why a batch of reads could not go through the io_uring; the reads are then done the
+/// blocking way, so this is only logged.
+#[derive(Debug, thiserror::Error)]
+enum RingError {
+    #[error("The io_uring submission queue is full")]
+    Full,
+    #[error("Cannot wait for io_uring completions")]
+    Wait(#[source] io::Error),
+    #[error("The io_uring completed unknown read {0}")]
+    UnknownCompletion(u64),
+}
+
 /// A read that could not be served from the page cache at once.
 struct ReadJob {
     index: usize,
@@ -126,7 +139,11 @@ fn iovecs(bufs: &[Buf<'_>]) -> Vec<libc::iovec> {
 
 /// Submits `jobs` as readv operations, in rounds of at most the ring's size, and waits for all
 /// of them; returns each one's byte count or error, in order.
-fn uring_readv(ring: &mut IoUring, fd: RawFd, jobs: &[ReadJob]) -> io::Result<Vec<io::Result<usize>>> {
+fn uring_readv(
+    ring: &mut IoUring,
+    fd: RawFd,
+    jobs: &[ReadJob],
+) -> std::result::Result<Vec<io::Result<usize>>, RingError> {
     let mut results: Vec<io::Result<usize>> = Vec::with_capacity(jobs.len());
     results.resize_with(jobs.len(), || Ok(0));
     for (round, chunk) in jobs.chunks(RING_ENTRIES as usize).enumerate() {
@@ -139,19 +156,19 @@ fn uring_readv(ring: &mut IoUring, fd: RawFd, jobs: &[ReadJob]) -> io::Result<Ve
             // SAFETY: the iovec array and the guest buffers it points to outlive the operation:
             // this function waits for every completion before returning, and a failed ring is
             // dropped (which waits for or cancels what it has in flight) by the caller.
-            unsafe { ring.submission().push(&entry) }
-                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            unsafe { ring.submission().push(&entry) }.map_err(|_| RingError::Full)?;
         }
         let mut left = chunk.len();
         while left > 0 {
             match ring.submit_and_wait(left) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(RingError::Wait(e)),
             }
             for cqe in ring.completion() {
-                let i = usize::try_from(cqe.user_data()).ok().filter(|&i| i >= base && i < base + chunk.len());
-                let i = i.ok_or_else(|| io::Error::other("io_uring completion of an unknown read"))?;
+                let data = cqe.user_data();
+                let i = usize::try_from(data).ok().filter(|&i| i >= base && i < base + chunk.len());
+                let i = i.ok_or(RingError::UnknownCompletion(data))?;
                 let res = cqe.result();
                 results[i] = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
                 left -= 1;

@@ -1,14 +1,17 @@
 //! What the snapshot engine offers its callers (the control service, the tests): plain Rust
 //! types, no gRPC. `crate::control` adapts this to the wire.
 
+use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::disk::Format;
+use super::{cbt, journal, record};
+use crate::disk::{self, Format};
 
-/// Why a control call was refused. Each kind maps to one gRPC code in `crate::control`.
+/// Why a control call was refused. Each kind maps to one gRPC code in `crate::control`; the
+/// state directory's failures carry their cause, which the control service sends along.
 #[derive(Debug, Error)]
 pub enum ControlError {
     /// A named disk or snapshot does not exist. (`NOT_FOUND`)
@@ -21,13 +24,88 @@ pub enum ControlError {
     /// An argument is malformed or out of range. (`INVALID_ARGUMENT`)
     #[error("{0}")]
     Invalid(String),
-    /// Persisting or reading state failed. (`INTERNAL`)
-    #[error("{message}")]
-    Io {
-        message: String,
+    /// Writing `snapshot.state` failed: the step did not happen. (`INTERNAL`, or
+    /// `RESOURCE_EXHAUSTED` when its filesystem is full, as for every variant below)
+    #[error("Cannot write the snapshot record")]
+    Record(#[source] record::Error),
+    /// Creating a file of the state directory failed.
+    #[error("Cannot create {name}")]
+    Create {
+        name: String,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
+    /// Making the state directory's creations durable failed.
+    #[error("Cannot sync the state directory")]
+    SyncDir(#[source] io::Error),
+    /// Writing a new delta's map failed.
+    #[error("Cannot write {name}")]
+    DeltaMap {
+        name: String,
+        #[source]
+        source: journal::Error,
+    },
+    /// Writing a new change map failed.
+    #[error("Cannot write {name}")]
+    ChangeMap {
+        name: String,
+        #[source]
+        source: cbt::Error,
+    },
+    /// Folding an unacknowledged change-map generation into the current one failed.
+    #[error("Cannot merge the change maps of disk {disk}")]
+    AbsorbChanges {
+        disk: String,
+        #[source]
+        source: cbt::Error,
+    },
+    /// Copying a delta into its base, or recording that progress, failed.
+    #[error("Cannot merge the delta of disk {disk}")]
+    Merge {
+        disk: String,
+        #[source]
+        source: disk::Error,
+    },
+}
+
+impl ControlError {
+    /// The state directory failed (rather than the call not fitting).
+    pub fn is_storage(&self) -> bool {
+        match self {
+            ControlError::NotFound(_) | ControlError::State(_) | ControlError::Invalid(_) => false,
+            ControlError::Record(_)
+            | ControlError::Create { .. }
+            | ControlError::SyncDir(_)
+            | ControlError::DeltaMap { .. }
+            | ControlError::ChangeMap { .. }
+            | ControlError::AbsorbChanges { .. }
+            | ControlError::Merge { .. } => true,
+        }
+    }
+
+    /// The I/O error at the bottom of a state-directory failure, if there is one.
+    pub fn io(&self) -> Option<&io::Error> {
+        match self {
+            ControlError::NotFound(_) | ControlError::State(_) | ControlError::Invalid(_) => None,
+            ControlError::Record(e) => match e {
+                record::Error::Io(e) => Some(e),
+                record::Error::TooLarge(_) | record::Error::Version(_) | record::Error::Decode(_) => None,
+            },
+            ControlError::Create { source, .. } | ControlError::SyncDir(source) => Some(source),
+            ControlError::DeltaMap { source, .. } => match source {
+                journal::Error::Io(e) => Some(e),
+                journal::Error::BadHeader
+                | journal::Error::WrongSnapshot { .. }
+                | journal::Error::WrongSize { .. }
+                | journal::Error::BadRange { .. } => None,
+            },
+            ControlError::ChangeMap { source, .. } | ControlError::AbsorbChanges { source, .. } => match source {
+                cbt::Error::Io(e) => Some(e),
+                cbt::Error::BadHeader | cbt::Error::WrongGeneration { .. } | cbt::Error::WrongSize { .. } => None,
+            },
+            ControlError::Merge { source, .. } => source.io(),
+        }
+    }
 }
 
 /// Options of [`SnapshotControl::begin`].

@@ -25,13 +25,14 @@ const MAX_REASON: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("change map has a damaged header")]
+    #[error("Change map has a damaged header")]
     BadHeader,
-    #[error("change map is generation {found}, expected {expected}")]
+    #[error("Change map is generation {found}, expected {expected}")]
     WrongGeneration { found: u64, expected: u64 },
-    #[error("change map describes a disk of {found} bytes, this disk has {expected}")]
+    #[error("Change map describes a disk of {found} bytes, this disk has {expected}")]
     WrongSize { found: u64, expected: u64 },
-    #[error("change map I/O failed")]
+    /// Reading or writing the map file failed: the I/O error says why.
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -203,7 +204,7 @@ impl Bitmap {
         if trust.untrusted.is_none() {
             trust.untrusted = Some(reason.to_owned());
             if let Err(e) = self.write_header_locked(&trust, true) {
-                tracing::error!(error = %e, "cannot record that the change map is untrusted");
+                tracing::error!(error = %livesnap_proto::error::chain(&e), "cannot record that the change map is untrusted");
             }
         }
     }
@@ -247,7 +248,7 @@ impl Bitmap {
         }
         if let Err(e) = written {
             drop(trust);
-            tracing::error!(error = %e, "cannot write the change map");
+            tracing::error!(error = %livesnap_proto::error::chain(&e), "cannot write the change map");
             self.distrust("a change map write failed");
         }
     }

@@ -10,12 +10,11 @@
 //! it out of the map, and the merger copies what is left, chunk by chunk. Writes and the merger
 //! exclude each other per range, so a copy never lands over a newer guest write.
 
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use super::extents::ExtentMap;
-use super::journal::{self, Journal, Op, Record};
+use super::journal::{Journal, Op, Record};
 use crate::disk::{self, Buf, DiskFile};
 
 /// Largest piece the merger copies at once, and so the longest a guest write may wait for it.
@@ -183,12 +182,7 @@ impl Delta {
     pub fn commit(&self, sync_data: impl FnOnce() -> disk::Result<()>) -> disk::Result<()> {
         let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
         let records = std::mem::take(&mut self.lock().pending);
-        let res = sync_data().and_then(|()| {
-            journal.append(&coalesce(&records)).map_err(|e| match e {
-                journal::Error::Io(e) => disk::Error::Io(e),
-                other => disk::Error::Io(io::Error::other(other)),
-            })
-        });
+        let res = sync_data().and_then(|()| journal.append(&coalesce(&records)).map_err(disk::Error::Io));
         if res.is_err() {
             let mut inner = self.lock();
             let later = std::mem::replace(&mut inner.pending, records);

@@ -35,15 +35,16 @@ pub struct Record {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("delta map has a damaged header")]
+    #[error("Delta map has a damaged header")]
     BadHeader,
-    #[error("delta map belongs to snapshot {found}, expected {expected}")]
+    #[error("Delta map belongs to snapshot {found}, expected {expected}")]
     WrongSnapshot { found: u64, expected: u64 },
-    #[error("delta map is for a disk of {found} bytes, this disk has {expected}")]
+    #[error("Delta map is for a disk of {found} bytes, this disk has {expected}")]
     WrongSize { found: u64, expected: u64 },
-    #[error("delta map record {seq} covers bytes {start}..{end}, outside the disk")]
+    #[error("Delta map record {seq} covers bytes {start}..{end}, outside the disk")]
     BadRange { seq: u64, start: u64, end: u64 },
-    #[error("delta map I/O failed")]
+    /// Reading or writing the map file failed: the I/O error says why.
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -140,7 +141,7 @@ impl Journal {
 
     /// Appends `records` and makes them durable. On error nothing counts as appended: the
     /// same records may be appended again, at the same place.
-    pub fn append(&mut self, records: &[Record]) -> Result<(), Error> {
+    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
         }

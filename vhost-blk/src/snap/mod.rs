@@ -52,22 +52,30 @@ const MERGE_COMMIT_BYTES: u64 = 64 << 20;
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read or write {what}")]
+    #[error("Cannot read or write {what}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("snapshot record cannot be used")]
+    #[error("Cannot create the change map {name}")]
+    ChangeMap {
+        name: String,
+        #[source]
+        source: cbt::Error,
+    },
+    #[error("Snapshot record cannot be used")]
     Record(#[from] record::Error),
-    #[error("delta of disk {disk} for snapshot {snapshot} cannot be opened")]
+    #[error("Delta of disk {disk} for snapshot {snapshot} cannot be opened")]
     Delta {
         disk: String,
         snapshot: u64,
         #[source]
         source: journal::Error,
     },
-    #[error("snapshot {snapshot} has a delta for disk {disk}, which is not given; serve it again to keep its writes")]
+    #[error("Delta of disk {disk} for snapshot {snapshot} cannot be opened: {file} is missing")]
+    DeltaMissing { disk: String, snapshot: u64, file: String },
+    #[error("Snapshot {snapshot} has a delta for disk {disk}, which is not given; serve it again to keep its writes")]
     MissingDisk { snapshot: u64, disk: String },
 }
 
@@ -132,12 +140,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-fn ctl_io(message: String) -> impl FnOnce(std::io::Error) -> ControlError {
-    move |source| ControlError::Io { message, source }
-}
-
-fn record_err(e: record::Error) -> ControlError {
-    ControlError::Io { message: "cannot write the snapshot record".into(), source: std::io::Error::other(e) }
+fn create_err(name: &str) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
+    move |source| ControlError::Create { name: name.to_owned(), source }
 }
 
 fn delta_name(disk: &str, snapshot: u64) -> String {
@@ -255,13 +259,14 @@ impl Vm {
             let file = dir.create(&name).map_err(io_err(&name))?;
             Bitmap::create(file, gen, opts.granularity, size, Some(why), &opts.boot_id)
                 .map(Arc::new)
-                .map_err(|e| Error::Io { what: name, source: std::io::Error::other(e) })
+                .map_err(|source| Error::ChangeMap { name, source })
         };
         let open = |gen: u64| -> Result<Arc<Bitmap>, Error> {
             let name = cbt_name(disk, gen);
             let reopened = match dir.open(&name).map_err(io_err(&name))? {
-                Some(file) => Bitmap::open(file, gen, opts.granularity, size, &opts.boot_id).map_err(|e| e.to_string()),
-                None => Err("the change map file is missing".to_owned()),
+                Some(file) => Bitmap::open(file, gen, opts.granularity, size, &opts.boot_id)
+                    .map_err(|e| livesnap_proto::error::chain(&e)),
+                None => Err("The change map file is missing".to_owned()),
             };
             match reopened {
                 Ok(bm) => Ok(Arc::new(bm)),
@@ -294,13 +299,13 @@ impl Vm {
 
     fn open_delta(dir: &dyn Dir, disk: &str, snap: &SnapState, size: u64) -> Result<Delta, Error> {
         let (dname, jname) = (delta_name(disk, snap.id), map_name(disk, snap.id));
-        let missing = |what: &str| Error::Delta {
-            disk: disk.to_owned(),
-            snapshot: snap.id,
-            source: journal::Error::Io(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{what} is missing"))),
-        };
+        let missing =
+            |file: &str| Error::DeltaMissing { disk: disk.to_owned(), snapshot: snap.id, file: file.to_owned() };
         let jfile = dir.open(&jname).map_err(io_err(&jname))?.ok_or_else(|| missing(&jname))?;
-        let data = dir.open_data(&dname).map_err(|_| missing(&dname))?;
+        let data = dir.open_data(&dname).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => missing(&dname),
+            _ => Error::Io { what: dname.clone(), source: e },
+        })?;
         let (journal, map) = Journal::open(jfile, snap.id, size).map_err(|source| Error::Delta {
             disk: disk.to_owned(),
             snapshot: snap.id,
@@ -316,7 +321,7 @@ impl Vm {
             if ours && !keep.contains(&name) {
                 info!(file = %name, "removing a file no snapshot refers to");
                 if let Err(e) = dir.remove(&name) {
-                    warn!(file = %name, error = %e, "cannot remove");
+                    warn!(file = %name, error = %livesnap_proto::error::chain(&e), "cannot remove");
                 }
             }
         }
@@ -329,20 +334,21 @@ impl Vm {
 
     /// Runs up to `steps` merge steps on every merging disk, finishing disks whose delta is
     /// empty; returns true while a merge is left. For tests that drive merges themselves.
-    pub fn merge_some(&self, steps: usize) -> Result<bool, crate::disk::Error> {
+    pub fn merge_some(&self, steps: usize) -> Result<bool, ControlError> {
         let mut left = false;
         for i in 0..self.shared.disks.len() {
             let disk = &self.shared.disks[i];
             let Mode::Merging(delta) = disk.read_state().mode.clone() else { continue };
+            let merge_err = |source| ControlError::Merge { disk: disk.id.clone(), source };
             let mut buf = Vec::new();
             for _ in 0..steps {
-                if delta.merge_step(&*disk.base, &mut buf)? == 0 {
+                if delta.merge_step(&*disk.base, &mut buf).map_err(merge_err)? == 0 {
                     break;
                 }
             }
-            disk.commit_durably(&delta)?;
+            disk.commit_durably(&delta).map_err(merge_err)?;
             if delta.is_empty() {
-                self.shared.finish_merge(i).map_err(|e| crate::disk::Error::Io(std::io::Error::other(e)))?;
+                self.shared.finish_merge(i)?;
             } else {
                 left = true;
             }
@@ -359,13 +365,13 @@ impl Vm {
         }
         for d in &self.shared.disks {
             if let Err(e) = d.flush() {
-                error!(disk = %d.id, error = %e, "final flush failed");
+                error!(disk = %d.id, error = %livesnap_proto::error::chain(&e), "final flush failed");
             }
             let st = d.read_state();
             let frozen = d.frozen.lock().unwrap_or_else(PoisonError::into_inner).clone();
             for bm in std::iter::once(st.cbt.clone()).chain(frozen) {
                 if let Err(e) = bm.close() {
-                    error!(disk = %d.id, error = %e, "cannot close the change map");
+                    error!(disk = %d.id, error = %livesnap_proto::error::chain(&e), "cannot close the change map");
                 }
             }
         }
@@ -381,14 +387,14 @@ impl VmShared {
         self.disks
             .iter()
             .position(|d| d.id == id)
-            .ok_or_else(|| ControlError::NotFound(format!("no disk {id:?} in VM {}", self.name)))
+            .ok_or_else(|| ControlError::NotFound(format!("No disk {id:?} in VM {}", self.name)))
     }
 
     fn begin(self: &Arc<Self>, opts: BeginOptions) -> Result<SnapshotInfo, ControlError> {
         let mut ctl = self.ctl();
         if let Some(s) = &ctl.state.snapshot {
             return Err(ControlError::State(format!(
-                "snapshot {} is still {}; merge or abandon it first",
+                "Snapshot {} is still {}; merge or abandon it first",
                 s.id,
                 if s.disks.iter().any(|(_, p)| *p == SnapPhase::Merging) { "merging" } else { "active" }
             )));
@@ -407,7 +413,7 @@ impl VmShared {
         let limit = opts.delta_limit.or(self.opts.delta_limit);
         if limit == Some(0) {
             return Err(ControlError::Invalid(
-                "a delta limit of 0 bytes would abandon the snapshot at the first write".into(),
+                "A delta limit of 0 bytes would abandon the snapshot at the first write".into(),
             ));
         }
         let id = ctl.state.next_id;
@@ -420,31 +426,27 @@ impl VmShared {
                 let disk = &self.disks[i];
                 let size = disk.size();
                 let (dname, jname, cname) = (delta_name(&disk.id, id), map_name(&disk.id, id), cbt_name(&disk.id, id));
-                let data = self.dir.create_data(&dname, size).map_err(ctl_io(format!("cannot create {dname}")))?;
-                let jfile = self.dir.create(&jname).map_err(ctl_io(format!("cannot create {jname}")))?;
-                let journal = Journal::create(jfile, id, size).map_err(|e| ControlError::Io {
-                    message: format!("cannot write {jname}"),
-                    source: std::io::Error::other(e),
-                })?;
-                let cfile = self.dir.create(&cname).map_err(ctl_io(format!("cannot create {cname}")))?;
-                let next =
-                    Bitmap::create(cfile, id, self.opts.granularity, size, None, &self.opts.boot_id).map_err(|e| {
-                        ControlError::Io { message: format!("cannot write {cname}"), source: std::io::Error::other(e) }
-                    })?;
+                let data = self.dir.create_data(&dname, size).map_err(create_err(&dname))?;
+                let jfile = self.dir.create(&jname).map_err(create_err(&jname))?;
+                let journal = Journal::create(jfile, id, size)
+                    .map_err(|source| ControlError::DeltaMap { name: jname.clone(), source })?;
+                let cfile = self.dir.create(&cname).map_err(create_err(&cname))?;
+                let next = Bitmap::create(cfile, id, self.opts.granularity, size, None, &self.opts.boot_id)
+                    .map_err(|source| ControlError::ChangeMap { name: cname.clone(), source })?;
                 // A frozen generation never acknowledged (its backup failed) joins the current
                 // one, so the next backup covers both.
                 let old = disk.frozen.lock().unwrap_or_else(PoisonError::into_inner).clone();
                 if let Some(old) = old {
-                    disk.read_state().cbt.absorb(&old).map_err(|e| ControlError::Io {
-                        message: format!("cannot merge change maps of disk {}", disk.id),
-                        source: std::io::Error::other(e),
-                    })?;
+                    disk.read_state()
+                        .cbt
+                        .absorb(&old)
+                        .map_err(|source| ControlError::AbsorbChanges { disk: disk.id.clone(), source })?;
                     absorbed.push(cbt_name(&disk.id, old.generation()));
                 }
                 let delta = Delta::new(id, data, journal, extents::ExtentMap::new(), (dname, jname), limit);
                 prepared.push((i, Arc::new(delta), Arc::new(next)));
             }
-            self.dir.sync().map_err(ctl_io("cannot sync the state directory".into()))
+            self.dir.sync().map_err(ControlError::SyncDir)
         })();
         if let Err(e) = result {
             for (i, delta, _) in &prepared {
@@ -487,8 +489,9 @@ impl VmShared {
                 let _ = self.dir.remove(&delta.journal_name);
                 let _ = self.dir.remove(&cbt_name(&self.disks[*i].id, id));
             }
-            error!(vm = %self.name, snapshot = id, error = %e, "snapshot failed: cannot record the cut");
-            return Err(record_err(e));
+            let e = ControlError::Record(e);
+            error!(vm = %self.name, snapshot = id, error = %livesnap_proto::error::chain(&e), "snapshot failed: cannot record the cut");
+            return Err(e);
         }
         // The cut: on every disk at once, requests from now on write to the delta. The guest
         // is held only while the modes are swapped; requests started before go on in theirs.
@@ -513,7 +516,7 @@ impl VmShared {
         // and a guest frozen for the cut waits for `begin` to return.)
         for &i in &chosen {
             if let Err(e) = self.disks[i].base.publish() {
-                error!(vm = %self.name, disk = %self.disks[i].id, snapshot = id, error = %e, "cannot write out the frozen base's metadata");
+                error!(vm = %self.name, disk = %self.disks[i].id, snapshot = id, error = %livesnap_proto::error::chain(&e), "cannot write out the frozen base's metadata");
             }
         }
 
@@ -555,7 +558,7 @@ impl VmShared {
         }
         // Recorded first: a restart resumes the merge, which copies what the journal holds. The
         // switch commits nothing: commits while merging sync the delta too.
-        ctl.record.write(&next_state).map_err(record_err)?;
+        ctl.record.write(&next_state).map_err(ControlError::Record)?;
         let mut guards: Vec<_> = active.iter().map(|&i| self.disks[i].pause()).collect();
         let mut drains = Vec::new();
         for guard in &mut guards {
@@ -587,7 +590,9 @@ impl VmShared {
             std::thread::Builder::new().name(format!("merge-{}", self.disks[i].id)).spawn(move || vm.run_merger(i));
         match spawned {
             Ok(h) => self.mergers.lock().unwrap_or_else(PoisonError::into_inner).push(h),
-            Err(e) => error!(disk = %self.disks[i].id, error = %e, "cannot start the merge thread"),
+            Err(e) => {
+                error!(disk = %self.disks[i].id, error = %livesnap_proto::error::chain(&e), "cannot start the merge thread")
+            }
         }
     }
 
@@ -611,14 +616,14 @@ impl VmShared {
                     false
                 }
                 Err(e) => {
-                    error!(disk = %disk.id, error = %e, "merge step failed; retrying");
+                    error!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "merge step failed; retrying");
                     std::thread::sleep(Duration::from_secs(1));
                     continue;
                 }
             };
             since_commit = 0;
             if let Err(e) = disk.commit_durably(&delta) {
-                error!(disk = %disk.id, error = %e, "cannot record merge progress; retrying");
+                error!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "cannot record merge progress; retrying");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
@@ -630,7 +635,7 @@ impl VmShared {
                         return;
                     }
                     Err(e) => {
-                        error!(disk = %disk.id, error = %e, "cannot record the end of the merge; retrying");
+                        error!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "cannot record the end of the merge; retrying");
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 }
@@ -649,10 +654,7 @@ impl VmShared {
         if !delta.is_empty() {
             return Ok(());
         }
-        disk.commit_durably(&delta).map_err(|e| ControlError::Io {
-            message: "cannot commit the merge".into(),
-            source: std::io::Error::other(e),
-        })?;
+        disk.commit_durably(&delta).map_err(|source| ControlError::Merge { disk: disk.id.clone(), source })?;
         let mut next_state = ctl.state.clone();
         if let Some(s) = next_state.snapshot.as_mut() {
             s.disks.retain(|(d, _)| *d != disk.id);
@@ -660,7 +662,7 @@ impl VmShared {
                 next_state.snapshot = None;
             }
         }
-        ctl.record.write(&next_state).map_err(record_err)?;
+        ctl.record.write(&next_state).map_err(ControlError::Record)?;
         let mut guard = disk.pause();
         guard.mode = Mode::Direct;
         // Merging writes still running over an empty map write the base, as direct ones do.
@@ -671,7 +673,7 @@ impl VmShared {
         drop(ctl);
         for name in [&delta.data_name, &delta.journal_name] {
             if let Err(e) = self.dir.remove(name) {
-                warn!(file = %name, error = %e, "cannot remove a merged delta file");
+                warn!(file = %name, error = %livesnap_proto::error::chain(&e), "cannot remove a merged delta file");
             }
         }
         Ok(())
@@ -691,7 +693,7 @@ impl VmShared {
         match self.start_merge(&mut ctl, Some(&why)) {
             Ok(()) => true,
             Err(e) => {
-                error!(vm = %self.name, snapshot, error = %e, "cannot abandon the snapshot");
+                error!(vm = %self.name, snapshot, error = %livesnap_proto::error::chain(&e), "cannot abandon the snapshot");
                 false
             }
         }
@@ -700,8 +702,8 @@ impl VmShared {
     fn current_snapshot(&self, ctl: &Ctl, id: u64) -> Result<SnapState, ControlError> {
         match &ctl.state.snapshot {
             Some(s) if s.id == id => Ok(s.clone()),
-            Some(s) => Err(ControlError::NotFound(format!("no snapshot {id}; the current one is {}", s.id))),
-            None => Err(ControlError::NotFound(format!("no snapshot {id}; there is no snapshot"))),
+            Some(s) => Err(ControlError::NotFound(format!("No snapshot {id}; the current one is {}", s.id))),
+            None => Err(ControlError::NotFound(format!("No snapshot {id}; there is no snapshot"))),
         }
     }
 }
@@ -796,7 +798,7 @@ impl SnapshotControl for Vm {
         if snap.abandoned.is_none() && snap.disks.iter().all(|(_, p)| *p == SnapPhase::Merging) {
             let mut next = ctl.state.clone();
             mark_abandoned(&mut next, id, reason);
-            ctl.record.write(&next).map_err(record_err)?;
+            ctl.record.write(&next).map_err(ControlError::Record)?;
             ctl.state = next;
             return Ok(());
         }
@@ -810,14 +812,14 @@ impl SnapshotControl for Vm {
             if s.id == id {
                 if let Some(why) = &s.abandoned {
                     return Err(ControlError::State(format!(
-                        "snapshot {id} was abandoned ({why}); its base was not kept frozen"
+                        "Snapshot {id} was abandoned ({why}); its base was not kept frozen"
                     )));
                 }
             }
         }
         if ctl.state.cbt.iter().any(|c| c.frozen_for == Some(id) && c.frozen_abandoned) {
             return Err(ControlError::State(format!(
-                "snapshot {id} was abandoned; its base was not kept frozen, so its backup cannot be acknowledged"
+                "Snapshot {id} was abandoned; its base was not kept frozen, so its backup cannot be acknowledged"
             )));
         }
         let mut next = ctl.state.clone();
@@ -832,9 +834,9 @@ impl SnapshotControl for Vm {
             }
         }
         if hit.is_empty() {
-            return Err(ControlError::NotFound(format!("no change map waits for checkpoint {id}")));
+            return Err(ControlError::NotFound(format!("No change map waits for checkpoint {id}")));
         }
-        ctl.record.write(&next).map_err(record_err)?;
+        ctl.record.write(&next).map_err(ControlError::Record)?;
         ctl.state = next;
         drop(ctl);
         for (disk, gen) in hit {

@@ -198,7 +198,7 @@ impl Case {
         self.log.push(what.to_owned());
         match res {
             Ok(()) => true,
-            Err(ControlError::Io { .. }) if self.fuse.blown() => false,
+            Err(e) if e.is_storage() && self.fuse.blown() => false,
             Err(e) => self.fail(&format!("{what} failed: {e}")),
         }
     }
@@ -310,7 +310,7 @@ impl Case {
                         self.base_frozen_checkable = true;
                         true
                     }
-                    Err(ControlError::Io { .. }) if self.fuse.blown() => {
+                    Err(e) if e.is_storage() && self.fuse.blown() => {
                         self.log.push("begin (crashed)".into());
                         false
                     }

@@ -20,13 +20,14 @@ pub const VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("snapshot record is {0} bytes, more than a slot holds")]
+    #[error("Snapshot record is {0} bytes, more than a slot holds")]
     TooLarge(usize),
-    #[error("snapshot record is of version {0}, this backend reads version 1")]
+    #[error("Snapshot record is of version {0}, this backend reads version 1")]
     Version(u32),
-    #[error("snapshot record is unreadable")]
+    #[error("Snapshot record is unreadable")]
     Decode(#[source] serde_json::Error),
-    #[error("snapshot record I/O failed")]
+    /// Reading or writing the record file failed: the I/O error says why.
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 

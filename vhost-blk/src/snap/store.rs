@@ -113,11 +113,11 @@ impl Dir for FsDir {
     fn create_data(&self, name: &str, size: u64) -> io::Result<Arc<dyn DiskFile>> {
         let file = self.open_rw(name, true)?;
         file.set_len(size)?;
-        Ok(Arc::new(RawDisk::new(file).map_err(io::Error::other)?))
+        Ok(Arc::new(RawDisk::new(file)?))
     }
 
     fn open_data(&self, name: &str) -> io::Result<Arc<dyn DiskFile>> {
-        Ok(Arc::new(RawDisk::new(self.open_rw(name, false)?).map_err(io::Error::other)?))
+        Ok(Arc::new(RawDisk::new(self.open_rw(name, false)?)?))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
