@@ -14,5 +14,5 @@
 
 pub mod agent;
 pub mod daemon;
-pub mod repo;
+pub use livesnap_repo as repo;
 pub mod vsock;
