@@ -170,3 +170,254 @@ impl DiskReader {
         Ok(out.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::fs;
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::store::{self, Fetched, LocalStore, PendingBackup, StoreLock};
+    use crate::tests::{mixed, spec, K64};
+    use crate::{CreateOptions, Error};
+
+    /// The local store, counting the chunks read from it.
+    #[derive(Debug)]
+    struct Counting {
+        inner: LocalStore,
+        gets: AtomicU64,
+    }
+
+    impl Counting {
+        fn gets(&self) -> u64 {
+            self.gets.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Store for Counting {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn get_config(&self, max_len: u64, out: &mut Vec<u8>) -> store::Result<Fetched> {
+            self.inner.get_config(max_len, out)
+        }
+        fn put_config(&self, data: &[u8]) -> store::Result<()> {
+            self.inner.put_config(data)
+        }
+        fn has_chunk(&self, hash: &ChunkHash) -> store::Result<bool> {
+            self.inner.has_chunk(hash)
+        }
+        fn put_chunk(&self, hash: &ChunkHash, data: &[u8]) -> store::Result<bool> {
+            self.inner.put_chunk(hash, data)
+        }
+        fn get_chunk(&self, hash: &ChunkHash, max_len: u64, out: &mut Vec<u8>) -> store::Result<Fetched> {
+            self.gets.fetch_add(1, Ordering::Relaxed);
+            self.inner.get_chunk(hash, max_len, out)
+        }
+        fn flush_chunks(&self, hashes: &[ChunkHash]) -> store::Result<()> {
+            self.inner.flush_chunks(hashes)
+        }
+        fn list_chunks(&self) -> store::Result<Vec<(ChunkHash, u64)>> {
+            self.inner.list_chunks()
+        }
+        fn remove_chunk(&self, hash: &ChunkHash) -> store::Result<()> {
+            self.inner.remove_chunk(hash)
+        }
+        fn list_vms(&self) -> store::Result<Vec<String>> {
+            self.inner.list_vms()
+        }
+        fn list_backups(&self, vm: &str) -> store::Result<Vec<String>> {
+            self.inner.list_backups(vm)
+        }
+        fn list_manifests(&self, vm: &str, id: &str) -> store::Result<Option<Vec<String>>> {
+            self.inner.list_manifests(vm, id)
+        }
+        fn get_manifest(
+            &self,
+            vm: &str,
+            id: &str,
+            disk: &str,
+            max_len: u64,
+            out: &mut Vec<u8>,
+        ) -> store::Result<Fetched> {
+            self.inner.get_manifest(vm, id, disk, max_len, out)
+        }
+        fn get_manifest_prefix(
+            &self,
+            vm: &str,
+            id: &str,
+            disk: &str,
+            len: u64,
+            out: &mut Vec<u8>,
+        ) -> store::Result<Option<u64>> {
+            self.inner.get_manifest_prefix(vm, id, disk, len, out)
+        }
+        fn begin_backup(&self, vm: &str, id: &str) -> store::Result<Box<dyn PendingBackup>> {
+            self.inner.begin_backup(vm, id)
+        }
+        fn remove_backup(&self, vm: &str, id: &str) -> store::Result<bool> {
+            self.inner.remove_backup(vm, id)
+        }
+        fn lock_shared(&self) -> store::Result<StoreLock> {
+            self.inner.lock_shared()
+        }
+        fn lock_exclusive(&self) -> store::Result<StoreLock> {
+            self.inner.lock_exclusive()
+        }
+        fn remove_leftovers(&self) -> store::Result<u64> {
+            self.inner.remove_leftovers()
+        }
+    }
+
+    const CHUNKS: usize = 16;
+
+    /// A repository on a counting store at 64 KiB chunks with backup vm/b1 of disk vda: 16
+    /// distinct chunks of mixed data and a short one; chunks 4 and 5 zero.
+    fn setup() -> (tempfile::TempDir, Arc<Counting>, Repository, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let local = LocalStore::create(&root).unwrap();
+        let store = Arc::new(Counting { inner: local, gets: AtomicU64::new(0) });
+        let opts = CreateOptions { chunk_size: K64, ..CreateOptions::default() };
+        let repo = Repository::create_in(store.clone(), opts).unwrap();
+        let mut data = mixed(CHUNKS * K64 as usize + 777, 5);
+        for (k, piece) in data.chunks_mut(K64 as usize).enumerate() {
+            piece[1] = k as u8 + 1; // every chunk distinct and non-zero
+        }
+        data[4 * K64 as usize..6 * K64 as usize].fill(0);
+        let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+        w.full("vda", &data).unwrap();
+        w.commit().unwrap();
+        (dir, store, repo, data)
+    }
+
+    #[test]
+    fn random_ranges_read_what_was_backed_up_from_several_threads() {
+        let (_dir, _store, repo, data) = setup();
+        let reader = repo.open_disk("vm", "b1", "vda", 4 * K64).unwrap();
+        assert_eq!(reader.size(), data.len() as u64);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (reader, data) = (&reader, &data);
+                s.spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(t);
+                    for _ in 0..200 {
+                        let off = rng.usize(0..data.len());
+                        let len = rng.usize(0..=(data.len() - off).min(3 * K64 as usize));
+                        let mut buf = vec![0xEE; len];
+                        reader.read_at(&mut buf, off as u64).unwrap();
+                        assert!(buf == data[off..off + len], "{len} bytes at {off}");
+                    }
+                });
+            }
+        });
+        // The whole disk in one read, the short last chunk included.
+        let mut all = vec![0xEE; data.len()];
+        reader.read_at(&mut all, 0).unwrap();
+        assert!(all == data);
+    }
+
+    #[test]
+    fn a_read_fetches_only_the_chunks_it_touches_and_no_zero_chunk() {
+        let (_dir, store, repo, data) = setup();
+        let reader = repo.open_disk("vm", "b1", "vda", 64 * K64).unwrap();
+        let before = store.gets();
+        // From the middle of chunk 2 to the middle of chunk 7: 2, 3, 6 and 7 (4 and 5 zero).
+        let (off, len) = (2 * K64 + 100, 5 * K64);
+        let mut buf = vec![0; len as usize];
+        reader.read_at(&mut buf, off).unwrap();
+        assert!(buf[..] == data[off as usize..(off + len) as usize]);
+        assert_eq!(store.gets() - before, 4);
+        let stats = reader.stats();
+        assert_eq!((stats.chunks_fetched, stats.cache_hits, stats.zero_reads), (4, 0, 2));
+        // One byte of a zero chunk fetches nothing.
+        let mut one = [7u8];
+        reader.read_at(&mut one, 5 * K64 + 3).unwrap();
+        assert_eq!((one[0], store.gets() - before), (0, 4));
+        // Two bytes across the boundary of chunks 9 and 10: those two.
+        let mut two = [0u8; 2];
+        reader.read_at(&mut two, 10 * K64 - 1).unwrap();
+        assert_eq!(store.gets() - before, 6);
+        assert_eq!(two, data[10 * K64 as usize - 1..10 * K64 as usize + 1]);
+    }
+
+    #[test]
+    fn a_chunk_read_again_comes_from_the_cache_unless_there_is_none() {
+        let (_dir, store, repo, data) = setup();
+        let reader = repo.open_disk("vm", "b1", "vda", 8 * K64).unwrap();
+        let mut buf = vec![0; 2 * K64 as usize];
+        reader.read_at(&mut buf, 0).unwrap();
+        let fetched = store.gets();
+        for off in [0, 10, K64 - 1, K64 + 5] {
+            reader.read_at(&mut buf[..1000], off).unwrap();
+            assert!(buf[..1000] == data[off as usize..off as usize + 1000]);
+        }
+        assert_eq!(store.gets(), fetched, "no fetch for cached chunks");
+        assert_eq!(reader.stats().cache_hits, 5);
+
+        let uncached = repo.open_disk("vm", "b1", "vda", 0).unwrap();
+        let before = store.gets();
+        for _ in 0..3 {
+            uncached.read_at(&mut buf[..10], 0).unwrap();
+        }
+        assert_eq!(store.gets() - before, 3);
+    }
+
+    #[test]
+    fn the_cache_holds_no_more_bytes_than_it_was_given() {
+        let (_dir, _store, repo, _data) = setup();
+        let reader = repo.open_disk("vm", "b1", "vda", 3 * K64).unwrap();
+        let mut buf = vec![0; K64 as usize];
+        for round in 0..3 {
+            for i in 0..CHUNKS as u64 {
+                reader.read_at(&mut buf, i * K64).unwrap();
+                assert!(reader.cache.weight() <= 3 * K64, "round {round}, chunk {i}: {}", reader.cache.weight());
+            }
+        }
+        assert!(reader.stats().chunks_fetched > CHUNKS as u64, "{:?}", reader.stats());
+    }
+
+    #[test]
+    fn a_damaged_or_missing_chunk_is_an_error_naming_it_and_no_data() {
+        let (_dir, store, repo, data) = setup();
+        let m = repo.manifest("vm", "b1", "vda").unwrap();
+        let (flipped, gone) = (m.chunks[1].unwrap(), m.chunks[3].unwrap());
+        let path = store.inner.chunk_path(&flipped);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10;
+        fs::write(&path, bytes).unwrap();
+        fs::remove_file(store.inner.chunk_path(&gone)).unwrap();
+
+        let reader = repo.open_disk("vm", "b1", "vda", 64 * K64).unwrap();
+        let mut buf = vec![0; 100];
+        let e = reader.read_at(&mut buf, K64 + 10).unwrap_err();
+        assert!(matches!(&e, Error::ChunkCorrupt { hash, .. } if *hash == flipped), "{e}");
+        assert!(e.to_string().contains(&flipped.to_string()), "{e}");
+        assert!(buf.iter().all(|&b| b == 0), "nothing of the damaged chunk is handed on");
+        let e = reader.read_at(&mut buf, 3 * K64).unwrap_err();
+        assert!(matches!(&e, Error::ChunkMissing { hash } if *hash == gone), "{e}");
+        assert!(e.to_string().contains(&gone.to_string()), "{e}");
+        // A failure is not cached: still an error; the good chunks still read.
+        assert!(reader.read_at(&mut buf, K64).is_err());
+        reader.read_at(&mut buf, 2 * K64).unwrap();
+        assert!(buf[..] == data[2 * K64 as usize..2 * K64 as usize + 100]);
+    }
+
+    #[test]
+    fn a_read_beyond_the_disk_is_refused() {
+        let (_dir, _store, repo, data) = setup();
+        let reader = repo.open_disk("vm", "b1", "vda", K64).unwrap();
+        let size = data.len() as u64;
+        let mut buf = [0u8; 10];
+        reader.read_at(&mut buf, size - 10).unwrap();
+        for off in [size - 9, size, u64::MAX - 3] {
+            let e = reader.read_at(&mut buf, off).unwrap_err();
+            assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+        }
+        reader.read_at(&mut [], size).unwrap();
+        assert!(matches!(repo.open_disk("vm", "b1", "vdz", K64), Err(Error::DiskNotFound { .. })));
+    }
+}

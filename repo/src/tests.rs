@@ -12,16 +12,16 @@ use std::time::Instant;
 
 use super::*;
 
-const K64: u64 = 64 << 10;
+pub(crate) const K64: u64 = 64 << 10;
 
-fn new_repo(chunk_size: u64) -> (tempfile::TempDir, Repository) {
+pub(crate) fn new_repo(chunk_size: u64) -> (tempfile::TempDir, Repository) {
     let dir = tempfile::tempdir().unwrap();
     let repo =
         Repository::create(dir.path().join("repo"), CreateOptions { chunk_size, ..CreateOptions::default() }).unwrap();
     (dir, repo)
 }
 
-fn spec(vm: &str, id: &str) -> BackupSpec {
+pub(crate) fn spec(vm: &str, id: &str) -> BackupSpec {
     BackupSpec {
         vm: vm.into(),
         id: id.into(),
@@ -32,7 +32,7 @@ fn spec(vm: &str, id: &str) -> BackupSpec {
 }
 
 /// Disk-like data: 64 KiB stretches of noise, zeros, text and repeated blocks.
-fn mixed(size: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn mixed(size: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut out = vec![0u8; size];
     for (k, piece) in out.chunks_mut(K64 as usize).enumerate() {
