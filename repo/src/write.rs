@@ -1,4 +1,4 @@
-//! Writing a backup: chunks first, then each disk's manifest, then one rename that makes the
+//! Writing a backup: chunks first, then each disk's manifest, then one commit that makes the
 //! backup visible.
 
 use std::collections::{BTreeMap, BTreeSet};
