@@ -296,7 +296,9 @@ mod tests {
     #[test]
     fn random_ranges_read_what_was_backed_up_from_several_threads() {
         let (_dir, _store, repo, data) = setup();
+        fn send_and_sync<T: Send + Sync>(_: &T) {}
         let reader = repo.open_disk("vm", "b1", "vda", 4 * K64).unwrap();
+        send_and_sync(&reader);
         assert_eq!(reader.size(), data.len() as u64);
         std::thread::scope(|s| {
             for t in 0..4 {

@@ -660,7 +660,7 @@ fn a_failing_source_fails_the_disk_with_its_offset() {
         }
         fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
             if off == 2 * K64 {
-                return Err(std::io::Error::other("medium error"));
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
             buf.fill(1);
             Ok(())
@@ -822,4 +822,30 @@ fn chunks_compressed_at_the_highest_level_read_back_within_the_window_limit() {
     let out = dir.path().join("r.raw");
     restore_raw(&repo, "vm", "b1", "vda", &out).unwrap();
     assert_eq!(fs::read(&out).unwrap(), data);
+}
+
+#[test]
+fn an_unreadable_chunk_is_reported_with_its_whole_chain() {
+    let (dir, repo) = new_repo(K64);
+    let mut data = mixed(2 * K64 as usize, 18);
+    data[0] = 1;
+    full_backup(&repo, "vm", "b1", "vda", &data);
+    let hash = repo.manifest("vm", "b1", "vda").unwrap().chunks[0].unwrap();
+    let path = local(&repo).chunk_path(&hash);
+    // A directory where the chunk file was: it opens, but does not read.
+    fs::remove_file(&path).unwrap();
+    fs::create_dir(&path).unwrap();
+
+    let report = repo.verify("vm", "b1").unwrap();
+    let ChunkFault::Unreadable(reason) = &report.problems[0].fault else { panic!("{report:?}") };
+    assert!(reason.starts_with(&format!("Cannot read `{}`: ", path.display())), "{reason}");
+    assert!(reason.ends_with("Is a directory (os error 21)"), "{reason}");
+
+    let e = restore_raw(&repo, "vm", "b1", "vda", &dir.path().join("r.raw")).unwrap_err();
+    let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(chain[0], format!("Cannot read chunk {hash}"));
+    assert_eq!(chain[1], format!("Cannot read `{}`", path.display()));
+    assert_eq!(chain[2], "Is a directory (os error 21)");
 }
