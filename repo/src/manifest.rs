@@ -143,8 +143,8 @@ impl Manifest {
         Ok(Manifest { meta, chunks })
     }
 
-    /// Parses the header and metadata of a manifest of `len` bytes whose first bytes (at
-    /// least the 32-byte header and 64 KiB of them, or all) are `head` (listing). The lengths are checked
+    /// Parses the header and metadata of a manifest of `len` bytes whose first bytes (the
+    /// 32-byte header and 64 KiB more, or all) are `head` (listing). The lengths are checked
     /// against `len`; the checksum is not (that takes the whole manifest).
     pub fn decode_meta(head: &[u8], len: u64, chunk_size: u64) -> std::result::Result<ManifestMeta, Corruption> {
         decode_head(head, len, chunk_size).map(|(m, ..)| m)
