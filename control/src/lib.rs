@@ -1,18 +1,19 @@
-//! livesnap's host side: the host daemon livesnapd, the client of the guest agent and the
-//! backup repository.
+//! livesnap's host side: the host daemon livesnapd and the client of the guest agent, on top of
+//! the backup repository (the livesnap-repo crate).
 //!
 //! - [`vsock`]: the hybrid vsock connector (a unix socket exposed by the VMM or
 //!   vhost-device-vsock: `CONNECT <port>\n`, `OK <n>\n`, then the stream).
 //! - [`agent`]: the agent client. The guest belongs to a tenant: every reply is hostile input —
 //!   sizes bounded, a timeout on every call, replies validated, garbage answered with an error.
-//! - [`repo`]: the backup repository: content-addressed zstd chunks and one complete manifest
-//!   per disk per backup; full and incremental writes, verify, prune and gc, restore
-//!   (`docs/repository.md`).
+//! - [`repo`]: the livesnap-repo crate, re-exported: the backup repository (content-addressed
+//!   zstd chunks and one complete manifest per disk per backup; `docs/repository.md`).
+//! - [`restore`]: restores of a backup's disk to a new raw or qcow2 image (`qemu-img`).
 //! - [`daemon`]: livesnapd, the host daemon (`proto/livesnapd.proto`; binary src/bin/livesnapd.rs).
 //!
 //! `snapctl` (src/main.rs) is the operators' CLI on top.
 
 pub mod agent;
 pub mod daemon;
-pub mod repo;
+pub use livesnap_repo as repo;
+pub mod restore;
 pub mod vsock;

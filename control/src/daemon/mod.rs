@@ -67,6 +67,8 @@ pub enum Error {
     #[error(transparent)]
     Repo(#[from] repo::Error),
     #[error(transparent)]
+    Restore(#[from] crate::restore::Error),
+    #[error(transparent)]
     State(#[from] state::Error),
     #[error("Cannot open the backup repository `{}`", path.display())]
     RepoOpen {
@@ -95,6 +97,13 @@ impl Error {
                 c => c,
             },
             Error::Repo(e) | Error::RepoOpen { source: e, .. } => repo_code(e),
+            Error::Restore(e) => match e {
+                crate::restore::Error::Repo(e) => repo_code(e),
+                crate::restore::Error::DestinationExists(_) => Code::AlreadyExists,
+                crate::restore::Error::Io { .. }
+                | crate::restore::Error::QemuImgSpawn(_)
+                | crate::restore::Error::QemuImg { .. } => Code::Internal,
+            },
             Error::Base { .. } | Error::State(_) | Error::Task(_) => Code::Internal,
         }
     }
@@ -333,13 +342,13 @@ impl Daemon {
         let repo = self.repo.clone();
         tokio::spawn(async move {
             let res = tokio::task::spawn_blocking(move || match format {
-                pb::ImageFormat::Raw => repo.restore_raw(&r.vm, &r.id, &r.disk, &target),
-                pb::ImageFormat::Qcow2 => repo.restore_qcow2(&r.vm, &r.id, &r.disk, &target),
+                pb::ImageFormat::Raw => crate::restore::raw(&repo, &r.vm, &r.id, &r.disk, &target),
+                pb::ImageFormat::Qcow2 => crate::restore::qcow2(&repo, &r.vm, &r.id, &r.disk, &target),
             })
             .await;
             let msg = match res {
                 Ok(Ok(st)) => Ok(pb::RestoreProgress { bytes_written: st.size, bytes_total: total, done: true }),
-                Ok(Err(e)) => Err(Error::Repo(e)),
+                Ok(Err(e)) => Err(Error::Restore(e)),
                 Err(e) => Err(Error::Task(e.to_string())),
             };
             let _ = tx.send(msg).await;

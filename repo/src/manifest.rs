@@ -3,23 +3,21 @@
 //! `LSNAPMAN` header, the metadata as JSON, the complete chunk table (32 bytes per chunk, all
 //! zero for a chunk of zeros, which is not stored), and a SHA-256 of everything before it.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::chunk::ChunkHash;
-use super::{validate_name, Corruption, Error, Result};
+use crate::hash::ChunkHash;
+use crate::{validate_name, Corruption, Error, Result};
 
 const MAGIC: &[u8; 8] = b"LSNAPMAN";
 pub const MANIFEST_VERSION: u32 = 1;
 const HEADER_LEN: usize = 32;
+/// Bytes of a manifest that hold its header and metadata, at most.
+pub(crate) const MAX_HEAD_LEN: u64 = (HEADER_LEN + MAX_META_LEN) as u64;
 const TRAILER_LEN: usize = 32;
 const MAX_META_LEN: usize = 64 * 1024;
 /// A manifest larger than this is refused (a 64 TiB disk at 4 MiB chunks needs 512 MiB).
-const MAX_MANIFEST_LEN: u64 = 1 << 30;
+pub(crate) const MAX_MANIFEST_LEN: u64 = 1 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -145,29 +143,11 @@ impl Manifest {
         Ok(Manifest { meta, chunks })
     }
 
-    /// Reads and checks a manifest file.
-    pub fn read(path: &Path, chunk_size: u64) -> Result<Manifest> {
-        let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-        let len = f.metadata().map_err(|e| Error::io("read", path, e))?.len();
-        if len > MAX_MANIFEST_LEN {
-            return Err(Error::manifest(path, Corruption::TooLong { len, max: MAX_MANIFEST_LEN }));
-        }
-        let mut buf = Vec::with_capacity(len as usize);
-        (&mut f).take(MAX_MANIFEST_LEN + 1).read_to_end(&mut buf).map_err(|e| Error::io("read", path, e))?;
-        Manifest::decode(&buf, chunk_size).map_err(|c| Error::manifest(path, c))
-    }
-
-    /// Reads only the header and metadata of a manifest file (listing). The lengths are
-    /// checked against the file's size; the checksum is not (that takes the whole file).
-    pub fn read_meta(path: &Path, chunk_size: u64) -> Result<ManifestMeta> {
-        let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
-        let len = f.metadata().map_err(|e| Error::io("read", path, e))?.len();
-        let mut buf = Vec::new();
-        (&mut f)
-            .take((HEADER_LEN + MAX_META_LEN) as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::io("read", path, e))?;
-        decode_head(&buf, len, chunk_size).map(|(m, ..)| m).map_err(|c| Error::manifest(path, c))
+    /// Parses the header and metadata of a manifest of `len` bytes whose first bytes (the
+    /// 32-byte header and 64 KiB more, or all) are `head` (listing). The lengths are checked
+    /// against `len`; the checksum is not (that takes the whole manifest).
+    pub fn decode_meta(head: &[u8], len: u64, chunk_size: u64) -> std::result::Result<ManifestMeta, Corruption> {
+        decode_head(head, len, chunk_size).map(|(m, ..)| m)
     }
 }
 
@@ -208,7 +188,9 @@ fn decode_head(
         buf.get(HEADER_LEN..meta_end).ok_or(Corruption::TooShort { len: buf.len() as u64, min: meta_end as u64 })?;
     let meta: ManifestMeta = serde_json::from_slice(meta_bytes).map_err(Corruption::Json)?;
     for (what, name) in [("VM", &meta.vm), ("disk", &meta.disk), ("backup", &meta.backup)] {
-        validate_name(what, name).map_err(|e| Corruption::Invalid(e.to_string()))?;
+        if validate_name(what, name).is_err() {
+            return Err(Corruption::BadName { what, name: name.clone() });
+        }
     }
     if meta.chunk_size != chunk_size {
         return Err(Corruption::LengthMismatch { field: "chunk size", expected: chunk_size, actual: meta.chunk_size });

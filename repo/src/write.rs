@@ -1,15 +1,17 @@
-//! Writing a backup: chunks first, then each disk's manifest, then one rename that makes the
+//! Writing a backup: chunks first, then each disk's manifest, then one commit that makes the
 //! backup visible.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::chunk::{self, ChunkHash, Codec, TMP_PREFIX};
-use super::manifest::{chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
-use super::ops::BackupInfo;
-use super::{now_unix_us, validate_name, Error, RepoLock, Repository, Result, Source, MANIFEST_SUFFIX};
+use rayon::prelude::*;
+
+use crate::chunk::{self, Decoder, Encoder};
+use crate::hash::ChunkHash;
+use crate::manifest::{chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
+use crate::read::BackupInfo;
+use crate::store::{PendingBackup, StoreLock};
+use crate::{now_unix_us, validate_name, Error, Repository, Result, Source};
 
 /// What a new backup is.
 #[derive(Clone, Debug)]
@@ -60,11 +62,12 @@ pub struct BackupWriter<'r> {
     repo: &'r Repository,
     spec: BackupSpec,
     created_unix_us: u64,
-    tmp_dir: PathBuf,
+    /// The manifests staged so far; dropped without a commit, it removes them.
+    pending: Box<dyn PendingBackup>,
     disks: BTreeSet<String>,
     progress: Option<Box<Progress>>,
-    committed: bool,
-    _lock: RepoLock,
+    /// Held until the writer is dropped (after its commit): see [`crate::store::Store::lock_shared`].
+    _lock: StoreLock,
 }
 
 impl std::fmt::Debug for BackupWriter<'_> {
@@ -72,8 +75,6 @@ impl std::fmt::Debug for BackupWriter<'_> {
         f.debug_struct("BackupWriter").field("spec", &self.spec).field("disks", &self.disks).finish_non_exhaustive()
     }
 }
-
-static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Repository {
     /// Begins backup `spec.id` of `spec.vm`. Holds the repository lock shared until the writer is
@@ -86,28 +87,16 @@ impl Repository {
                 return Err(Error::InvalidFreezeWindow);
             }
         }
-        let lock = self.lock(false)?;
-        let vm_dir = self.vm_dir(&spec.vm);
-        if self.backup_dir(&spec.vm, &spec.id).exists() {
-            return Err(Error::BackupExists { vm: spec.vm, id: spec.id });
-        }
-        fs::create_dir_all(&vm_dir).map_err(|e| Error::io("create", &vm_dir, e))?;
-        let tmp_dir = vm_dir.join(format!(
-            "{TMP_PREFIX}{}-{}-{}",
-            spec.id,
-            std::process::id(),
-            DIR_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir(&tmp_dir).map_err(|e| Error::io("create", &tmp_dir, e))?;
+        let lock = self.store.lock_shared()?;
+        let pending = self.store.begin_backup(&spec.vm, &spec.id)?;
         let created_unix_us = spec.created_unix_us.unwrap_or_else(now_unix_us);
         Ok(BackupWriter {
             repo: self,
             spec,
             created_unix_us,
-            tmp_dir,
+            pending,
             disks: BTreeSet::new(),
             progress: None,
-            committed: false,
             _lock: lock,
         })
     }
@@ -191,7 +180,10 @@ impl BackupWriter<'_> {
             let len = chunk_len(size, cs, i);
             let same_bytes = i < parent.chunks.len() && chunk_len(parent.meta.size, cs, i) == len;
             let old = parent.chunks.get(i).copied().flatten();
-            let old_stored = old.is_none_or(|h| self.repo.chunks.contains(&h));
+            let old_stored = match old {
+                None => true,
+                Some(h) => self.repo.store.has_chunk(&h)?,
+            };
             if same_bytes && !old_stored {
                 tracing::warn!(vm = %self.spec.vm, disk, chunk = ?old,
                     "a chunk of the parent is missing: reading it again");
@@ -238,92 +230,101 @@ impl BackupWriter<'_> {
         let total: u64 = jobs.iter().map(|j| j.source_bytes(size, cs)).sum();
         let done = AtomicU64::new(0);
         let progress = self.progress.as_deref();
-        let Done { states, results } = parallel(
-            repo.threads,
-            jobs.len(),
-            || Ok((repo.chunks.codec()?, Vec::new(), DiskStats::default(), [false; 256])),
-            |(codec, buf, stats, dirty): &mut (Codec, Vec<u8>, DiskStats, [bool; 256]), j| {
-                let job = &jobs[j];
-                let i = job.index;
-                let len = chunk_len(size, cs, i);
-                let off = i as u64 * cs;
-                let read = |buf: &mut [u8], at: u64| {
-                    source.read_at(buf, at).map_err(|e| Error::SourceRead {
-                        disk: disk.to_owned(),
-                        offset: at,
-                        source: e,
-                    })
-                };
-                let mut from_source = len as u64;
-                let base = match &job.patch {
-                    None => None,
-                    Some(Patch { base: None, ranges }) => {
-                        buf.clear();
-                        buf.resize(len, 0);
-                        Some(ranges)
-                    }
-                    Some(Patch { base: Some(h), ranges }) => match repo.chunks.read(h, len, buf, codec) {
-                        Ok(()) => Some(ranges),
-                        Err(f) => {
-                            tracing::warn!(disk, chunk = %h, failure = ?f,
-                                    "cannot read the parent's chunk to patch: reading all of it");
-                            None
+        let level = repo.config.compression_level;
+        let store = &*repo.store;
+        let results: Vec<(Option<ChunkHash>, Built)> = repo.pool.install(|| {
+            jobs.par_iter()
+                .map_init(
+                    || None::<Worker>,
+                    |state, job| -> Result<(Option<ChunkHash>, Built)> {
+                        let w = match state {
+                            Some(w) => w,
+                            None => {
+                                state.insert(Worker { encoder: Encoder::new(level)?, decoder: None, buf: Vec::new() })
+                            }
+                        };
+                        let buf = &mut w.buf;
+                        let i = job.index;
+                        let len = chunk_len(size, cs, i);
+                        let off = i as u64 * cs;
+                        let read = |buf: &mut [u8], at: u64| {
+                            source.read_at(buf, at).map_err(|e| Error::SourceRead {
+                                disk: disk.to_owned(),
+                                offset: at,
+                                source: e,
+                            })
+                        };
+                        let mut built = Built::default();
+                        let base = match &job.patch {
+                            None => None,
+                            Some(Patch { base: None, ranges }) => {
+                                buf.clear();
+                                buf.resize(len, 0);
+                                Some(ranges)
+                            }
+                            Some(Patch { base: Some(h), ranges }) => {
+                                let decoder = match &mut w.decoder {
+                                    Some(d) => d,
+                                    None => w.decoder.insert(Decoder::new(cs as usize)?),
+                                };
+                                match chunk::fetch(store, h, len, buf, decoder) {
+                                    Ok(()) => Some(ranges),
+                                    Err(f) => {
+                                        tracing::warn!(disk, chunk = %h, failure = ?f,
+                                            "cannot read the parent's chunk to patch: reading all of it");
+                                        None
+                                    }
+                                }
+                            }
+                        };
+                        if let Some(ranges) = base {
+                            for &(s, e) in ranges {
+                                read(&mut buf[s..e], off + s as u64)?;
+                            }
+                            built.bytes_read = ranges.iter().map(|(s, e)| (e - s) as u64).sum();
+                            built.patched = true;
+                        } else {
+                            buf.clear();
+                            buf.resize(len, 0);
+                            read(buf, off)?;
+                            built.bytes_read = len as u64;
                         }
+                        let entry = if chunk::is_zero(buf) {
+                            built.zero = true;
+                            None
+                        } else {
+                            let hash = ChunkHash::of(buf);
+                            let file = w.encoder.encode(buf)?;
+                            if store.put_chunk(&hash, file)? {
+                                built.stored = Some(file.len() as u64);
+                            }
+                            Some(hash)
+                        };
+                        let d = done.fetch_add(built.bytes_read, Ordering::Relaxed) + built.bytes_read;
+                        if let Some(p) = progress {
+                            p(disk, d, total);
+                        }
+                        Ok((entry, built))
                     },
-                };
-                if let Some(ranges) = base {
-                    for &(s, e) in ranges {
-                        read(&mut buf[s..e], off + s as u64)?;
-                    }
-                    from_source = ranges.iter().map(|(s, e)| (e - s) as u64).sum();
-                    stats.chunks_patched += 1;
-                } else {
-                    buf.resize(len, 0);
-                    read(buf, off)?;
-                }
-                stats.bytes_read += from_source;
-                stats.chunks_read += 1;
-                let entry = if chunk::is_zero(buf) {
-                    stats.chunks_zero += 1;
-                    None
-                } else {
-                    let hash = ChunkHash::of(buf);
-                    let written = repo.chunks.put(&hash, buf, codec)?;
-                    if written > 0 {
-                        stats.chunks_new += 1;
-                        stats.bytes_stored += written;
-                        dirty[usize::from(hash.0[0])] = true;
-                    }
-                    Some(hash)
-                };
-                let d = done.fetch_add(from_source, Ordering::Relaxed) + from_source;
-                if let Some(p) = progress {
-                    p(disk, d, total);
-                }
-                Ok(entry)
-            },
-        )?;
-        let mut stats = DiskStats::default();
-        let mut dirty = [false; 256];
-        for (_, _, s, d) in &states {
-            stats.bytes_read += s.bytes_read;
-            stats.chunks_read += s.chunks_read;
-            stats.chunks_zero += s.chunks_zero;
-            stats.chunks_new += s.chunks_new;
-            stats.chunks_patched += s.chunks_patched;
-            stats.bytes_stored += s.bytes_stored;
-            for (a, b) in dirty.iter_mut().zip(d) {
-                *a |= *b;
+                )
+                .collect::<Result<_>>()
+        })?;
+        let mut stats = DiskStats { bytes_changed, ..DiskStats::default() };
+        let mut new_chunks = Vec::new();
+        for (job, (entry, built)) in jobs.iter().zip(results) {
+            stats.bytes_read += built.bytes_read;
+            stats.chunks_read += 1;
+            stats.chunks_patched += u64::from(built.patched);
+            stats.chunks_zero += u64::from(built.zero);
+            if let (Some(bytes), Some(hash)) = (built.stored, entry) {
+                stats.chunks_new += 1;
+                stats.bytes_stored += bytes;
+                new_chunks.push(hash);
             }
+            table[job.index] = entry;
         }
-        stats.bytes_changed = bytes_changed;
-        for (j, entry) in results {
-            table[jobs[j].index] = entry;
-        }
-        // The renames of new chunks become durable before a manifest can name them.
-        for (b, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
-            chunk::sync_dir(&repo.chunks.dir().join(format!("{b:02x}")))?;
-        }
+        // The new chunks become durable before a manifest can name them.
+        store.flush_chunks(&new_chunks)?;
         let manifest = Manifest {
             meta: ManifestMeta {
                 vm: self.spec.vm.clone(),
@@ -347,39 +348,23 @@ impl BackupWriter<'_> {
         Ok(stats)
     }
 
-    fn write_manifest(&self, disk: &str, m: &Manifest) -> Result<()> {
+    fn write_manifest(&mut self, disk: &str, m: &Manifest) -> Result<()> {
         let bytes = m.encode()?;
-        let path = self.tmp_dir.join(format!("{disk}{MANIFEST_SUFFIX}"));
-        let tmp = self.tmp_dir.join(format!("{TMP_PREFIX}{disk}"));
-        chunk::write_durably(&tmp, &path, &bytes)
+        Ok(self.pending.put_manifest(disk, &bytes)?)
     }
 
     /// Makes the backup visible, all disks at once.
-    pub fn commit(mut self) -> Result<BackupInfo> {
+    pub fn commit(self) -> Result<BackupInfo> {
         let (vm, id) = (self.spec.vm.clone(), self.spec.id.clone());
         if self.disks.is_empty() {
             return Err(Error::EmptyBackup { vm, id });
         }
-        chunk::sync_dir(&self.tmp_dir)?;
-        let dest = self.repo.backup_dir(&vm, &id);
-        if dest.exists() {
-            return Err(Error::BackupExists { vm, id });
-        }
-        fs::rename(&self.tmp_dir, &dest).map_err(|e| Error::io("rename", &self.tmp_dir, e))?;
-        self.committed = true;
-        chunk::sync_dir(&self.repo.vm_dir(&vm))?;
-        chunk::sync_dir(&self.repo.backups_dir())?;
-        let info = self.repo.info(&vm, &id)?;
-        tracing::info!(vm = %vm, backup = %id, disks = self.disks.len(), "backup committed");
+        let disks = self.disks.len();
+        let repo = self.repo;
+        self.pending.commit()?;
+        let info = repo.info(&vm, &id)?;
+        tracing::info!(vm = %vm, backup = %id, disks, "backup committed");
         Ok(info)
-    }
-}
-
-impl Drop for BackupWriter<'_> {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_dir_all(&self.tmp_dir);
-        }
     }
 }
 
@@ -390,59 +375,21 @@ fn chunk_count(disk: &str, size: u64, chunk_size: u64) -> Result<usize> {
     })
 }
 
-/// Runs `work(state, j)` for `j` in `0..jobs` on up to `threads` threads, each with its own
-/// `init()` state. Stops at the first error. Returns the states and `(j, result)` pairs.
-pub(super) fn parallel<S, T, I, W>(threads: usize, jobs: usize, init: I, work: W) -> Result<Done<S, T>>
-where
-    S: Send,
-    T: Send,
-    I: Fn() -> Result<S> + Sync,
-    W: Fn(&mut S, usize) -> Result<T> + Sync,
-{
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let threads = threads.clamp(1, jobs.max(1));
-    let run = || -> Result<Worker<S, T>> {
-        let mut state = init()?;
-        let mut out = Vec::new();
-        while !failed.load(Ordering::Relaxed) {
-            let j = next.fetch_add(1, Ordering::Relaxed);
-            if j >= jobs {
-                break;
-            }
-            match work(&mut state, j) {
-                Ok(t) => out.push((j, t)),
-                Err(e) => {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-        }
-        Ok((state, out))
-    };
-    let outcomes: Vec<Result<Worker<S, T>>> = if threads == 1 {
-        vec![run()]
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(run)).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        })
-    };
-    let mut states = Vec::with_capacity(threads);
-    let mut results = Vec::with_capacity(jobs);
-    for o in outcomes {
-        let (s, r) = o?;
-        states.push(s);
-        results.extend(r);
-    }
-    Ok(Done { states, results })
+/// What one thread of [`BackupWriter::write_disk`] reuses from chunk to chunk.
+struct Worker {
+    encoder: Encoder,
+    /// For patches only.
+    decoder: Option<Decoder>,
+    buf: Vec<u8>,
 }
 
-/// What one worker of [`parallel`] ends with.
-type Worker<S, T> = (S, Vec<(usize, T)>);
-
-/// What [`parallel`] returns: each worker's state, and each job's result by job number.
-pub(super) struct Done<S, T> {
-    pub states: Vec<S>,
-    pub results: Vec<(usize, T)>,
+/// What building one chunk did.
+#[derive(Debug, Default)]
+struct Built {
+    /// From the source.
+    bytes_read: u64,
+    patched: bool,
+    zero: bool,
+    /// The bytes of its chunk file when it was new to the store.
+    stored: Option<u64>,
 }
