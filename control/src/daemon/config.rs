@@ -22,7 +22,7 @@
 //! agent = { vsock = "/run/livesnap/web01/vsock.sock:7735" }   # or { cid = 3, port = 7735 }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,6 +52,12 @@ pub enum Error {
     },
     #[error("The config file `{}` is invalid: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
+    #[error("The config file `{}` is invalid", path.display())]
+    VmName {
+        path: PathBuf,
+        #[source]
+        source: crate::repo::Error,
+    },
     #[error("Cannot read the token file `{}`", path.display())]
     Token {
         path: PathBuf,
@@ -209,13 +215,22 @@ impl Config {
             )));
         }
         let mut names = HashSet::new();
+        // Two VMs on one backend would checkpoint each other's change maps.
+        let mut controls: HashMap<PathBuf, String> = HashMap::new();
         let mut vms = Vec::with_capacity(f.vm.len());
         for v in f.vm {
-            validate_name("VM", &v.name).map_err(|e| invalid(e.to_string()))?;
+            validate_name("VM", &v.name).map_err(|source| Error::VmName { path: path.to_owned(), source })?;
             if !names.insert(v.name.clone()) {
                 return Err(invalid(format!("VM {} is configured twice", v.name)));
             }
             absolute(&format!("vm {}: control", v.name), &v.control)?;
+            if let Some(other) = controls.insert(v.control.clone(), v.name.clone()) {
+                return Err(invalid(format!(
+                    "VMs {other} and {} name the same backend control socket `{}`",
+                    v.name,
+                    v.control.display()
+                )));
+            }
             let agent = match v.agent {
                 None => None,
                 Some(a) => Some(agent_endpoint(&v.name, a).map_err(invalid)?),
@@ -326,6 +341,12 @@ mod tests {
                 "twice",
             ),
             (format!("{BASE}[[vm]]\nname = \"../x\"\ncontrol = \"/a\"\n"), "name"),
+            (
+                format!(
+                    "{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/c.sock\"\n[[vm]]\nname = \"b\"\ncontrol = \"//c.sock\"\n"
+                ),
+                "VMs a and b name the same backend control socket",
+            ),
             (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"rel.sock\"\n"), "absolute"),
             (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ cid = 2 }}\n"), "guest CID"),
             (

@@ -37,7 +37,7 @@ pub enum Error {
     },
     #[error("Cannot run qemu-img")]
     Spawn(#[source] io::Error),
-    #[error("qemu-img could not read the qcow2 base ({status}): {stderr}")]
+    #[error("Qemu-img could not read the qcow2 base ({status}): {stderr}")]
     Convert { status: String, stderr: String },
     #[error("The base is {actual} bytes, the backend says the disk is {expected}")]
     Size { expected: u64, actual: u64 },
