@@ -260,10 +260,9 @@ impl Daemon {
 
     /// Keeps the `keep_last` newest backups of `vm`, deletes the others and collects garbage.
     pub async fn prune(&self, vm: String, keep_last: u32) -> Result<repo::PruneReport> {
-        let keep = usize::try_from(keep_last)
-            .ok()
-            .and_then(NonZeroUsize::new)
-            .ok_or_else(|| Error::InvalidArgument("keep_last must be at least 1".into()))?;
+        let keep = usize::try_from(keep_last).ok().and_then(NonZeroUsize::new).ok_or_else(|| {
+            Error::InvalidArgument("The number of backups to keep (keep_last) must be at least 1".into())
+        })?;
         self.blocking(move |repo, store| {
             let rep = repo.prune(&vm, keep)?;
             store.remove_backups(&vm, &rep.deleted)?;
@@ -276,7 +275,7 @@ impl Daemon {
     /// Restores one disk to a new file; progress: one report at the start, one at the end.
     pub async fn restore(&self, r: RestoreRequest) -> Result<mpsc::Receiver<Result<RestoreProgress>>> {
         if !r.target.is_absolute() {
-            return Err(Error::InvalidArgument(format!("the target path {:?} must be absolute", r.target)));
+            return Err(Error::InvalidArgument(format!("The target path {:?} must be absolute", r.target)));
         }
         let total = {
             let (vm, id, disk) = (r.vm.clone(), r.id.clone(), r.disk.clone());

@@ -90,7 +90,7 @@ impl Daemon {
             None => self.config.freeze_timeout,
             Some(t) if t > MAX_FREEZE_TIMEOUT => {
                 return Err(Error::InvalidArgument(format!(
-                    "freeze_timeout_ms {} is more than 10 minutes",
+                    "The freeze timeout of {} ms is more than 10 minutes",
                     t.as_millis()
                 )))
             }

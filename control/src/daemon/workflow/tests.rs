@@ -2,7 +2,7 @@
 //! one list (so their order shows), a real repository and a real state database in a temp dir.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,6 +41,8 @@ struct Script {
     thaw_was_frozen: bool,
     begin_fails: bool,
     merge_fails: bool,
+    /// Each call checks that the job's recorded stage reaches the one it belongs to.
+    watch_stages: bool,
 }
 
 impl Default for Script {
@@ -51,6 +53,7 @@ impl Default for Script {
             thaw_was_frozen: true,
             begin_fails: false,
             merge_fails: false,
+            watch_stages: false,
         }
     }
 }
@@ -67,6 +70,10 @@ struct World {
     next_id: Mutex<u64>,
     /// The backups the repository held at each Checkpoint.
     backups_at_checkpoint: Mutex<Vec<usize>>,
+    /// The daemon's state, for `watch_stages`.
+    store: OnceLock<Arc<Store>>,
+    /// The calls at which the job's recorded stage was not (within a second) the expected one.
+    stage_misses: Mutex<Vec<(Call, Stage, Option<Stage>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,8 +81,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl World {
-    fn log(&self, c: Call) {
+    async fn log(&self, c: Call) {
+        if self.script.watch_stages {
+            self.expect_stage(&c).await;
+        }
         lock(&self.log).push(c);
+    }
+
+    /// Waits for the job's record to reach the stage `c` belongs to (writes inside the freeze
+    /// window are queued, not waited for), noting a miss.
+    async fn expect_stage(&self, c: &Call) {
+        let want = match c {
+            Call::Freeze => Stage::Quiesce,
+            Call::Begin => Stage::Cut,
+            Call::Thaw => Stage::Thaw,
+            Call::Merge(_) | Call::Checkpoint(_) => Stage::Merge,
+            Call::Abandon(_) => return,
+        };
+        let Some(store) = self.store.get() else { return };
+        let stage = || store.jobs().ok().and_then(|j| j.last().map(|j| j.stage));
+        let start = std::time::Instant::now();
+        while stage() != Some(want) && start.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if stage() != Some(want) {
+            lock(&self.stage_misses).push((c.clone(), want, stage()));
+        }
     }
 
     fn calls(&self) -> Vec<Call> {
@@ -129,7 +160,7 @@ impl Backend for Fake {
     }
 
     async fn begin(&self) -> Result<Snapshot, BackendError> {
-        self.0.log(Call::Begin);
+        self.0.log(Call::Begin).await;
         if self.0.script.begin_fails {
             let source = Box::new(crate::daemon::backend::Remote("the disk is busy".into()));
             return Err(BackendError::Refused { call: BackendCall::Begin, refusal: Refusal::State, source });
@@ -144,7 +175,7 @@ impl Backend for Fake {
     }
 
     async fn merge(&self, snapshot: u64, progress: &mut (dyn FnMut(MergeProgress) + Send)) -> Result<(), BackendError> {
-        self.0.log(Call::Merge(snapshot));
+        self.0.log(Call::Merge(snapshot)).await;
         if self.0.script.merge_fails {
             return Err(BackendError::Ended { call: BackendCall::Merge });
         }
@@ -155,13 +186,13 @@ impl Backend for Fake {
     }
 
     async fn abandon(&self, snapshot: u64, _reason: &str) -> Result<(), BackendError> {
-        self.0.log(Call::Abandon(snapshot));
+        self.0.log(Call::Abandon(snapshot)).await;
         *lock(&self.0.active) = None;
         Ok(())
     }
 
     async fn checkpoint(&self, snapshot: u64) -> Result<(), BackendError> {
-        self.0.log(Call::Checkpoint(snapshot));
+        self.0.log(Call::Checkpoint(snapshot)).await;
         let backups = Repository::open(&self.0.repo).and_then(|r| r.list(Some(VM))).map_or(0, |l| l.len());
         lock(&self.0.backups_at_checkpoint).push(backups);
         *lock(&self.0.checkpoint) = Some(snapshot);
@@ -178,7 +209,7 @@ impl Agent for FakeAgent {
     }
 
     async fn freeze(&self, _deadline: Duration, _job: &str) -> Result<Frozen, AgentError> {
-        self.0.log(Call::Freeze);
+        self.0.log(Call::Freeze).await;
         if self.0.script.freeze_fails {
             let source = Box::new(std::io::Error::other("the fsfreeze hook failed"));
             return Err(AgentError::Failed { call: "Freeze", source });
@@ -187,7 +218,7 @@ impl Agent for FakeAgent {
     }
 
     async fn thaw(&self) -> Result<Thawed, AgentError> {
-        self.0.log(Call::Thaw);
+        self.0.log(Call::Thaw).await;
         Ok(Thawed { was_frozen: self.0.script.thaw_was_frozen })
     }
 
@@ -227,12 +258,16 @@ impl Rig {
             checkpoint: Mutex::new(None),
             next_id: Mutex::new(0),
             backups_at_checkpoint: Mutex::new(Vec::new()),
+            store: OnceLock::new(),
+            stage_misses: Mutex::new(Vec::new()),
         });
         Rig { dir, config, world }
     }
 
     fn daemon(&self) -> Arc<Daemon> {
-        Daemon::open_with(self.config.clone(), Arc::new(Fake(self.world.clone()))).unwrap()
+        let d = Daemon::open_with(self.config.clone(), Arc::new(Fake(self.world.clone()))).unwrap();
+        let _ = self.world.store.set(d.store.clone());
+        d
     }
 
     /// Runs a job to its end; its events.
@@ -299,6 +334,16 @@ async fn a_snapshot_freezes_cuts_thaws_then_backs_up_merges_and_checkpoints() {
     assert_eq!(order, ["quiescing", "frozen", "cut", "thawed", "backing-up", "merging", "done"]);
     let j = job(&d);
     assert_eq!((j.result, j.stage, j.snapshot_id), (Some(JobResult::Ok), Stage::Done, Some(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stage_the_job_passes_is_recorded_the_freeze_window_included() {
+    let rig = Rig::new(Script { watch_stages: true, ..Script::default() }, true);
+    let d = rig.daemon();
+    done(&rig.snapshot(&d, BackupMode::Auto, QuiesceMode::Preferred).await);
+    assert_eq!(rig.world.calls().len(), 5);
+    assert_eq!(*lock(&rig.world.stage_misses), [], "(call, stage expected, stage recorded)");
+    assert_eq!(job(&d).stage, Stage::Done);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
