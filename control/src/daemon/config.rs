@@ -64,6 +64,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("The token in `{}` is shorter than 16 characters", path.display())]
+    ShortToken { path: PathBuf },
 }
 
 /// The file as written.
@@ -296,10 +298,7 @@ pub fn read_token(path: &Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Token { path: path.to_owned(), source })?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.len() < 16 {
-        return Err(Error::Token {
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the token must be at least 16 characters"),
-        });
+        return Err(Error::ShortToken { path: path.to_owned() });
     }
     Ok(token)
 }
@@ -369,5 +368,16 @@ mod tests {
             let chain = format!("{e} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
             assert!(chain.contains(want), "{want:?} not in {chain:?}");
         }
+    }
+
+    #[test]
+    fn a_token_shorter_than_16_characters_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  short  \n")?;
+        assert!(matches!(read_token(&path), Err(Error::ShortToken { .. })));
+        std::fs::write(&path, "  0123456789abcdef  \nsecond line\n")?;
+        assert_eq!(read_token(&path)?, "0123456789abcdef");
+        Ok(())
     }
 }
