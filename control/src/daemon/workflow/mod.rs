@@ -2,13 +2,13 @@
 //!
 //! | step | file | |
 //! |---|---|---|
-//! | plan | [`plan`] | before the cut, whether an incremental backup can be made; after it, each disk's plan |
-//! | quiesce, cut, thaw | [`cut`] | the agent's freeze, the backend's Begin, the thaw, whatever Begin answered |
-//! | back up | [`backup`] | the frozen bases read into the repository, committed while the snapshot holds |
-//! | merge, checkpoint | [`merge`] | the delta merged; the change maps restarted at the cut, only now |
-//! | record | [`record`] | the backup indexed, the job's outcome written and sent |
+//! | plan | `plan.rs` | before the cut, whether an incremental backup can be made; after it, each disk's plan |
+//! | quiesce, cut, thaw | `cut.rs` | the agent's freeze, the backend's Begin, the thaw, whatever Begin answered |
+//! | back up | `backup.rs` | the frozen bases read into the repository, committed while the snapshot holds |
+//! | merge, checkpoint | `merge.rs` | the delta merged; the change maps restarted at the cut, only now |
+//! | record | `record.rs` | the backup indexed, the job's outcome written and sent |
 //!
-//! and [`recover`]: the clean-up of the jobs a previous daemon left unfinished.
+//! and `recover.rs`: the clean-up of the jobs a previous daemon left unfinished.
 //!
 //! The freeze window (the agent's freeze request to its thaw reply) holds only the freeze, the
 //! backend's Begin and the thaw: both connections are open before, the job's state is written
