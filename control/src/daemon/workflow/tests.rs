@@ -229,7 +229,8 @@ impl Agent for FakeAgent {
 
 /// A temp dir with a base to back up, the config of one VM, and the fakes.
 struct Rig {
-    dir: tempfile::TempDir,
+    /// Removed with the rig.
+    _dir: tempfile::TempDir,
     config: Config,
     world: Arc<World>,
 }
@@ -261,7 +262,7 @@ impl Rig {
             store: OnceLock::new(),
             stage_misses: Mutex::new(Vec::new()),
         });
-        Rig { dir, config, world }
+        Rig { _dir: dir, config, world }
     }
 
     fn daemon(&self) -> Arc<Daemon> {
@@ -474,5 +475,4 @@ async fn a_job_left_running_by_a_killed_daemon_is_cleaned_up_at_start() {
     d.recover().await.unwrap();
     assert_eq!(rig.world.calls(), []);
     assert_eq!(job(&d).result, Some(JobResult::Failed));
-    let _ = &rig.dir;
 }
