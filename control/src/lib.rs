@@ -1,12 +1,10 @@
 //! livesnap's host side: the host daemon livesnapd and the client of the guest agent, on top of
 //! the backup repository (the livesnap-repo crate).
 //!
-//! - [`vsock`]: the hybrid vsock connector (a unix socket exposed by the VMM or
-//!   vhost-device-vsock: `CONNECT <port>\n`, `OK <n>\n`, then the stream).
+//! - [`vsock`]: the vsock connectors: hybrid vsock (a unix socket exposed by the VMM or
+//!   vhost-device-vsock: `CONNECT <port>\n`, `OK <n>\n`, then the stream) and AF_VSOCK.
 //! - [`agent`]: the agent client. The guest belongs to a tenant: every reply is hostile input —
 //!   sizes bounded, a timeout on every call, replies validated, garbage answered with an error.
-//! - [`repo`]: the livesnap-repo crate, re-exported: the backup repository (content-addressed
-//!   zstd chunks and one complete manifest per disk per backup; `docs/repository.md`).
 //! - [`restore`]: restores of a backup's disk to a new raw or qcow2 image (`qemu-img`).
 //! - [`daemon`]: livesnapd, the host daemon (`proto/livesnapd.proto`; binary src/bin/livesnapd.rs).
 //!
@@ -14,6 +12,5 @@
 
 pub mod agent;
 pub mod daemon;
-pub use livesnap_repo as repo;
 pub mod restore;
 pub mod vsock;

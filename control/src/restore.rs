@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::repo::{self, Repository, RestoreStats};
+use livesnap_repo::{self as repo, Repository, RestoreStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -123,7 +123,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
-    use crate::repo::{BackupSpec, Consistency, CreateOptions};
+    use livesnap_repo::{BackupSpec, Consistency, CreateOptions};
 
     const K64: usize = 64 << 10;
 

@@ -58,12 +58,12 @@ fn run() -> Result<()> {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let rt =
-                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("Cannot start the runtime")?;
             let served = rt.block_on(async {
                 let daemon = Daemon::open(config)?;
                 daemon.recover().await?;
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("cannot handle SIGTERM")?;
+                    .context("Cannot handle SIGTERM")?;
                 let shutdown = async move {
                     tokio::select! {
                         _ = term.recv() => {}
@@ -86,10 +86,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("livesnapd: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            eprintln!("livesnapd: {}", livesnap_proto::error::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -22,15 +22,15 @@
 //! agent = { vsock = "/run/livesnap/web01/vsock.sock:7735" }   # or { cid = 3, port = 7735 }
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::repo::validate_name;
 use crate::vsock::HybridAddr;
+use livesnap_repo::validate_name;
 
 /// The agent port the guest agent listens on by default.
 pub const DEFAULT_AGENT_PORT: u32 = 7735;
@@ -52,12 +52,20 @@ pub enum Error {
     },
     #[error("The config file `{}` is invalid: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
+    #[error("The config file `{}` is invalid", path.display())]
+    VmName {
+        path: PathBuf,
+        #[source]
+        source: livesnap_repo::Error,
+    },
     #[error("Cannot read the token file `{}`", path.display())]
     Token {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("The token in `{}` is shorter than 16 characters", path.display())]
+    ShortToken { path: PathBuf },
 }
 
 /// The file as written.
@@ -209,13 +217,22 @@ impl Config {
             )));
         }
         let mut names = HashSet::new();
+        // Two VMs on one backend would checkpoint each other's change maps.
+        let mut controls: HashMap<PathBuf, String> = HashMap::new();
         let mut vms = Vec::with_capacity(f.vm.len());
         for v in f.vm {
-            validate_name("VM", &v.name).map_err(|e| invalid(e.to_string()))?;
+            validate_name("VM", &v.name).map_err(|source| Error::VmName { path: path.to_owned(), source })?;
             if !names.insert(v.name.clone()) {
                 return Err(invalid(format!("VM {} is configured twice", v.name)));
             }
             absolute(&format!("vm {}: control", v.name), &v.control)?;
+            if let Some(other) = controls.insert(v.control.clone(), v.name.clone()) {
+                return Err(invalid(format!(
+                    "VMs {other} and {} name the same backend control socket `{}`",
+                    v.name,
+                    v.control.display()
+                )));
+            }
             let agent = match v.agent {
                 None => None,
                 Some(a) => Some(agent_endpoint(&v.name, a).map_err(invalid)?),
@@ -281,10 +298,7 @@ pub fn read_token(path: &Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Token { path: path.to_owned(), source })?;
     let token = text.lines().next().unwrap_or("").trim().to_owned();
     if token.len() < 16 {
-        return Err(Error::Token {
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the token must be at least 16 characters"),
-        });
+        return Err(Error::ShortToken { path: path.to_owned() });
     }
     Ok(token)
 }
@@ -326,6 +340,12 @@ mod tests {
                 "twice",
             ),
             (format!("{BASE}[[vm]]\nname = \"../x\"\ncontrol = \"/a\"\n"), "name"),
+            (
+                format!(
+                    "{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/c.sock\"\n[[vm]]\nname = \"b\"\ncontrol = \"//c.sock\"\n"
+                ),
+                "VMs a and b name the same backend control socket",
+            ),
             (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"rel.sock\"\n"), "absolute"),
             (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nagent = {{ cid = 2 }}\n"), "guest CID"),
             (
@@ -348,5 +368,16 @@ mod tests {
             let chain = format!("{e} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
             assert!(chain.contains(want), "{want:?} not in {chain:?}");
         }
+    }
+
+    #[test]
+    fn a_token_shorter_than_16_characters_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  short  \n")?;
+        assert!(matches!(read_token(&path), Err(Error::ShortToken { .. })));
+        std::fs::write(&path, "  0123456789abcdef  \nsecond line\n")?;
+        assert_eq!(read_token(&path)?, "0123456789abcdef");
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::repo::{FileSource, Source};
+use livesnap_repo::{FileSource, Source};
 
 /// A base ready to be read, and the scratch file behind it (removed when dropped).
 #[derive(Debug)]
@@ -37,7 +37,7 @@ pub enum Error {
     },
     #[error("Cannot run qemu-img")]
     Spawn(#[source] io::Error),
-    #[error("qemu-img could not read the qcow2 base ({status}): {stderr}")]
+    #[error("Qemu-img could not read the qcow2 base ({status}): {stderr}")]
     Convert { status: String, stderr: String },
     #[error("The base is {actual} bytes, the backend says the disk is {expected}")]
     Size { expected: u64, actual: u64 },

@@ -3,20 +3,27 @@
 //! every call by an interceptor).
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use livesnap_proto::daemon as pb;
 use livesnap_proto::daemon::livesnapd_server::{Livesnapd, LivesnapdServer};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
 use super::config::read_token;
-use super::Daemon;
+use super::model::{
+    AgentState, Backup, BackupKind, BackupMode, Event, ImageFormat, QuiesceMode, RestoreRequest, SnapshotRequest,
+    VmInfo,
+};
+use super::ports::{BackendError, Refusal};
+use super::{Daemon, Error as DaemonError};
+use livesnap_repo as repo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,11 +44,12 @@ pub enum Error {
     Token(#[from] super::config::Error),
     #[error("The gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
-    #[error("A server task failed: {0}")]
-    Task(String),
+    #[error("A server task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
-/// The adapter: each call goes to the daemon, each error through `From<daemon::Error>`.
+/// The adapter: each call goes to the daemon, its answer converted to the wire's messages, each
+/// error through [`status`].
 #[derive(Clone, Debug)]
 pub struct Service(pub Arc<Daemon>);
 
@@ -50,7 +58,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl Livesnapd for Service {
     async fn list_vms(&self, _r: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsReply>, Status> {
-        Ok(Response::new(self.0.list_vms().await?))
+        let vms = self.0.list_vms().await.map_err(status)?;
+        Ok(Response::new(pb::ListVmsReply { vms: vms.into_iter().map(vm_pb).collect() }))
     }
 
     type CreateSnapshotStream = BoxStream<pb::SnapshotEvent>;
@@ -59,24 +68,50 @@ impl Livesnapd for Service {
         &self,
         r: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<Self::CreateSnapshotStream>, Status> {
-        let (_, rx) = self.0.create_snapshot(r.into_inner()).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let (id, rx) = self.0.create_snapshot(snapshot_request(r.into_inner())?).await.map_err(status)?;
+        let events = ReceiverStream::new(rx).map(move |e| Ok(event_pb(&id, e)));
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn list_backups(&self, r: Request<pb::ListBackupsRequest>) -> Result<Response<pb::ListBackupsReply>, Status> {
-        Ok(Response::new(self.0.list_backups(r.into_inner().vm).await?))
+        let vm = r.into_inner().vm;
+        let backups = self.0.list_backups((!vm.is_empty()).then_some(vm)).await.map_err(status)?;
+        Ok(Response::new(pb::ListBackupsReply { backups: backups.into_iter().map(backup_pb).collect() }))
     }
 
     async fn get_backup(&self, r: Request<pb::BackupRef>) -> Result<Response<pb::Backup>, Status> {
-        Ok(Response::new(self.0.get_backup(r.into_inner()).await?))
+        let r = r.into_inner();
+        Ok(Response::new(backup_pb(self.0.get_backup(r.vm, r.id).await.map_err(status)?)))
     }
 
     async fn verify_backup(&self, r: Request<pb::BackupRef>) -> Result<Response<pb::VerifyReply>, Status> {
-        Ok(Response::new(self.0.verify_backup(r.into_inner()).await?))
+        let r = r.into_inner();
+        let rep = self.0.verify_backup(r.vm, r.id).await.map_err(status)?;
+        Ok(Response::new(pb::VerifyReply {
+            ok: rep.is_ok(),
+            chunks_checked: rep.chunks_checked,
+            problems: rep
+                .problems
+                .into_iter()
+                .map(|p| pb::ChunkProblem {
+                    disk: p.disk,
+                    chunk_index: p.index as u64,
+                    offset: p.offset,
+                    hash: p.hash,
+                    fault: match p.fault {
+                        repo::ChunkFault::Missing => "missing".into(),
+                        repo::ChunkFault::Corrupt(why) => format!("corrupt: {why}"),
+                        repo::ChunkFault::Unreadable(why) => format!("unreadable: {why}"),
+                    },
+                })
+                .collect(),
+        }))
     }
 
     async fn delete_backup(&self, r: Request<pb::BackupRef>) -> Result<Response<pb::DeleteBackupReply>, Status> {
-        Ok(Response::new(self.0.delete_backup(r.into_inner()).await?))
+        let r = r.into_inner();
+        self.0.delete_backup(r.vm, r.id).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteBackupReply {}))
     }
 
     type RestoreBackupStream = BoxStream<pb::RestoreProgress>;
@@ -85,12 +120,200 @@ impl Livesnapd for Service {
         &self,
         r: Request<pb::RestoreRequest>,
     ) -> Result<Response<Self::RestoreBackupStream>, Status> {
-        let rx = self.0.restore(r.into_inner()).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|r| r.map_err(Status::from)))))
+        let r = r.into_inner();
+        let format = match pb::ImageFormat::try_from(r.format) {
+            Ok(pb::ImageFormat::Raw) => ImageFormat::Raw,
+            Ok(pb::ImageFormat::Qcow2) => ImageFormat::Qcow2,
+            Err(_) => return Err(Status::invalid_argument(format!("Unknown image format {}", r.format))),
+        };
+        let req = RestoreRequest { vm: r.vm, id: r.id, disk: r.disk, target: PathBuf::from(r.target_path), format };
+        let rx = self.0.restore(req).await.map_err(status)?;
+        let progress = ReceiverStream::new(rx).map(|r| {
+            r.map(|p| pb::RestoreProgress { bytes_written: p.bytes_written, bytes_total: p.bytes_total, done: p.done })
+                .map_err(status)
+        });
+        Ok(Response::new(Box::pin(progress)))
     }
 
     async fn prune(&self, r: Request<pb::PruneRequest>) -> Result<Response<pb::PruneReply>, Status> {
-        Ok(Response::new(self.0.prune(r.into_inner()).await?))
+        let r = r.into_inner();
+        let rep = self.0.prune(r.vm, r.keep_last).await.map_err(status)?;
+        Ok(Response::new(pb::PruneReply {
+            deleted: rep.deleted,
+            chunks_removed: rep.gc.chunks_removed,
+            bytes_freed: rep.gc.bytes_freed,
+        }))
+    }
+}
+
+fn snapshot_request(r: pb::CreateSnapshotRequest) -> Result<SnapshotRequest, Status> {
+    let mode = match pb::BackupMode::try_from(r.backup) {
+        Ok(pb::BackupMode::Auto) => BackupMode::Auto,
+        Ok(pb::BackupMode::Full) => BackupMode::Full,
+        Ok(pb::BackupMode::Incremental) => BackupMode::Incremental,
+        Err(_) => return Err(Status::invalid_argument(format!("Unknown backup mode {}", r.backup))),
+    };
+    let quiesce = match pb::QuiesceMode::try_from(r.quiesce) {
+        Ok(pb::QuiesceMode::Preferred) => QuiesceMode::Preferred,
+        Ok(pb::QuiesceMode::Required) => QuiesceMode::Required,
+        Ok(pb::QuiesceMode::Off) => QuiesceMode::Off,
+        Err(_) => return Err(Status::invalid_argument(format!("Unknown quiesce mode {}", r.quiesce))),
+    };
+    let freeze_timeout = (r.freeze_timeout_ms != 0).then(|| Duration::from_millis(u64::from(r.freeze_timeout_ms)));
+    Ok(SnapshotRequest { vm: r.vm, mode, quiesce, freeze_timeout })
+}
+
+fn event_pb(job_id: &str, e: Event) -> pb::SnapshotEvent {
+    use pb::snapshot_event::Event as E;
+    let event = match e {
+        Event::Quiescing => E::Quiescing(pb::Quiescing {}),
+        Event::Frozen { filesystems } => {
+            E::Frozen(pb::Frozen { filesystems: u32::try_from(filesystems).unwrap_or(u32::MAX) })
+        }
+        Event::Cut { snapshot_id, crash_consistent_reason, pause_us } => E::Cut(pb::Cut {
+            snapshot_id,
+            crash_consistent_reason: crash_consistent_reason.unwrap_or_default(),
+            pause_us,
+        }),
+        Event::Thawed { freeze_window_us } => E::Thawed(pb::Thawed { freeze_window_us }),
+        Event::BackingUp { disk, bytes_read, bytes_total } => {
+            E::BackingUp(pb::DiskProgress { disk, bytes_read, bytes_total })
+        }
+        Event::Merging { merged_bytes, remaining_bytes } => E::Merging(pb::Merging { merged_bytes, remaining_bytes }),
+        Event::Done(b) => E::Done(backup_pb(b)),
+        Event::Failed { stage, error } => E::Failed(pb::Failed {
+            code: code(&error) as i32,
+            reason: livesnap_proto::error::chain(&error),
+            stage: stage.to_string(),
+        }),
+    };
+    pb::SnapshotEvent { job_id: job_id.to_owned(), event: Some(event) }
+}
+
+fn vm_pb(v: VmInfo) -> pb::Vm {
+    pb::Vm {
+        name: v.name,
+        control_socket: v.control_socket.display().to_string(),
+        disks: v.disks,
+        backend_reachable: v.backend_reachable,
+        agent: match v.agent {
+            AgentState::None => pb::AgentState::None,
+            AgentState::Reachable => pb::AgentState::Reachable,
+            AgentState::Unreachable => pb::AgentState::Unreachable,
+        } as i32,
+        active_snapshot: v.active_snapshot.unwrap_or(0),
+        last_backup: v.last_backup.unwrap_or_default(),
+        running_job: v.running_job.unwrap_or_default(),
+    }
+}
+
+fn backup_pb(b: Backup) -> pb::Backup {
+    pb::Backup {
+        vm: b.vm,
+        id: b.id,
+        created_unix: b.created_unix,
+        kind: match b.kind {
+            BackupKind::Full => pb::BackupKind::Full,
+            BackupKind::Incremental => pb::BackupKind::Incremental,
+        } as i32,
+        consistency: match b.consistency {
+            repo::Consistency::Application => pb::Consistency::Application,
+            repo::Consistency::Crash => pb::Consistency::Crash,
+        } as i32,
+        note: b.note,
+        freeze_window_us: b.freeze_window_us,
+        snapshot_id: b.snapshot_id.unwrap_or(0),
+        disks: b
+            .disks
+            .into_iter()
+            .map(|d| pb::DiskBackup {
+                disk: d.disk,
+                size: d.size,
+                bytes_read: d.bytes_read,
+                bytes_changed: d.bytes_changed,
+                bytes_stored: d.bytes_stored,
+            })
+            .collect(),
+    }
+}
+
+/// The daemon's error as the API answers it: the fitting code, the whole chain.
+pub fn status(e: DaemonError) -> Status {
+    livesnap_proto::error::status(code(&e), &e)
+}
+
+/// The gRPC code of each of the daemon's errors.
+pub fn code(e: &DaemonError) -> Code {
+    match e {
+        DaemonError::UnknownVm(_) => Code::NotFound,
+        DaemonError::JobRunning { .. }
+        | DaemonError::NoAgent { .. }
+        | DaemonError::Quiesce(_)
+        | DaemonError::NotIncremental { .. }
+        | DaemonError::SnapshotActive { .. } => Code::FailedPrecondition,
+        DaemonError::SnapshotLost { .. } => Code::Aborted,
+        DaemonError::InvalidArgument(_) => Code::InvalidArgument,
+        DaemonError::Backend { source, .. } => backend_code(source),
+        DaemonError::Repo(e) | DaemonError::RepoOpen { source: e, .. } => repo_code(e),
+        DaemonError::Restore(e) => restore_code(e),
+        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::Task(_) => Code::Internal,
+    }
+}
+
+fn backend_code(e: &BackendError) -> Code {
+    match e {
+        BackendError::Unavailable { .. }
+        | BackendError::NoAnswer { .. }
+        | BackendError::Timeout { .. }
+        | BackendError::Ended { .. } => Code::Unavailable,
+        BackendError::Refused { refusal, .. } => match refusal {
+            Refusal::NotFound => Code::NotFound,
+            Refusal::Invalid => Code::InvalidArgument,
+            Refusal::State => Code::FailedPrecondition,
+            Refusal::Unavailable => Code::Unavailable,
+            Refusal::Failed => Code::Internal,
+        },
+        BackendError::InvalidReply { .. } => Code::Internal,
+    }
+}
+
+fn restore_code(e: &crate::restore::Error) -> Code {
+    use crate::restore::Error as R;
+    match e {
+        R::Repo(e) => repo_code(e),
+        R::DestinationExists(_) => Code::AlreadyExists,
+        R::Io { .. } | R::QemuImgSpawn(_) | R::QemuImg { .. } => Code::Internal,
+    }
+}
+
+fn repo_code(e: &repo::Error) -> Code {
+    use repo::Error as R;
+    match e {
+        R::BackupNotFound { .. } | R::DiskNotFound { .. } => Code::NotFound,
+        R::InvalidName { .. } | R::InvalidChunkSize(_) | R::InvalidLevel(_) => Code::InvalidArgument,
+        R::BackupExists { .. } | R::DestinationExists(_) => Code::AlreadyExists,
+        R::Busy => Code::Unavailable,
+        R::Manifest { .. } | R::Inconsistent { .. } | R::ChunkMissing { .. } | R::ChunkCorrupt { .. } => Code::DataLoss,
+        R::ParentMismatch { .. } => Code::FailedPrecondition,
+        R::OutOfRange { .. } => Code::OutOfRange,
+        R::Store(_)
+        | R::ChunkRead { .. }
+        | R::TargetResize { .. }
+        | R::TargetWrite { .. }
+        | R::TargetSync { .. }
+        | R::Codec { .. }
+        | R::Compress { .. }
+        | R::Threads(_)
+        | R::SourceRead { .. }
+        | R::NotARepository { .. }
+        | R::NotEmpty(_)
+        | R::ConfigParse { .. }
+        | R::ConfigInvalid { .. }
+        | R::DuplicateDisk(_)
+        | R::EmptyBackup { .. }
+        | R::InvalidFreezeWindow
+        | R::InvalidExtents { .. }
+        | R::Serialize(_) => Code::Internal,
     }
 }
 
@@ -193,11 +416,72 @@ pub async fn serve(
         Some(r) = tasks.join_next() => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::Serve(e)),
-            Err(e) => Err(Error::Task(e.to_string())),
+            Err(e) => Err(Error::Task(e)),
         },
     };
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&cfg.socket);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::ports::Call;
+    use crate::daemon::NoParent;
+
+    fn refused(refusal: Refusal) -> DaemonError {
+        DaemonError::Backend {
+            vm: "x".into(),
+            source: BackendError::Refused {
+                call: Call::Begin,
+                refusal,
+                source: Box::new(crate::daemon::backend::Remote("busy".into())),
+            },
+        }
+    }
+
+    #[test]
+    fn errors_map_to_the_codes_the_api_promises() {
+        let cases: Vec<(DaemonError, Code)> = vec![
+            (DaemonError::UnknownVm("x".into()), Code::NotFound),
+            (DaemonError::JobRunning { vm: "x".into(), job: "j".into() }, Code::FailedPrecondition),
+            (DaemonError::NoAgent { vm: "x".into() }, Code::FailedPrecondition),
+            (
+                DaemonError::NotIncremental { disk: "vda".into(), why: NoParent::NoEarlierBackup },
+                Code::FailedPrecondition,
+            ),
+            (DaemonError::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                DaemonError::Backend {
+                    vm: "x".into(),
+                    source: BackendError::Unavailable {
+                        socket: "/s".into(),
+                        source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+                    },
+                },
+                Code::Unavailable,
+            ),
+            (refused(Refusal::State), Code::FailedPrecondition),
+            (refused(Refusal::Failed), Code::Internal),
+            (DaemonError::Repo(repo::Error::BackupNotFound { vm: "x".into(), id: "b".into() }), Code::NotFound),
+            (DaemonError::Repo(repo::Error::DestinationExists("/t".into())), Code::AlreadyExists),
+            (DaemonError::Repo(repo::Error::Busy), Code::Unavailable),
+            (DaemonError::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
+            (DaemonError::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = status(e);
+            assert_eq!(s.code(), code, "{msg}");
+            assert!(s.message().starts_with(&msg), "{:?} does not start with {msg:?}", s.message());
+        }
+    }
+
+    #[test]
+    fn a_status_carries_every_cause() {
+        let s = status(refused(Refusal::State));
+        assert_eq!(s.message(), "VM x's backend failed: The backend refused Begin: busy");
+    }
 }

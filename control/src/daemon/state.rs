@@ -34,8 +34,14 @@ pub enum Error {
     },
     #[error("The state database failed")]
     Db(#[source] Box<redb::Error>),
-    #[error("A record of the state database is damaged: {0}")]
-    Record(String),
+    #[error("The record {key} of the state database is damaged")]
+    Record {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Cannot encode a record of the state database")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl<E: Into<redb::Error>> From<E> for Error {
@@ -53,14 +59,56 @@ pub enum JobResult {
     Failed,
 }
 
+/// Where a job is. Stored as its lowercase name, the strings the first records held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Recorded, nothing asked of the VM yet.
+    Starting,
+    /// Connecting to the agent, freezing the guest.
+    Quiesce,
+    /// The backend's Begin.
+    Cut,
+    /// Thawing the guest.
+    Thaw,
+    /// Reading the frozen bases into the repository.
+    Backup,
+    /// The delta merging into the base, then the checkpoint.
+    Merge,
+    /// Recording the backup's outcome.
+    Record,
+    Done,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Starting => "starting",
+            Stage::Quiesce => "quiesce",
+            Stage::Cut => "cut",
+            Stage::Thaw => "thaw",
+            Stage::Backup => "backup",
+            Stage::Merge => "merge",
+            Stage::Record => "record",
+            Stage::Done => "done",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One CreateSnapshot job, from its start to its end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobState {
     pub version: u32,
     pub id: String,
     pub vm: String,
-    /// The stage reached: starting, quiesce, cut, thaw, backup, merge, record, done.
-    pub stage: String,
+    /// The stage reached.
+    pub stage: Stage,
     pub started_unix_us: u64,
     pub finished_unix_us: Option<u64>,
     /// `None` while the job runs (or when the daemon died under it).
@@ -76,7 +124,7 @@ impl JobState {
             version: STATE_VERSION,
             id,
             vm,
-            stage: "starting".into(),
+            stage: Stage::Starting,
             started_unix_us,
             finished_unix_us: None,
             result: None,
@@ -114,11 +162,11 @@ pub struct Store {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Record(format!("{key}: {e}")))
+    serde_json::from_slice(bytes).map_err(|source| Error::Record { key: key.to_owned(), source })
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(|e| Error::Record(e.to_string()))
+    serde_json::to_vec(v).map_err(Error::Encode)
 }
 
 impl Store {
@@ -233,6 +281,29 @@ mod tests {
         assert_eq!(s.backup("vm1", "b1")?.map(|b| b.note), Some("no agent".into()));
         s.remove_backups("vm1", &["b1".into()])?;
         assert_eq!(s.backup("vm1", "b1")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn job_records_written_with_stage_strings_read_as_stages() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        for (text, stage) in [
+            ("starting", Stage::Starting),
+            ("quiesce", Stage::Quiesce),
+            ("cut", Stage::Cut),
+            ("backup", Stage::Backup),
+            ("merge", Stage::Merge),
+            ("record", Stage::Record),
+            ("done", Stage::Done),
+        ] {
+            let old = format!(
+                r#"{{"version":1,"id":"j","vm":"v","stage":"{text}","started_unix_us":1,"finished_unix_us":null,"result":null,"reason":"","snapshot_id":null}}"#
+            );
+            let j: JobState = decode("j", old.as_bytes())?;
+            assert_eq!(j.stage, stage);
+            assert_eq!(String::from_utf8(encode(&j)?)?, old, "written back as it was");
+        }
+        let unknown = br#"{"version":1,"id":"j","vm":"v","stage":"teleport","started_unix_us":1,"finished_unix_us":null,"result":null,"reason":"","snapshot_id":null}"#;
+        assert!(matches!(decode::<JobState>("j", unknown), Err(Error::Record { .. })));
         Ok(())
     }
 }

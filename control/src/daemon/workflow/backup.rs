@@ -1,0 +1,76 @@
+//! Back up: the frozen bases read, hashed and written into the repository on a blocking thread,
+//! progress sent back as events. Before the commit, the backend must still hold every base
+//! frozen (the snapshot active, none of its disks given up).
+
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::cut::Cut;
+use super::plan::{DiskPlan, Plan};
+use super::{Failure, Job};
+use crate::daemon::model::Event;
+use crate::daemon::ports::Backend;
+use crate::daemon::reader::Base;
+use crate::daemon::state::Stage;
+use crate::daemon::Error;
+use livesnap_repo::{self as repo, BackupSpec};
+
+fn at_backup(error: impl Into<Error>) -> Failure {
+    Failure { stage: Stage::Backup, error: error.into() }
+}
+
+impl Job {
+    /// Writes and commits the backup of every planned disk.
+    pub(super) async fn back_up(
+        &self,
+        backend: &Arc<dyn Backend>,
+        cut: &Cut,
+        plans: Vec<DiskPlan>,
+    ) -> Result<repo::BackupInfo, Failure> {
+        let spec = BackupSpec {
+            vm: self.vm.name.clone(),
+            id: self.state.id.clone(),
+            consistency: cut.consistency,
+            freeze_window: cut.window,
+            created_unix_us: None,
+        };
+        let (repo, scratch, rate) =
+            (self.d.repo.clone(), self.d.config.scratch.clone(), self.d.config.read_bytes_per_sec);
+        let (tx, snap_id, backend) = (self.tx.clone(), cut.snapshot.id, backend.clone());
+        let vm = self.vm.name.clone();
+        let rt = tokio::runtime::Handle::current();
+        let write = tokio::task::spawn_blocking(move || -> Result<repo::BackupInfo, Failure> {
+            let mut w = repo.begin_backup(spec).map_err(at_backup)?;
+            let ptx = tx.clone();
+            w.set_progress(Box::new(move |disk, done, total| {
+                let _ = ptx.try_send(Event::BackingUp { disk: disk.to_owned(), bytes_read: done, bytes_total: total });
+            }));
+            for p in &plans {
+                // An incremental's first report comes from the writer, which knows how much it
+                // will read (whole chunks where most changed); a full one reads the disk.
+                if matches!(p.plan, Plan::Full) {
+                    let _ = tx.try_send(Event::BackingUp { disk: p.disk.clone(), bytes_read: 0, bytes_total: p.size });
+                }
+                let base = Base::open(&p.base_path, &p.base_format, p.size, &scratch, rate)
+                    .map_err(|source| at_backup(Error::Base { disk: p.disk.clone(), source }))?;
+                let stats = match &p.plan {
+                    Plan::Full => w.full(&p.disk, &base),
+                    Plan::Incremental { parent, extents } => w.incremental(&p.disk, &base, parent, extents),
+                }
+                .map_err(at_backup)?;
+                info!(vm = %vm, disk = %p.disk, bytes_read = stats.bytes_read, bytes_changed = stats.bytes_changed, "disk backed up");
+            }
+            let st =
+                rt.block_on(backend.status()).map_err(|source| at_backup(Error::Backend { vm: vm.clone(), source }))?;
+            if !st.holds(snap_id) {
+                let why: Vec<String> =
+                    st.disks.iter().filter_map(|d| d.abandoned.as_ref().map(|a| format!("{}: {a}", d.id))).collect();
+                let why = if why.is_empty() { "the snapshot is no longer active".to_owned() } else { why.join("; ") };
+                return Err(at_backup(Error::SnapshotLost { why }));
+            }
+            w.commit().map_err(at_backup)
+        });
+        write.await.map_err(|e| at_backup(Error::Task(e)))?
+    }
+}
