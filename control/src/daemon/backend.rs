@@ -89,7 +89,8 @@ fn refused(call: Call, status: tonic::Status) -> BackendError {
         Code::NotFound => Refusal::NotFound,
         Code::InvalidArgument | Code::OutOfRange => Refusal::Invalid,
         Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => Refusal::State,
-        Code::Unavailable | Code::ResourceExhausted | Code::Cancelled | Code::DeadlineExceeded => Refusal::Unavailable,
+        Code::ResourceExhausted => Refusal::Exhausted,
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => Refusal::Unavailable,
         Code::Ok
         | Code::Unknown
         | Code::PermissionDenied

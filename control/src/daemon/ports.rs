@@ -93,6 +93,8 @@ pub enum Refusal {
     State,
     /// The backend cannot take it now.
     Unavailable,
+    /// The backend's state directory is full (the operator frees space and retries).
+    Exhausted,
     /// The backend failed.
     Failed,
 }

@@ -29,10 +29,11 @@
 //! host.
 //!
 //! How an S3-compatible object store will give them (issue 11): each chunk, manifest and the
-//! config is an object; a put-if-absent is a conditional PUT (`If-None-Match: *`), durable when
-//! it answers, so flushing is nothing; a backup's manifests are staged under their final keys
-//! and the backup becomes visible by one last object, its commit marker, which listing and
-//! reading require; and since no lock holds across hosts, [`Store::lock_shared`] and
+//! config is an object; a put-if-absent is a HEAD and then a PUT (chunks are named by their
+//! content, so two hosts racing write the same bytes; conditional PUTs are not relied on, as
+//! Garage ignores `If-None-Match`), durable when it answers, so flushing is nothing; a
+//! backup's manifests are staged under their final keys and the backup becomes visible by one
+//! last object, its commit marker, which listing and reading require; and since no lock holds across hosts, [`Store::lock_shared`] and
 //! [`Store::lock_exclusive`] give nothing there: its collection instead removes only chunks
 //! older than a grace period longer than any backup may take (as Proxmox Backup Server does),
 //! and leftovers of pending backups only once that old.
