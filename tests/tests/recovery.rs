@@ -150,3 +150,42 @@ fn a_corrupt_record_stops_the_backend_and_keeps_every_delta() {
     let (_f, mut q) = rig.connect(0);
     assert!(q.read(0, 4096).unwrap().iter().all(|&b| b == 0xc3));
 }
+
+#[test]
+fn recover_folds_the_delta_into_the_image_once_the_record_is_lost() {
+    let rig = Rig::new();
+    let daemon = rig.start();
+    rig.ctl(&["begin"]);
+    let (f, mut q) = rig.connect(0);
+    q.write(8, &[0xd4; 8192]).unwrap();
+    q.flush().unwrap();
+    drop((q, f));
+    kill9(daemon);
+    std::fs::remove_file(rig.state.join("snapshot.state")).unwrap();
+    let before = rig.state_files();
+
+    let recover = |extra: &[&str]| {
+        let out = Command::new(programs::livesnap_blk().unwrap())
+            .args(["recover", "--state-dir", path(&rig.state), "--disk", "vda", "--image", path(&rig.image)])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "recover: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = recover(&["--dry-run"]);
+    assert!(said.contains("would copy 8192 bytes in 1 extents"), "{said}");
+    assert!(std::fs::read(&rig.image).unwrap()[4096..12288].iter().all(|&b| b == 0), "a dry run wrote the image");
+    let said = recover(&[]);
+    assert!(said.contains("copied and flushed 8192 bytes"), "{said}");
+    let image = std::fs::read(&rig.image).unwrap();
+    assert!(image[4096..12288].iter().all(|&b| b == 0xd4));
+    assert!(image[..4096].iter().chain(&image[12288..]).all(|&b| b == 0));
+    assert_eq!(rig.state_files(), before, "recover changed the state directory");
+
+    // The state directory moved aside, the backend serves the disk with the write.
+    std::fs::rename(&rig.state, rig.state.with_extension("old")).unwrap();
+    let _daemon = rig.start();
+    let (_f, mut q) = rig.connect(0);
+    assert!(q.read(8, 8192).unwrap().iter().all(|&b| b == 0xd4));
+}

@@ -7,6 +7,7 @@
 //! - [`disk`]: a disk's mode (direct, snapshot active, merging) and its request paths.
 //! - [`delta`]: the delta (data file and extent map) and the merger's steps.
 //! - [`journal`], [`record`], [`cbt`]: what is persisted, each versioned and checksummed.
+//! - [`recover`]: folds a delta into its base offline, when the record does not read back.
 //! - [`extents`]: the in-memory range set; [`store`]: the directory the files live in.
 //!
 //! Files in the state directory: `snapshot.state` (the record), and per disk `ID.delta.N`,
@@ -20,6 +21,7 @@ pub mod disk;
 pub mod extents;
 pub mod journal;
 pub mod record;
+pub mod recover;
 pub mod store;
 
 #[cfg(test)]
