@@ -98,11 +98,21 @@ pub struct Options {
     pub event_idx: bool,
     /// Limit for each socket operation and the default limit for each wait on a queue.
     pub timeout: Duration,
+    /// Virtio features not to acknowledge though offered: a driver that lacks them (bit masks
+    /// of `1 << VIRTIO_BLK_F_*`).
+    pub withhold_features: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { queues: 1, queue_size: 256, mem_size: 64 << 20, event_idx: true, timeout: Duration::from_secs(10) }
+        Options {
+            queues: 1,
+            queue_size: 256,
+            mem_size: 64 << 20,
+            event_idx: true,
+            timeout: Duration::from_secs(10),
+            withhold_features: 0,
+        }
     }
 }
 
@@ -226,7 +236,7 @@ impl Frontend {
         if opts.event_idx {
             wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
         }
-        let features = offered_features & wanted;
+        let features = offered_features & wanted & !opts.withhold_features;
         if opts.queues > 1 && features & 1 << VIRTIO_BLK_F_MQ == 0 {
             return Err(Error::MissingFeature("VIRTIO_BLK_F_MQ"));
         }
@@ -295,6 +305,17 @@ impl Frontend {
     /// The config space read at connection.
     pub fn config(&self) -> &BlkConfig {
         &self.config
+    }
+
+    /// Reads the config space again (it is read once before the features are set).
+    pub fn read_config(&mut self) -> Result<BlkConfig> {
+        let op = |source| Error::Vhost { op: "GET_CONFIG", source };
+        let (_, raw) = self
+            .vu
+            .get_config(0, BlkConfig::SIZE as u32, VhostUserConfigFlags::empty(), &[0; BlkConfig::SIZE])
+            .map_err(op)?;
+        let raw: &[u8; BlkConfig::SIZE] = raw.as_slice().try_into().map_err(|_| op(vhost::Error::InvalidOperation))?;
+        Ok(BlkConfig::parse(raw))
     }
 
     /// Virtio features the backend offered.

@@ -150,6 +150,8 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
+        self.dev.negotiated(features & (1 << VIRTIO_BLK_F_FLUSH) != 0);
+        debug!(writeback = self.dev.writeback(), "features acknowledged");
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

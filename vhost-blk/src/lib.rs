@@ -6,6 +6,7 @@
 //! - [`server`]: one listener per disk, a new device per frontend connection, clean shutdown.
 //! - [`snap`]: the snapshot engine: redirect-on-write deltas, the merge, change tracking.
 //! - [`control`]: the snapshot control service (gRPC on a unix socket); [`ctl`]: its CLI client.
+//! - [`recover`]: `livesnap-blk recover`, folding a delta into its base offline.
 //! - [`args`]: the command line.
 
 pub mod args;
@@ -13,6 +14,7 @@ pub mod backend;
 pub mod control;
 pub mod ctl;
 pub mod disk;
+pub mod recover;
 pub mod server;
 pub mod snap;
 pub mod sys;

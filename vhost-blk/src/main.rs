@@ -20,6 +20,9 @@ fn run() -> Result<()> {
     if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
         return livesnap_blk::ctl::run(std::env::args_os().skip(1));
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "recover") {
+        return livesnap_blk::recover::run(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     args.validate().map_err(|e| anyhow!(e))?;
     // Every thread spawned from here on inherits the mask; the main thread waits for them.

@@ -189,21 +189,47 @@ pub struct BlkDevice {
     /// Answer of GET_ID: the disk's id, the guest's serial number.
     pub serial: String,
     pub readonly: bool,
-    /// Write-back cache on (the default); off, every write is flushed before completing.
+    /// Write-back cache on (the default, and what a driver that negotiated FLUSH starts with);
+    /// off (no FLUSH negotiated, or the driver chose write-through), every write, zeroing and
+    /// discard is flushed before it completes.
     writeback: AtomicBool,
+    /// Write-through was imposed by a driver without FLUSH, not chosen through CONFIG_WCE.
+    forced_write_through: AtomicBool,
 }
 
 impl BlkDevice {
     pub fn new(disk: Arc<dyn DiskFile>, serial: String, readonly: bool) -> Self {
-        BlkDevice { disk, serial, readonly, writeback: AtomicBool::new(true) }
+        BlkDevice {
+            disk,
+            serial,
+            readonly,
+            writeback: AtomicBool::new(true),
+            forced_write_through: AtomicBool::new(false),
+        }
     }
 
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Relaxed)
     }
 
+    /// The driver's choice through CONFIG_WCE.
     pub fn set_writeback(&self, on: bool) {
+        self.forced_write_through.store(false, Ordering::Relaxed);
         self.writeback.store(on, Ordering::Relaxed);
+    }
+
+    /// Features were negotiated. A driver without FLUSH assumes there is no write-back cache
+    /// (virtio 1.2 §5.2.6.2; Linux then never flushes), so every write must be durable before
+    /// it completes. A driver with FLUSH keeps the mode it chose, if it chose one: frontends
+    /// negotiate again after a VM pause or a reconnect, with no reset of the guest's driver;
+    /// one that follows a forced write-through gets write-back back.
+    pub fn negotiated(&self, flush: bool) {
+        if !flush {
+            self.forced_write_through.store(true, Ordering::Relaxed);
+            self.writeback.store(false, Ordering::Relaxed);
+        } else if self.forced_write_through.swap(false, Ordering::Relaxed) {
+            self.writeback.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Capacity in sectors.
@@ -331,6 +357,9 @@ impl BlkDevice {
                     } else {
                         self.disk.discard(offset, len)?;
                     }
+                }
+                if !self.writeback() {
+                    self.disk.flush()?;
                 }
                 Ok(0)
             }
@@ -565,6 +594,20 @@ mod tests {
         assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)]), (1, IOERR));
         assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 12, 0), desc(STATUS, 1, W)]), (1, IOERR));
         assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 16 * 17, 0), desc(STATUS, 1, W)]), (1, IOERR));
+    }
+
+    #[test]
+    fn a_driver_without_flush_gets_write_through_and_a_later_one_write_back() {
+        let f = fixture(false);
+        assert!(f.dev.writeback());
+        f.dev.negotiated(false);
+        assert!(!f.dev.writeback(), "a driver without FLUSH never flushes: writes must be durable");
+        f.dev.negotiated(true);
+        assert!(f.dev.writeback(), "the next driver negotiated FLUSH");
+        // The driver's own choice survives the frontend negotiating again (a VM pause).
+        f.dev.set_writeback(false);
+        f.dev.negotiated(true);
+        assert!(!f.dev.writeback());
     }
 
     #[test]

@@ -89,7 +89,10 @@ impl ControlError {
             ControlError::NotFound(_) | ControlError::State(_) | ControlError::Invalid(_) => None,
             ControlError::Record(e) => match e {
                 record::Error::Io(e) => Some(e),
-                record::Error::TooLarge(_) | record::Error::Version(_) | record::Error::Decode(_) => None,
+                record::Error::TooLarge(_)
+                | record::Error::Version(_)
+                | record::Error::NoValidSlot(_)
+                | record::Error::Decode(_) => None,
             },
             ControlError::Create { source, .. } | ControlError::SyncDir(source) => Some(source),
             ControlError::DeltaMap { source, .. } => match source {

@@ -93,6 +93,21 @@ impl Journal {
 
     /// Replays `file` into a map, cuts off a torn tail, and leaves the journal ready to append.
     pub fn open(file: Arc<dyn MetaFile>, snapshot: u64, disk_size: u64) -> Result<(Self, ExtentMap), Error> {
+        let (map, seq, pos) = Self::replay(&*file, snapshot, disk_size)?;
+        if pos != file.byte_len()? {
+            file.set_len(pos)?;
+            file.sync()?;
+        }
+        Ok((Journal { file, snapshot, next_seq: seq }, map))
+    }
+
+    /// Replays `file` into a map without changing it (offline recovery reads it so).
+    pub fn read(file: &dyn MetaFile, snapshot: u64, disk_size: u64) -> Result<ExtentMap, Error> {
+        Self::replay(file, snapshot, disk_size).map(|(map, ..)| map)
+    }
+
+    /// The map, the next sequence number and where the valid records end.
+    fn replay(file: &dyn MetaFile, snapshot: u64, disk_size: u64) -> Result<(ExtentMap, u64, u64), Error> {
         let mut h = [0u8; HEADER_LEN as usize];
         if file.read_at(&mut h, 0)? != h.len() || &h[0..8] != MAGIC || u32_at(&h, 8) != VERSION {
             return Err(Error::BadHeader);
@@ -132,11 +147,7 @@ impl Journal {
                 pos += RECORD_LEN as u64;
             }
         }
-        if pos != len {
-            file.set_len(pos)?;
-            file.sync()?;
-        }
-        Ok((Journal { file, snapshot, next_seq: seq }, map))
+        Ok((map, seq, pos))
     }
 
     /// Appends `records` and makes them durable. On error nothing counts as appended: the

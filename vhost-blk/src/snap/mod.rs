@@ -7,6 +7,7 @@
 //! - [`disk`]: a disk's mode (direct, snapshot active, merging) and its request paths.
 //! - [`delta`]: the delta (data file and extent map) and the merger's steps.
 //! - [`journal`], [`record`], [`cbt`]: what is persisted, each versioned and checksummed.
+//! - [`recover`]: folds a delta into its base offline, when the record does not read back.
 //! - [`extents`]: the in-memory range set; [`store`]: the directory the files live in.
 //!
 //! Files in the state directory: `snapshot.state` (the record), and per disk `ID.delta.N`,
@@ -20,12 +21,15 @@ pub mod disk;
 pub mod extents;
 pub mod journal;
 pub mod record;
+pub mod recover;
 pub mod store;
 
 #[cfg(test)]
 mod cut_tests;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod recovery_tests;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -64,8 +68,26 @@ pub enum Error {
         #[source]
         source: cbt::Error,
     },
-    #[error("Snapshot record cannot be used")]
-    Record(#[from] record::Error),
+    #[error(
+        "Snapshot record {path} cannot be trusted; nothing was served and no file was removed (see \"Recovery\" in docs/snapshots.md)",
+        path = .path.display()
+    )]
+    RecordUnreadable {
+        path: PathBuf,
+        #[source]
+        source: record::Error,
+    },
+    #[error(
+        "Snapshot record {path} is missing or empty, but the state directory holds {files:?}; nothing was served and no file was removed (see \"Recovery\" in docs/snapshots.md)",
+        path = .path.display()
+    )]
+    RecordMissing { path: PathBuf, files: Vec<String> },
+    #[error("Cannot write the snapshot record {path}", path = .path.display())]
+    RecordWrite {
+        path: PathBuf,
+        #[source]
+        source: record::Error,
+    },
     #[error("Delta of disk {disk} for snapshot {snapshot} cannot be opened")]
     Delta {
         disk: String,
@@ -156,6 +178,16 @@ fn cbt_name(disk: &str, gen: u64) -> String {
     format!("{disk}.cbt.{gen}")
 }
 
+/// Whether `name` is a delta, journal or change map (a file the record names while it is used).
+fn is_engine_file(name: &str) -> bool {
+    [".delta.", ".map.", ".cbt."].iter().any(|p| name.contains(p))
+}
+
+fn record_err(dir: &dyn Dir) -> impl FnOnce(record::Error) -> Error {
+    let path = dir.path(RECORD_NAME);
+    move |source| Error::RecordWrite { path, source }
+}
+
 /// Records in `state` that snapshot `id` was abandoned (the first reason stays): in the
 /// snapshot while it exists, and beside the change maps it froze, so that its checkpoint is
 /// refused also after the merge.
@@ -180,12 +212,7 @@ impl Vm {
     /// Opens the engine on `dir`, recovering whatever a previous run left: an active snapshot
     /// stays active, a merge resumes, change maps carry on.
     pub fn open(name: &str, dir: Arc<dyn Dir>, disks: Vec<DiskSpec>, opts: Options) -> Result<Vm, Error> {
-        let file = match dir.open(RECORD_NAME).map_err(io_err(RECORD_NAME))? {
-            Some(f) => f,
-            None => dir.create(RECORD_NAME).map_err(io_err(RECORD_NAME))?,
-        };
-        let (mut record, state) = RecordFile::open(file)?;
-        let mut state = state.unwrap_or_default();
+        let (mut record, mut state) = Self::open_record(&*dir)?;
 
         if let Some(snap) = &state.snapshot {
             for (disk, _) in &snap.disks {
@@ -222,7 +249,15 @@ impl Vm {
             *d.frozen.lock().unwrap_or_else(PoisonError::into_inner) = frozen;
             snap_disks.push(Arc::new(d));
         }
-        record.write(&state)?;
+        // Change maps of disks not served this time stay for when they are served again.
+        for c in &state.cbt {
+            keep.insert(cbt_name(&c.disk, c.current));
+            if let Some(gen) = c.frozen {
+                keep.insert(cbt_name(&c.disk, gen));
+            }
+        }
+        record.write(&state).map_err(record_err(&*dir))?;
+        // Only now, on the word of a record that was read (or of a new directory's first one).
         Self::remove_strays(&*dir, &keep);
 
         let shared = Arc::new(VmShared {
@@ -245,6 +280,34 @@ impl Vm {
             shared.spawn_merger(i);
         }
         Ok(Vm { shared })
+    }
+
+    /// Reads the record; a directory is new only when the record is absent or empty and no
+    /// file of the engine lies beside it. Anything else that does not read back stops here,
+    /// before any file is touched.
+    fn open_record(dir: &dyn Dir) -> Result<(RecordFile, VmState), Error> {
+        let path = dir.path(RECORD_NAME);
+        if let Some(file) = dir.open(RECORD_NAME).map_err(io_err(RECORD_NAME))? {
+            let (record, state) =
+                RecordFile::open(file).map_err(|source| Error::RecordUnreadable { path: path.clone(), source })?;
+            if let Some(state) = state {
+                return Ok((record, state));
+            }
+        }
+        let mut files: Vec<String> =
+            dir.list().map_err(io_err("the state directory"))?.into_iter().filter(|n| is_engine_file(n)).collect();
+        if !files.is_empty() {
+            files.sort();
+            return Err(Error::RecordMissing { path, files });
+        }
+        // A new directory: its first record is written before any other file is created, so a
+        // crash from here on leaves a record that names every file worth keeping.
+        let file = dir.create(RECORD_NAME).map_err(io_err(RECORD_NAME))?;
+        let (mut record, _) =
+            RecordFile::open(file).map_err(|source| Error::RecordUnreadable { path: path.clone(), source })?;
+        let state = VmState::default();
+        record.write(&state).map_err(record_err(dir))?;
+        Ok((record, state))
     }
 
     fn open_cbt(
@@ -317,8 +380,7 @@ impl Vm {
     fn remove_strays(dir: &dyn Dir, keep: &HashSet<String>) {
         let Ok(names) = dir.list() else { return };
         for name in names {
-            let ours = [".delta.", ".map.", ".cbt."].iter().any(|p| name.contains(p));
-            if ours && !keep.contains(&name) {
+            if is_engine_file(&name) && !keep.contains(&name) {
                 info!(file = %name, "removing a file no snapshot refers to");
                 if let Err(e) = dir.remove(&name) {
                     warn!(file = %name, error = %livesnap_proto::error::chain(&e), "cannot remove");

@@ -22,8 +22,10 @@ pub const VERSION: u32 = 1;
 pub enum Error {
     #[error("Snapshot record is {0} bytes, more than a slot holds")]
     TooLarge(usize),
-    #[error("Snapshot record is of version {0}, this backend reads version 1")]
+    #[error("Snapshot record is of version {0}, this backend reads version {VERSION}")]
     Version(u32),
+    #[error("Neither slot of the snapshot record ({0} bytes) passes its magic and checksum checks")]
+    NoValidSlot(usize),
     #[error("Snapshot record is unreadable")]
     Decode(#[source] serde_json::Error),
     /// Reading or writing the record file failed: the I/O error says why.
@@ -95,6 +97,12 @@ impl VmState {
     }
 }
 
+/// Only the version of a record body, read before the rest.
+#[derive(Deserialize)]
+struct Versioned {
+    version: u32,
+}
+
 /// The record's file, remembering which slot to write next.
 #[derive(Debug)]
 pub struct RecordFile {
@@ -117,19 +125,27 @@ fn parse_slot(slot: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 impl RecordFile {
-    /// Reads the newest valid state; `None` when neither slot holds one (a new directory).
+    /// Reads the newest valid state; `None` only when the file is empty (never written).
+    ///
+    /// A file that holds bytes but no valid slot, or a state of another version, is an error:
+    /// it is not a new directory, and treating it as one would drop the files it names.
     pub fn open(file: Arc<dyn MetaFile>) -> Result<(Self, Option<VmState>), Error> {
         let mut buf = vec![0u8; 2 * SLOT];
         let n = file.read_at(&mut buf, 0)?;
         buf.truncate(n);
+        if buf.is_empty() {
+            return Ok((RecordFile { file, seq: 0 }, None));
+        }
         let best = buf.chunks(SLOT).filter_map(parse_slot).max_by_key(|(seq, _)| *seq);
         let Some((seq, body)) = best else {
-            return Ok((RecordFile { file, seq: 0 }, None));
+            return Err(Error::NoValidSlot(n));
         };
-        let state: VmState = serde_json::from_slice(body).map_err(Error::Decode)?;
-        if state.version != VERSION {
-            return Err(Error::Version(state.version));
+        // The version first: a newer record may not decode as this version's state at all.
+        let version: Versioned = serde_json::from_slice(body).map_err(Error::Decode)?;
+        if version.version != VERSION {
+            return Err(Error::Version(version.version));
         }
+        let state: VmState = serde_json::from_slice(body).map_err(Error::Decode)?;
         Ok((RecordFile { file, seq }, Some(state)))
     }
 
@@ -178,5 +194,37 @@ mod tests {
         s.next_id = 3;
         r.write(&s).unwrap();
         assert_eq!(RecordFile::open(f).unwrap().1.unwrap().next_id, 3);
+    }
+
+    #[test]
+    fn an_empty_file_is_new_but_zeroed_slots_are_an_error() {
+        let f: Arc<dyn MetaFile> = Arc::new(tempfile::tempfile().unwrap());
+        assert!(RecordFile::open(f.clone()).unwrap().1.is_none());
+        let (mut r, _) = RecordFile::open(f.clone()).unwrap();
+        r.write(&VmState::default()).unwrap();
+        r.write(&VmState::default()).unwrap();
+        f.write_at(&vec![0u8; 2 * SLOT], 0).unwrap();
+        assert!(matches!(RecordFile::open(f), Err(Error::NoValidSlot(n)) if n == 2 * SLOT));
+    }
+
+    #[test]
+    fn a_record_of_a_newer_version_is_refused_even_if_its_body_differs() {
+        let f: Arc<dyn MetaFile> = Arc::new(tempfile::tempfile().unwrap());
+        let (mut r, _) = RecordFile::open(f.clone()).unwrap();
+        r.write(&VmState { version: VERSION + 1, ..VmState::default() }).unwrap();
+        assert!(matches!(RecordFile::open(f.clone()), Err(Error::Version(v)) if v == VERSION + 1));
+        // A body this version cannot decode: the version still says why.
+        let body = br#"{"version":2,"snapshots":[]}"#;
+        let mut slot = vec![0u8; SLOT];
+        slot[0..8].copy_from_slice(MAGIC);
+        slot[8..16].copy_from_slice(&9u64.to_le_bytes());
+        slot[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        slot[BODY_AT..BODY_AT + body.len()].copy_from_slice(body);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&slot[8..20]);
+        h.update(body);
+        slot[20..24].copy_from_slice(&h.finalize().to_le_bytes());
+        f.write_at(&slot, SLOT as u64).unwrap();
+        assert!(matches!(RecordFile::open(f), Err(Error::Version(2))));
     }
 }
