@@ -256,7 +256,9 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Backend { source, .. } => backend_code(source),
         DaemonError::Repo(e) | DaemonError::RepoOpen { source: e, .. } => repo_code(e),
         DaemonError::Restore(e) => restore_code(e),
-        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::Task(_) => Code::Internal,
+        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::RestoreDir { .. } | DaemonError::Task(_) => {
+            Code::Internal
+        }
     }
 }
 
@@ -283,6 +285,9 @@ fn restore_code(e: &crate::restore::Error) -> Code {
     match e {
         R::Repo(e) => repo_code(e),
         R::DestinationExists(_) => Code::AlreadyExists,
+        R::OutsideRestoreDir { .. } => Code::InvalidArgument,
+        R::NoSuchDirectory(_) => Code::NotFound,
+        R::NoOpenat2 => Code::FailedPrecondition,
         R::Io { .. } | R::QemuImgSpawn(_) | R::QemuImg { .. } => Code::Internal,
     }
 }
@@ -470,6 +475,15 @@ mod tests {
             (DaemonError::Repo(repo::Error::BackupNotFound { vm: "x".into(), id: "b".into() }), Code::NotFound),
             (DaemonError::Repo(repo::Error::DestinationExists("/t".into())), Code::AlreadyExists),
             (DaemonError::Repo(repo::Error::Busy), Code::Unavailable),
+            (
+                DaemonError::Restore(crate::restore::Error::OutsideRestoreDir {
+                    target: "../x".into(),
+                    dir: "/r".into(),
+                    why: "`..` is refused",
+                }),
+                Code::InvalidArgument,
+            ),
+            (DaemonError::Restore(crate::restore::Error::NoSuchDirectory("/r/d".into())), Code::NotFound),
             (DaemonError::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
             (DaemonError::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
         ];
