@@ -356,22 +356,33 @@ impl tonic::service::Interceptor for TokenCheck {
     }
 }
 
-/// Binds the unix socket with mode 0600 (a stale socket file is replaced).
+/// Binds the unix socket with mode 0600 (a stale socket file is replaced). The socket is bound
+/// and listening under a temporary name first and renamed into place, so that its path appears
+/// only once a client can connect (a client started with the daemon otherwise finds the file
+/// between bind and listen and is refused).
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
     let err = |source| Error::Unix { path: path.to_owned(), source };
     if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            std::fs::remove_file(path).map_err(err)?;
+        if !m.file_type().is_socket() {
+            return Err(err(std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
         }
     }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     // SAFETY: umask only changes the process's file mode mask; no memory is involved. The
     // mask makes the socket 0600 from its creation, before anyone can connect.
     let old = unsafe { libc::umask(0o177) };
-    let l = tokio::net::UnixListener::bind(path);
+    let l = tokio::net::UnixListener::bind(&tmp);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let l = l.map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     Ok(l)
 }
 
