@@ -1,11 +1,24 @@
-//! Restoring a disk of a backup to a new image file: the repository writes the disk into a
-//! file opened here; this module owns the paths (a restore never overwrites, and a failed one
-//! leaves nothing at the destination) and the image format (qcow2 through `qemu-img convert`).
+//! Restoring a disk of a backup to a new image file inside livesnapd's restore directory: the
+//! repository writes the disk into a file opened here; this module owns the paths and the image
+//! format (qcow2 through `qemu-img convert`).
+//!
+//! Any client with the token may ask for a restore, so the path it names is hostile: it is
+//! resolved beneath the restore directory with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! (no `..` out of it, no symlink anywhere on the way, no `/proc` magic link), the image is
+//! written to a new hidden file beside the target and renamed over nothing
+//! (`renameat2(RENAME_NOREPLACE)`): a restore never overwrites, and a failed one leaves nothing
+//! at the destination.
 
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 use std::process::Command;
+
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::io::Errno;
 
 use livesnap_repo::{self as repo, Repository, RestoreStats};
 
@@ -15,6 +28,12 @@ pub enum Error {
     Repo(#[from] repo::Error),
     #[error("`{}` exists already: a restore does not overwrite", .0.display())]
     DestinationExists(PathBuf),
+    #[error("The target `{}` is not a file name inside the restore directory `{}`: {why}", target.display(), dir.display())]
+    OutsideRestoreDir { target: PathBuf, dir: PathBuf, why: &'static str },
+    #[error("The target's directory `{}` does not exist, is not a directory or has a symlink in its path", .0.display())]
+    NoSuchDirectory(PathBuf),
+    #[error("This kernel has no openat2 (Linux 5.6 or later): restores are refused rather than resolved unsafely")]
+    NoOpenat2,
     #[error("Cannot {op} `{}`", path.display())]
     Io {
         op: &'static str,
@@ -30,40 +49,154 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
-    move |source| Error::Io { op, path: path.to_owned(), source }
+fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(Errno) -> Error + 'a {
+    move |e| Error::Io { op, path: path.to_owned(), source: e.into() }
 }
 
-/// Writes disk `disk` of backup `vm`/`id` to a new raw image `dest`, sparse: zero chunks and
-/// zero 4 KiB blocks are holes. The image appears at `dest` only when complete and synced.
-pub fn raw(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Path) -> Result<RestoreStats> {
+/// How every path beneath the restore directory is resolved.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
+
+/// Where an image is restored to: a directory beneath the restore directory, opened, and a
+/// plain file name in it.
+#[derive(Debug)]
+pub struct Destination {
+    dir: OwnedFd,
+    name: OsString,
+    /// The whole path, for messages.
+    path: PathBuf,
+}
+
+impl Destination {
+    /// Resolves `target` beneath `restore_dir`: a relative path, or an absolute one that starts
+    /// with `restore_dir`; no `..`, no symlink. The directory must exist; the file must not.
+    pub fn resolve(restore_dir: &Path, target: &Path) -> Result<Destination> {
+        let outside = |why| Error::OutsideRestoreDir { target: target.to_owned(), dir: restore_dir.to_owned(), why };
+        let rel = if target.is_absolute() {
+            target.strip_prefix(restore_dir).map_err(|_| outside("an absolute path must start with it"))?
+        } else {
+            target
+        };
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(p) => parts.push(p),
+                Component::CurDir => {}
+                Component::ParentDir => return Err(outside("`..` is refused")),
+                Component::RootDir | Component::Prefix(_) => return Err(outside("not a relative path")),
+            }
+        }
+        let Some(name) = parts.pop() else { return Err(outside("no file name")) };
+        if name.as_bytes().len() > 200 {
+            return Err(outside("the file name is longer than 200 bytes"));
+        }
+        let path = restore_dir.join(rel);
+        let root = rustix::fs::open(restore_dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(io_error("open the restore directory", restore_dir))?;
+        let sub: PathBuf = parts.iter().collect();
+        let sub = if sub.as_os_str().is_empty() { PathBuf::from(".") } else { sub };
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = match rustix::fs::openat2(&root, &sub, flags, Mode::empty(), RESOLVE) {
+            Ok(fd) => fd,
+            Err(Errno::NOSYS) => return Err(Error::NoOpenat2),
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => {
+                return Err(Error::NoSuchDirectory(restore_dir.join(&sub)))
+            }
+            Err(e) => return Err(io_error("open", &restore_dir.join(&sub))(e)),
+        };
+        let dest = Destination { dir, name: name.to_owned(), path };
+        dest.refuse_existing()?;
+        Ok(dest)
+    }
+
+    /// The whole path of the image to be.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fails early when the target exists (the rename is what guarantees it; this only spares
+    /// a restore that would fail at its end).
+    pub fn refuse_existing(&self) -> Result<()> {
+        match rustix::fs::statat(&self.dir, &*self.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Err(Error::DestinationExists(self.path.clone())),
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io_error("look for", &self.path)(e)),
+        }
+    }
+
+    /// `.NAME.TAG-PID`, beside the target.
+    fn sibling(&self, tag: &str) -> OsString {
+        let mut s = OsString::from(".");
+        s.push(&self.name);
+        s.push(format!(".{tag}-{}", std::process::id()));
+        s
+    }
+
+    /// Creates the new file `name` in the destination's directory, never following a link.
+    fn create(&self, name: &OsStr) -> Result<File> {
+        let flags = OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.dir, name, flags, Mode::from_raw_mode(0o600))
+            .map_err(io_error("create", &self.path.with_file_name(name)))?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens the file `name` of the destination's directory for reading.
+    fn open(&self, name: &OsStr) -> Result<File> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.dir, name, flags, Mode::empty())
+            .map_err(io_error("open", &self.path.with_file_name(name)))?;
+        Ok(File::from(fd))
+    }
+
+    fn remove(&self, name: &OsStr) {
+        let _ = rustix::fs::unlinkat(&self.dir, name, AtFlags::empty());
+    }
+
+    /// Renames `name` to the target if the target still does not exist, and makes it durable.
+    fn publish(&self, name: &OsStr) -> Result<()> {
+        match rustix::fs::renameat_with(&self.dir, name, &self.dir, &*self.name, RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => return Err(Error::DestinationExists(self.path.clone())),
+            Err(e) => return Err(io_error("rename into", &self.path)(e)),
+        }
+        // An O_PATH descriptor cannot be synced: open the directory itself, through it.
+        rustix::fs::openat(&self.dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .and_then(rustix::fs::fsync)
+            .map_err(io_error("sync the directory of", &self.path))
+    }
+}
+
+/// Writes disk `disk` of backup `vm`/`id` to a new raw image at `dest`, sparse: zero chunks and
+/// zero 4 KiB blocks are holes. The image appears only when complete and synced.
+pub fn raw(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destination) -> Result<RestoreStats> {
     let m = repo.manifest(vm, id, disk)?;
-    refuse_existing(dest)?;
-    let tmp = sibling(dest, "partial");
-    let result = write_raw(repo, &m, &tmp).and_then(|stats| {
-        fs::rename(&tmp, dest).map_err(io_error("rename", &tmp))?;
-        sync_dir(parent_dir(dest))?;
+    dest.refuse_existing()?;
+    let tmp = dest.sibling("partial");
+    let result = write_raw(repo, &m, dest, &tmp).and_then(|stats| {
+        dest.publish(&tmp)?;
         Ok(stats)
     });
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        dest.remove(&tmp);
     }
     result
 }
 
-/// Restores to a new qcow2 image: a raw image beside `dest` first, then
-/// `qemu-img convert -O qcow2` (which keeps the holes unallocated).
-pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Path) -> Result<RestoreStats> {
+/// Restores to a new qcow2 image: a raw image beside the target first, then
+/// `qemu-img convert -O qcow2` (which keeps the holes unallocated), both files handed to
+/// qemu-img as this process's descriptors, so that it resolves no path of the client's.
+pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destination) -> Result<RestoreStats> {
     let m = repo.manifest(vm, id, disk)?;
-    refuse_existing(dest)?;
-    let raw = sibling(dest, "raw");
-    let qcow = sibling(dest, "qcow2-partial");
+    dest.refuse_existing()?;
+    let raw = dest.sibling("raw");
+    let qcow = dest.sibling("qcow2-partial");
     let result = (|| {
-        let stats = write_raw(repo, &m, &raw)?;
+        let stats = write_raw(repo, &m, dest, &raw)?;
+        let raw_file = dest.open(&raw)?;
+        let qcow_file = dest.create(&qcow)?;
         let out = Command::new("qemu-img")
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
-            .arg(&raw)
-            .arg(&qcow)
+            .arg(fd_path(&raw_file))
+            .arg(fd_path(&qcow_file))
             .output()
             .map_err(Error::QemuImgSpawn)?;
         if !out.status.success() {
@@ -72,54 +205,34 @@ pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Path) -> 
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
-        File::open(&qcow).and_then(|f| f.sync_all()).map_err(io_error("sync", &qcow))?;
-        fs::rename(&qcow, dest).map_err(io_error("rename", &qcow))?;
-        sync_dir(parent_dir(dest))?;
+        qcow_file.sync_all().map_err(|source| Error::Io { op: "sync", path: dest.path.clone(), source })?;
+        dest.publish(&qcow)?;
         Ok(stats)
     })();
-    let _ = fs::remove_file(&raw);
+    dest.remove(&raw);
     if result.is_err() {
-        let _ = fs::remove_file(&qcow);
+        dest.remove(&qcow);
     }
     result
 }
 
-fn refuse_existing(dest: &Path) -> Result<()> {
-    match dest.try_exists() {
-        Ok(false) => Ok(()),
-        Ok(true) => Err(Error::DestinationExists(dest.to_owned())),
-        Err(e) => Err(Error::Io { op: "look for", path: dest.to_owned(), source: e }),
-    }
+/// A path that names `f` itself for a child process (`/proc/PID/fd/N` of this process).
+fn fd_path(f: &impl AsFd) -> PathBuf {
+    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_fd().as_raw_fd()))
 }
 
-/// Restores `m` into a new file `path` (the repository sizes it, writes and syncs it).
-fn write_raw(repo: &Repository, m: &repo::Manifest, path: &Path) -> Result<RestoreStats> {
-    let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(io_error("create", path))?;
+/// Restores `m` into the new file `name` of the destination (the repository sizes it, writes
+/// and syncs it).
+fn write_raw(repo: &Repository, m: &repo::Manifest, dest: &Destination, name: &OsStr) -> Result<RestoreStats> {
+    let file = dest.create(name)?;
     Ok(repo.restore(m, &file)?)
-}
-
-/// `dir/.NAME.TAG-PID`, beside `dest`.
-fn sibling(dest: &Path, tag: &str) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    parent_dir(dest).join(format!(".{name}.{tag}-{}", std::process::id()))
-}
-
-fn parent_dir(p: &Path) -> &Path {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
-/// `fsync` of a directory, making the rename of the image durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("sync", dir))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::fs;
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
@@ -152,6 +265,10 @@ mod tests {
         data
     }
 
+    fn dest(dir: &Path, name: &str) -> Destination {
+        Destination::resolve(dir, Path::new(name)).unwrap()
+    }
+
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         v.sort();
@@ -164,16 +281,62 @@ mod tests {
         let data = data();
         let repo = backed_up(dir.path(), &data);
         let out = dir.path().join("r.raw");
-        let stats = raw(&repo, "vm", "b1", "vda", &out).unwrap();
+        let stats = raw(&repo, "vm", "b1", "vda", &dest(dir.path(), "r.raw")).unwrap();
         assert_eq!(fs::read(&out).unwrap(), data);
         assert_eq!(stats.bytes_written, data.len() as u64 - 2 * K64 as u64);
         assert!(fs::metadata(&out).unwrap().blocks() * 512 <= data.len() as u64 - K64 as u64, "holes");
-        fs::write(&out, b"mine").unwrap();
-        assert!(matches!(raw(&repo, "vm", "b1", "vda", &out), Err(Error::DestinationExists(_))));
-        assert!(matches!(qcow2(&repo, "vm", "b1", "vda", &out), Err(Error::DestinationExists(_))));
-        assert_eq!(fs::read(&out).unwrap(), b"mine", "an existing target is left alone");
-        let e = raw(&repo, "vm", "b9", "vda", &dir.path().join("x")).unwrap_err();
+        let other = dir.path().join("other.raw");
+        let late = dest(dir.path(), "other.raw");
+        fs::write(&other, b"mine").unwrap();
+        let e = Destination::resolve(dir.path(), Path::new("other.raw")).unwrap_err();
+        assert!(matches!(e, Error::DestinationExists(_)), "{e}");
+        // Created between the request and the rename: still not overwritten.
+        assert!(matches!(raw(&repo, "vm", "b1", "vda", &late), Err(Error::DestinationExists(_))));
+        assert!(matches!(qcow2(&repo, "vm", "b1", "vda", &late), Err(Error::DestinationExists(_))));
+        assert_eq!(fs::read(&other).unwrap(), b"mine", "an existing target is left alone");
+        let e = raw(&repo, "vm", "b9", "vda", &dest(dir.path(), "x")).unwrap_err();
         assert!(matches!(e, Error::Repo(repo::Error::BackupNotFound { .. })), "{e}");
+    }
+
+    #[test]
+    fn a_target_resolves_only_to_a_new_file_beneath_the_restore_directory() {
+        let top = tempfile::tempdir().unwrap();
+        let rd = top.path().join("restore");
+        fs::create_dir_all(rd.join("sub")).unwrap();
+        fs::create_dir(top.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(top.path().join("elsewhere"), rd.join("link")).unwrap();
+        std::os::unix::fs::symlink("sub", rd.join("inlink")).unwrap();
+        std::os::unix::fs::symlink(top.path().join("elsewhere/x.raw"), rd.join("dangling.raw")).unwrap();
+        let ok = |t: &str| Destination::resolve(&rd, Path::new(t)).map(|d| d.path().to_owned());
+        assert_eq!(ok("a.raw").unwrap(), rd.join("a.raw"));
+        assert_eq!(ok("./sub/a.raw").unwrap(), rd.join("sub/a.raw"));
+        assert_eq!(ok(&rd.join("sub/a.raw").to_string_lossy()).unwrap(), rd.join("sub/a.raw"), "absolute inside");
+        for (t, what) in [
+            ("../a.raw", "`..`"),
+            ("sub/../../a.raw", "`..` further in"),
+            ("/etc/passwd", "absolute outside"),
+            ("", "no name"),
+            (".", "no name"),
+            ("sub/", "a directory"),
+        ] {
+            let e = ok(t).unwrap_err();
+            assert!(matches!(e, Error::OutsideRestoreDir { .. } | Error::DestinationExists(_)), "{what}: {e}");
+        }
+        let e = ok(&top.path().join("elsewhere/a.raw").to_string_lossy()).unwrap_err();
+        assert!(matches!(e, Error::OutsideRestoreDir { .. }), "a sibling directory: {e}");
+        for t in ["link/a.raw", "inlink/a.raw", "missing/a.raw", "sub/a.raw/b.raw"] {
+            let e = ok(t).unwrap_err();
+            assert!(matches!(e, Error::NoSuchDirectory(_)), "{t}: {e}");
+        }
+        let e = ok("dangling.raw").unwrap_err();
+        assert!(matches!(e, Error::DestinationExists(_)), "a symlink as the name is an existing file: {e}");
+        // A symlink put where the target will be after the check is not followed either.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = backed_up(dir.path(), &data());
+        let d = Destination::resolve(&rd, Path::new("late.raw")).unwrap();
+        std::os::unix::fs::symlink(top.path().join("elsewhere/late.raw"), rd.join("late.raw")).unwrap();
+        assert!(matches!(raw(&repo, "vm", "b1", "vda", &d), Err(Error::DestinationExists(_))));
+        assert!(names(&top.path().join("elsewhere")).is_empty(), "nothing written through the link");
     }
 
     #[test]
@@ -187,8 +350,8 @@ mod tests {
         let out_dir = dir.path().join("out");
         fs::create_dir(&out_dir).unwrap();
         for (what, result) in [
-            ("raw", raw(&repo, "vm", "b1", "vda", &out_dir.join("r.raw"))),
-            ("qcow2", qcow2(&repo, "vm", "b1", "vda", &out_dir.join("r.qcow2"))),
+            ("raw", raw(&repo, "vm", "b1", "vda", &dest(&out_dir, "r.raw"))),
+            ("qcow2", qcow2(&repo, "vm", "b1", "vda", &dest(&out_dir, "r.qcow2"))),
         ] {
             let e = result.unwrap_err();
             assert!(matches!(e, Error::Repo(repo::Error::ChunkMissing { .. })), "{what}: {e}");
@@ -210,7 +373,7 @@ mod tests {
         let out_dir = dir.path().join("out");
         fs::create_dir(&out_dir).unwrap();
         let q = out_dir.join("r.qcow2");
-        qcow2(&repo, "vm", "b1", "vda", &q).unwrap();
+        qcow2(&repo, "vm", "b1", "vda", &dest(&out_dir, "r.qcow2")).unwrap();
         let same =
             Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "qcow2"]).arg(&src).arg(&q).status();
         assert!(same.unwrap().success());

@@ -107,13 +107,13 @@ impl Drop for Daemon {
     }
 }
 
-/// A livesnapd config for one VM `vm`: state and repository under `dir`, the local socket at
+/// A livesnapd config for one VM `vm`: state, repository and restores under `dir`, the local socket at
 /// `socket`, the VM's livesnap-blk control socket, and its agent on guest port `agent_port`
 /// behind the hybrid vsock socket `vsock`.
 pub fn livesnapd_config(dir: &Path, socket: &Path, vm: &str, control: &Path, vsock: &Path, agent_port: u32) -> String {
     let d = dir.display();
     format!(
-        "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n\n\
+        "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\nrestore_dir = \"{d}\"\n\n\
          [[vm]]\nname = \"{vm}\"\ncontrol = \"{}\"\nagent = {{ vsock = \"{}:{agent_port}\" }}\n",
         socket.display(),
         control.display(),

@@ -272,7 +272,7 @@ impl Rig {
         std::fs::write(
             &config,
             format!(
-                "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n\
+                "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\nrestore_dir = \"{d}\"\n\
                  [defaults]\nfreeze_timeout_ms = 30000\n\
                  [[vm]]\nname = \"{VM}\"\ncontrol = \"{c}\"\nagent = {{ vsock = \"{}:{AGENT_PORT}\" }}\n",
                 socket.display(),

@@ -95,7 +95,7 @@ impl Rig {
         std::fs::write(
             &config,
             format!(
-                "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\n{top}\n\
+                "repository = \"{d}/repo\"\nsocket = \"{}\"\nstate = \"{d}/livesnapd.redb\"\nrestore_dir = \"{d}\"\n{top}\n\
                  [defaults]\n{defaults}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\n{vm_extra}\n",
                 socket.display(),
                 control.display()

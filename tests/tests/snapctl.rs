@@ -772,7 +772,7 @@ fn backup_verify_exits_0_when_clean_and_1_on_damage_or_data_loss() -> Result<()>
 }
 
 #[test]
-fn backup_restore_sends_an_absolute_path_and_infers_qcow2() -> Result<()> {
+fn backup_restore_sends_the_path_as_typed_and_infers_qcow2() -> Result<()> {
     let fake = Fake::start(Script {
         restore: Ok(vec![
             Step::Restore(RestoreProgress { bytes_written: 0, bytes_total: 100 * MIB, done: false }),
@@ -784,7 +784,7 @@ fn backup_restore_sends_an_absolute_path_and_infers_qcow2() -> Result<()> {
     cmd.current_dir(fake.dir.path());
     let r = run(cmd)?;
     assert_eq!(r.code, 0);
-    let want = fake.dir.path().join("out/vda.qcow2");
+    let want = Path::new("out/vda.qcow2");
     {
         let req = &fake.daemon.seen().restores[0];
         assert_eq!((req.vm.as_str(), req.id.as_str(), req.disk.as_str()), ("web01", "b1", "vda"));
@@ -792,7 +792,7 @@ fn backup_restore_sends_an_absolute_path_and_infers_qcow2() -> Result<()> {
         assert_eq!(req.format(), ImageFormat::Qcow2);
     }
     assert!(r.stdout.contains(&format!(
-        "restored disk vda of backup b1 of web01 to {} (qcow2, 100.00 MiB written)",
+        "restored disk vda of backup b1 of web01 to {} in livesnapd's restore directory (qcow2, 100.00 MiB written)",
         want.display()
     )));
 
@@ -1044,7 +1044,7 @@ fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_
     std::fs::write(
         &config,
         format!(
-            "repository = \"{dd}/repo\"\nsocket = \"{}\"\nstate = \"{dd}/livesnapd.redb\"\n\n[[vm]]\nname = \"vm1\"\ncontrol = \"{}\"\n",
+            "repository = \"{dd}/repo\"\nsocket = \"{}\"\nstate = \"{dd}/livesnapd.redb\"\nrestore_dir = \"{dd}/restore\"\n\n[[vm]]\nname = \"vm1\"\ncontrol = \"{}\"\n",
             socket.display(),
             control.display(),
             dd = d.display()
@@ -1092,9 +1092,23 @@ fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_
 
     let r = snapctl(&["backup", "restore", "vm1", &id, "--disk", "vda", "--to", "restored.raw"])?;
     assert_eq!(r.code, 0);
-    assert!(std::fs::read(d.join("restored.raw"))? == content, "the restore is the disk at the cut");
+    assert!(
+        std::fs::read(d.join("restore/restored.raw"))? == content,
+        "the restore is the disk at the cut, in restore_dir"
+    );
     let r = snapctl(&["backup", "restore", "vm1", &id, "--disk", "vda", "--to", "restored.raw"])?;
     assert_eq!(r.code, 5, "an existing target is refused");
+    let outside = d.join("outside.raw");
+    for (to, code, what) in [
+        ("../outside.raw", 2, "`..` is refused"),
+        (outside.to_str().context("path")?, 2, "an absolute path must start with it"),
+        ("no-such-dir/x.raw", 4, "does not exist"),
+    ] {
+        let r = snapctl(&["backup", "restore", "vm1", &id, "--disk", "vda", "--to", to])?;
+        assert_eq!(r.code, code, "{to}: {}", r.stderr);
+        assert!(r.stderr.contains(what), "{to}: {}", r.stderr);
+    }
+    assert!(!outside.exists(), "nothing written outside restore_dir");
 
     let r = snapctl(&["backup", "delete", "vm1", &id])?;
     assert_eq!(r.code, 0);

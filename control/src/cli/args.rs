@@ -118,8 +118,9 @@ pub enum BackupAction {
         /// The disk's id (`snapctl backup show VM ID` lists them).
         #[arg(long)]
         disk: String,
-        /// The new image file (an existing one is refused); a relative path is taken from
-        /// snapctl's working directory when livesnapd is local.
+        /// The new image file, inside livesnapd's restore directory (`restore_dir` in its config,
+        /// /var/lib/livesnap/restore by default): a path relative to it, or an absolute one
+        /// inside it. Its directory must exist; `..`, symlinks and an existing file are refused.
         #[arg(long, value_name = "PATH")]
         to: PathBuf,
         /// The image format [default: qcow2 if PATH ends in .qcow2, else raw].

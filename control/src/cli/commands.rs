@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -195,18 +195,6 @@ async fn verify(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<()
     }
 }
 
-/// The path livesnapd gets: its host's. A relative path is made absolute from snapctl's working
-/// directory when livesnapd is on this host; for a remote one it means nothing and is refused.
-fn target_path(d: &Daemon, to: &Path) -> Result<PathBuf, Error> {
-    if to.is_absolute() {
-        return Ok(to.to_owned());
-    }
-    if !d.local {
-        return Err(Error::Usage(format!("--to {}: give an absolute path on livesnapd's host", to.display())));
-    }
-    std::path::absolute(to).map_err(|source| Error::Absolute { path: to.to_owned(), source })
-}
-
 async fn restore(
     d: &mut Daemon,
     vm: String,
@@ -216,7 +204,8 @@ async fn restore(
     format: Option<Format>,
     json: bool,
 ) -> Result<(), Error> {
-    let path = target_path(d, &to)?;
+    // As typed: livesnapd resolves it beneath its restore directory, on its own host.
+    let path = to;
     let format =
         format.unwrap_or(if path.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
     let action = format!("Cannot restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
@@ -286,8 +275,9 @@ async fn restore(
             "bytes_written": written, "bytes_total": total,
         }));
     } else {
+        let within = if path.is_absolute() { "" } else { " in livesnapd's restore directory" };
         println!(
-            "restored disk {} of backup {} of {} to {} ({format_name}, {} written)",
+            "restored disk {} of backup {} of {} to {}{within} ({format_name}, {} written)",
             clean(&disk),
             clean(&id),
             clean(&vm),

@@ -39,8 +39,6 @@ pub struct Daemon {
     pub client: Client,
     /// Where it is, as messages name it.
     pub target: String,
-    /// On this host (a unix socket): paths given to it are this host's.
-    pub local: bool,
 }
 
 impl Daemon {
@@ -82,7 +80,7 @@ async fn connect_unix(path: PathBuf) -> Result<Daemon, Error> {
             Ok(Err(e)) => return Err(unix_error(&path, &e)),
             Ok(Ok(c)) => c,
         };
-    Ok(Daemon { client: LivesnapdClient::with_interceptor(channel, Auth(None)), target, local: true })
+    Ok(Daemon { client: LivesnapdClient::with_interceptor(channel, Auth(None)), target })
 }
 
 /// A failed connect to the unix socket, said so that a person knows what to do.
@@ -170,5 +168,5 @@ async fn connect_tcp(addr: &str, token_file: Option<&Path>, ca_cert: Option<&Pat
         Ok(Err(e)) => return Err(Error::Unreachable { target, reason: innermost(&e) }),
         Ok(Ok(c)) => c,
     };
-    Ok(Daemon { client: LivesnapdClient::with_interceptor(channel, Auth(token)), target, local: false })
+    Ok(Daemon { client: LivesnapdClient::with_interceptor(channel, Auth(token)), target })
 }

@@ -86,13 +86,6 @@ pub enum Error {
     /// Ctrl-C cannot be watched for.
     #[error("Cannot handle Ctrl-C")]
     Signal(#[source] std::io::Error),
-    /// A relative path given to a local livesnapd cannot be made absolute.
-    #[error("Cannot make {} absolute", path.display())]
-    Absolute {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     /// snapctl's own runtime cannot start.
     #[error("Cannot start the runtime")]
     Runtime(#[source] std::io::Error),
@@ -108,7 +101,7 @@ impl Error {
     pub fn exit(&self) -> Exit {
         match self {
             Error::NotRunning { .. } | Error::Unreachable { .. } | Error::ConnectionLost { .. } => Exit::Unreachable,
-            Error::Usage(_) | Error::ReadFile { .. } | Error::Absolute { .. } => Exit::Usage,
+            Error::Usage(_) | Error::ReadFile { .. } => Exit::Usage,
             Error::Status { code, .. } => exit_for_code(*code),
             Error::BadReply { .. } | Error::Failed(_) | Error::Signal(_) | Error::Runtime(_) => Exit::Failed,
             Error::Detached { .. } => Exit::Interrupted,

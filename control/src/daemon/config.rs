@@ -5,6 +5,7 @@
 //! socket = "/run/livesnap/livesnapd.sock"   # local clients (snapctl), mode 0600, no token
 //! state = "/var/lib/livesnap/livesnapd.redb"
 //! # scratch = "/var/tmp"                    # where qcow2 bases are unpacked for reading
+//! # restore_dir = "/var/lib/livesnap/restore" # restores write only beneath it (created, 0700)
 //!
 //! [tcp]                                     # optional: orchestrators, TLS and a bearer token
 //! listen = "0.0.0.0:7736"
@@ -32,6 +33,8 @@ use serde::Deserialize;
 use crate::vsock::HybridAddr;
 use livesnap_repo::validate_name;
 
+/// Where restores go when the config names no `restore_dir`.
+pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/livesnap/restore";
 /// The agent port the guest agent listens on by default.
 pub const DEFAULT_AGENT_PORT: u32 = 7735;
 const MAX_FREEZE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
@@ -76,6 +79,7 @@ struct File {
     socket: PathBuf,
     state: PathBuf,
     scratch: Option<PathBuf>,
+    restore_dir: Option<PathBuf>,
     tcp: Option<TcpFile>,
     #[serde(default)]
     defaults: DefaultsFile,
@@ -124,6 +128,8 @@ pub struct Config {
     pub state: PathBuf,
     /// Where qcow2 bases are unpacked to raw for reading.
     pub scratch: PathBuf,
+    /// Restores write only beneath it: a client names a path inside it.
+    pub restore_dir: PathBuf,
     pub tcp: Option<Tcp>,
     pub freeze_timeout: Duration,
     /// Bound on the rate frozen bases are read at; `None`: as fast as the repository takes.
@@ -198,6 +204,8 @@ impl Config {
             }
             None => f.state.parent().map_or_else(|| PathBuf::from("/var/tmp"), Path::to_owned),
         };
+        let restore_dir = f.restore_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RESTORE_DIR));
+        absolute("restore_dir", &restore_dir)?;
         let tcp = match f.tcp {
             None => None,
             Some(t) => {
@@ -244,6 +252,7 @@ impl Config {
             socket: f.socket,
             state: f.state,
             scratch,
+            restore_dir,
             tcp,
             freeze_timeout: Duration::from_millis(freeze_ms),
             read_bytes_per_sec: f.defaults.read_bytes_per_sec.filter(|&r| r > 0),
@@ -325,6 +334,7 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.freeze_timeout, Duration::from_secs(5));
         assert_eq!(c.scratch, PathBuf::from("/var/lib/l"));
+        assert_eq!(c.restore_dir, PathBuf::from(DEFAULT_RESTORE_DIR));
         assert_eq!(c.vms.len(), 3);
         assert_eq!(c.vms[0].agent, Some(AgentEndpoint::Hybrid(HybridAddr { path: "/v.sock".into(), port: 7735 })));
         assert_eq!(c.vms[1].agent, Some(AgentEndpoint::Vsock { cid: 5, port: DEFAULT_AGENT_PORT }));
@@ -362,6 +372,7 @@ mod tests {
             ),
             (format!("{BASE}[defaults]\nfreeze_timeout_ms = 0\n"), "freeze_timeout_ms"),
             (format!("{BASE}colour = 1\n"), "not valid"),
+            (format!("{BASE}restore_dir = \"restore\"\n"), "restore_dir `restore` must be an absolute path"),
         ];
         for (text, want) in cases {
             let e = parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}"));

@@ -90,6 +90,12 @@ pub enum Error {
         #[source]
         source: repo::Error,
     },
+    #[error("Cannot create the restore directory `{}`", path.display())]
+    RestoreDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("An internal task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -137,6 +143,9 @@ impl Daemon {
     /// As [`Daemon::open`], the VMs reached through `connector`.
     pub fn open_with(config: Config, connector: Arc<dyn Connector>) -> Result<Arc<Daemon>> {
         let store = Store::open(&config.state)?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&config.restore_dir)
+            .map_err(|source| Error::RestoreDir { path: config.restore_dir.clone(), source })?;
         let path = config.repository.clone();
         let fresh = match std::fs::read_dir(&path) {
             Ok(mut rd) => rd.next().is_none(),
@@ -274,11 +283,10 @@ impl Daemon {
         .await
     }
 
-    /// Restores one disk to a new file; progress: one report at the start, one at the end.
+    /// Restores one disk to a new file beneath the restore directory; progress: one report at
+    /// the start, one at the end.
     pub async fn restore(&self, r: RestoreRequest) -> Result<mpsc::Receiver<Result<RestoreProgress>>> {
-        if !r.target.is_absolute() {
-            return Err(Error::InvalidArgument(format!("The target path {:?} must be absolute", r.target)));
-        }
+        let dest = crate::restore::Destination::resolve(&self.config.restore_dir, &r.target)?;
         let total = {
             let (vm, id, disk) = (r.vm.clone(), r.id.clone(), r.disk.clone());
             self.blocking(move |repo, _| {
@@ -288,16 +296,13 @@ impl Daemon {
             })
             .await?
         };
-        if r.target.exists() {
-            return Err(Error::Repo(repo::Error::DestinationExists(r.target)));
-        }
         let (tx, rx) = mpsc::channel(4);
         let _ = tx.try_send(Ok(RestoreProgress { bytes_written: 0, bytes_total: total, done: false }));
         let repo = self.repo.clone();
         tokio::spawn(async move {
             let res = tokio::task::spawn_blocking(move || match r.format {
-                ImageFormat::Raw => crate::restore::raw(&repo, &r.vm, &r.id, &r.disk, &r.target),
-                ImageFormat::Qcow2 => crate::restore::qcow2(&repo, &r.vm, &r.id, &r.disk, &r.target),
+                ImageFormat::Raw => crate::restore::raw(&repo, &r.vm, &r.id, &r.disk, &dest),
+                ImageFormat::Qcow2 => crate::restore::qcow2(&repo, &r.vm, &r.id, &r.disk, &dest),
             })
             .await;
             let msg = match res {

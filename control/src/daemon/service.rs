@@ -256,7 +256,9 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Backend { source, .. } => backend_code(source),
         DaemonError::Repo(e) | DaemonError::RepoOpen { source: e, .. } => repo_code(e),
         DaemonError::Restore(e) => restore_code(e),
-        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::Task(_) => Code::Internal,
+        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::RestoreDir { .. } | DaemonError::Task(_) => {
+            Code::Internal
+        }
     }
 }
 
@@ -283,6 +285,9 @@ fn restore_code(e: &crate::restore::Error) -> Code {
     match e {
         R::Repo(e) => repo_code(e),
         R::DestinationExists(_) => Code::AlreadyExists,
+        R::OutsideRestoreDir { .. } => Code::InvalidArgument,
+        R::NoSuchDirectory(_) => Code::NotFound,
+        R::NoOpenat2 => Code::FailedPrecondition,
         R::Io { .. } | R::QemuImgSpawn(_) | R::QemuImg { .. } => Code::Internal,
     }
 }
@@ -351,22 +356,33 @@ impl tonic::service::Interceptor for TokenCheck {
     }
 }
 
-/// Binds the unix socket with mode 0600 (a stale socket file is replaced).
+/// Binds the unix socket with mode 0600 (a stale socket file is replaced). The socket is bound
+/// and listening under a temporary name first and renamed into place, so that its path appears
+/// only once a client can connect (a client started with the daemon otherwise finds the file
+/// between bind and listen and is refused).
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
     let err = |source| Error::Unix { path: path.to_owned(), source };
     if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            std::fs::remove_file(path).map_err(err)?;
+        if !m.file_type().is_socket() {
+            return Err(err(std::io::Error::from(std::io::ErrorKind::AlreadyExists)));
         }
     }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     // SAFETY: umask only changes the process's file mode mask; no memory is involved. The
     // mask makes the socket 0600 from its creation, before anyone can connect.
     let old = unsafe { libc::umask(0o177) };
-    let l = tokio::net::UnixListener::bind(path);
+    let l = tokio::net::UnixListener::bind(&tmp);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let l = l.map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     Ok(l)
 }
 
@@ -470,6 +486,15 @@ mod tests {
             (DaemonError::Repo(repo::Error::BackupNotFound { vm: "x".into(), id: "b".into() }), Code::NotFound),
             (DaemonError::Repo(repo::Error::DestinationExists("/t".into())), Code::AlreadyExists),
             (DaemonError::Repo(repo::Error::Busy), Code::Unavailable),
+            (
+                DaemonError::Restore(crate::restore::Error::OutsideRestoreDir {
+                    target: "../x".into(),
+                    dir: "/r".into(),
+                    why: "`..` is refused",
+                }),
+                Code::InvalidArgument,
+            ),
+            (DaemonError::Restore(crate::restore::Error::NoSuchDirectory("/r/d".into())), Code::NotFound),
             (DaemonError::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
             (DaemonError::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
         ];

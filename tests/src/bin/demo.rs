@@ -624,9 +624,7 @@ fn run(crash: bool) -> Result<()> {
     let mut restored = Vec::new();
     for (t, name) in [(&first, "restored.raw"), (&second, "restored-2.raw")] {
         step(&format!("Restoring backup {} ({}) and checking it", t.summary.id, t.summary.kind));
-        let to = rel.join(name);
-        let to = to.to_string_lossy();
-        demo.show(&["backup", "restore", VM, &t.summary.id, "--disk", "vda", "--to", &to])?;
+        demo.show(&["backup", "restore", VM, &t.summary.id, "--disk", "vda", "--to", name])?;
         restored.push(check_restored(&sh, &dir.join(name), t, crash)?);
     }
 
@@ -649,8 +647,7 @@ fn run(crash: bool) -> Result<()> {
 
     step("A last backup of the idle disk, to compare its restore with the disk image itself");
     let idle = demo.snapshot(None, &["--no-quiesce"])?;
-    let to = rel.join("restored-idle.raw");
-    demo.show(&["backup", "restore", VM, &idle.summary.id, "--disk", "vda", "--to", &to.to_string_lossy()])?;
+    demo.show(&["backup", "restore", VM, &idle.summary.id, "--disk", "vda", "--to", "restored-idle.raw"])?;
     let status = daemon.stop(libc::SIGTERM, Duration::from_secs(30))?;
     ensure!(status.success(), "livesnapd exited with {status}; its log is {}", daemon_log.display());
     fact(&format!("livesnapd stopped ({status})"));

@@ -245,7 +245,7 @@ impl Rig {
         std::fs::write(&base, data).unwrap();
         let agent = if agent { "agent = { unix = \"/fake/agent.sock\" }\n" } else { "" };
         let text = format!(
-            "repository = \"{0}/repo\"\nsocket = \"{0}/d.sock\"\nstate = \"{0}/state.redb\"\n\
+            "repository = \"{0}/repo\"\nsocket = \"{0}/d.sock\"\nstate = \"{0}/state.redb\"\nrestore_dir = \"{0}/restore\"\n\
              [[vm]]\nname = \"{VM}\"\ncontrol = \"/fake/control.sock\"\n{agent}",
             dir.path().display()
         );
