@@ -304,3 +304,20 @@ fn as_another_user_it_serves_io_and_a_snapshot_with_its_merge() {
     rig.stop();
     assert!(!rig.log().contains("blocked syscall"), "{}", rig.log());
 }
+
+#[test]
+fn a_panic_in_a_confined_thread_prints_its_backtrace_and_the_process_goes_on() {
+    // qcow2-rs panics on some images; the panic is caught and the disk failed, and printing it
+    // (with a backtrace when RUST_BACKTRACE asks) must not be a blocked call.
+    let mut rig = Rig::new();
+    rig.start(&[], &[("LIVESNAP_BLK_TEST_PANIC", "1"), ("RUST_BACKTRACE", "full")]);
+    rig.wait_log("test hook: the panic was caught");
+    assert!(rig.log().contains("test hook: a panic in a confined thread"), "{}", rig.log());
+    assert!(rig.log().contains("stack backtrace:"), "{}", rig.log());
+    let (_f, mut qs) = rig.connect();
+    qs[0].write(0, &[9u8; 4096]).unwrap();
+    assert_eq!(qs[1].read(0, 4096).unwrap(), vec![9u8; 4096]);
+    drop(qs);
+    rig.stop();
+    assert!(!rig.log().contains("blocked syscall"), "{}", rig.log());
+}

@@ -146,6 +146,10 @@ pub struct TestHooks {
     /// `LIVESNAP_BLK_TEST_OPEN=PATH`: after the confinement, opening PATH for reading is tried
     /// and its outcome logged (Landlock must refuse a path outside the process's own files).
     open: Option<OsString>,
+    /// `LIVESNAP_BLK_TEST_PANIC=1`: a thread started after the confinement panics, as qcow2-rs
+    /// may under `catch_unwind`; the panic message (and, with `RUST_BACKTRACE`, the backtrace)
+    /// must be printed without a blocked call, and the process must go on.
+    panic: bool,
 }
 
 impl TestHooks {
@@ -153,6 +157,7 @@ impl TestHooks {
         TestHooks {
             forbidden_syscall: std::env::var_os("LIVESNAP_BLK_TEST_FORBIDDEN_SYSCALL").is_some_and(|v| v == "1"),
             open: std::env::var_os("LIVESNAP_BLK_TEST_OPEN"),
+            panic: std::env::var_os("LIVESNAP_BLK_TEST_PANIC").is_some_and(|v| v == "1"),
         }
     }
 
@@ -163,6 +168,22 @@ impl TestHooks {
             match std::fs::File::open(&path) {
                 Ok(_) => warn!(path = %path.display(), "test hook: opened"),
                 Err(e) => warn!(path = %path.display(), error = %e, "test hook: cannot open"),
+            }
+        }
+        if self.panic {
+            let spawned = std::thread::Builder::new().name("test-hook".into()).spawn(|| {
+                let joined = std::thread::Builder::new()
+                    .name("test-panic".into())
+                    .spawn(|| panic!("test hook: a panic in a confined thread"))
+                    .map(std::thread::JoinHandle::join);
+                match joined {
+                    Ok(Err(_)) => warn!("test hook: the panic was caught"),
+                    Ok(Ok(())) => warn!("test hook: no panic"),
+                    Err(e) => warn!(error = %e, "test hook: cannot start its thread"),
+                }
+            });
+            if let Err(e) = spawned {
+                warn!(error = %e, "test hook: cannot start its thread");
             }
         }
         if self.forbidden_syscall {

@@ -86,6 +86,12 @@ pub fn allow_list(pid: libc::pid_t) -> Result<Rules, BackendError> {
         // abort(3) (a double panic, a failed assertion in qcow2-rs) signals itself with
         // tgkill(getpid(), ...): it must die of SIGABRT, not of a blocked getpid.
         libc::SYS_getpid,
+        // A panic's backtrace (RUST_BACKTRACE) prints paths relative to the working directory
+        // and looks for the executable (Landlock refuses to open it: the frames stay
+        // unnamed); qcow2-rs panics are caught and the process goes on, so printing one must
+        // not kill it.
+        libc::SYS_getcwd,
+        libc::SYS_readlinkat,
         // glibc tries clone3 first; the second filter makes it fail with ENOSYS, and glibc
         // then uses clone, whose flags this one checks.
         libc::SYS_clone3,
@@ -130,7 +136,7 @@ pub fn allow_list(pid: libc::pid_t) -> Result<Rules, BackendError> {
     ]);
     // The same calls under their older names where the architecture has them.
     #[cfg(target_arch = "x86_64")]
-    allow(&[libc::SYS_epoll_wait, libc::SYS_unlink]);
+    allow(&[libc::SYS_epoll_wait, libc::SYS_unlink, libc::SYS_readlink]);
     #[cfg(not(target_arch = "x86_64"))]
     allow(&[libc::SYS_epoll_pwait, libc::SYS_unlinkat]);
 
