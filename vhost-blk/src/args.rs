@@ -39,6 +39,41 @@ pub struct Args {
     /// (default: no limit but the filesystem's free space).
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
     pub delta_limit: Option<u64>,
+
+    /// Once the images, the state directory and the sockets are open, run as this user: a name
+    /// or a number, and a group after a colon (default: the user's own group). The state
+    /// directory must be writable by that user.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<UserSpec>,
+
+    /// Confinement once started (no new privileges, no capabilities, Landlock, a seccomp
+    /// allow-list). `off` is for debugging only: it leaves a guest that takes over the process
+    /// free to reach the host.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub sandbox: bool,
+}
+
+/// The `--user` argument: a user and an optional group, each a name or a number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserSpec {
+    pub user: String,
+    pub group: Option<String>,
+}
+
+impl FromStr for UserSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        let valid = |v: &str| !v.is_empty() && !v.contains(['\0', ':']);
+        if !valid(user) || group.is_some_and(|g| !valid(g)) {
+            return Err(format!("expected USER or USER:GROUP, got {s:?}"));
+        }
+        Ok(UserSpec { user: user.to_owned(), group: group.map(str::to_owned) })
+    }
 }
 
 /// One `--disk` argument.
@@ -149,6 +184,25 @@ mod tests {
             let err = spec.parse::<DiskSpec>().unwrap_err();
             assert!(err.contains(what), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn user_spec_parses_user_and_group() {
+        let u: UserSpec = "nobody".parse().unwrap();
+        assert_eq!(u, UserSpec { user: "nobody".into(), group: None });
+        let u: UserSpec = "65534:65534".parse().unwrap();
+        assert_eq!(u, UserSpec { user: "65534".into(), group: Some("65534".into()) });
+        for bad in ["", ":", "a:", ":b", "a:b:c"] {
+            assert!(bad.parse::<UserSpec>().unwrap_err().contains("USER:GROUP"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sandbox_is_on_unless_turned_off() {
+        let base = ["livesnap-blk", "--vm", "v", "--disk", "id=a,image=x,socket=s"];
+        assert!(Args::try_parse_from(base).unwrap().sandbox);
+        let off = Args::try_parse_from(base.iter().copied().chain(["--sandbox", "off"])).unwrap();
+        assert!(!off.sandbox);
     }
 
     #[test]

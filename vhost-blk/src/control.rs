@@ -101,48 +101,76 @@ impl Drop for ControlServer {
 
 /// Binds `path` (replacing a stale socket; only root may connect) and serves `ctl` on it.
 pub fn serve(path: &Path, ctl: Arc<dyn SnapshotControl>) -> Result<ControlServer, Error> {
-    let listen_err = |source| Error::Listen { path: path.to_owned(), source };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(listen_err(e)),
-        _ => {}
+    Bound::bind(path, ctl)?.start()
+}
+
+/// A control socket bound and listening, not yet served: livesnap-blk binds it before it
+/// confines itself and starts serving after, so that the service's thread starts confined.
+pub struct Bound {
+    path: PathBuf,
+    rt: tokio::runtime::Runtime,
+    listener: tokio::net::UnixListener,
+    ctl: Arc<dyn SnapshotControl>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound").field("path", &self.path).finish()
     }
-    let listener = {
-        let _guard = rt.enter();
-        tokio::net::UnixListener::bind(path).map_err(listen_err)?
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
-    let (tx, rx) = watch::channel(false);
-    let service = SnapshotControlServer::new(Service { ctl });
-    let shown = path.display().to_string();
-    let thread = std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            let stopping = |mut rx: watch::Receiver<bool>| async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            };
-            let server = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping(rx.clone()));
-            // A graceful stop waits for every client to hang up; one that never does (stalled,
-            // or hostile) must not keep the backend from exiting.
-            let deadline = async {
-                stopping(rx).await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            };
-            rt.block_on(async {
-                tokio::select! {
-                    served = server => if let Err(e) = served {
-                        error!(socket = %shown, error = %livesnap_proto::error::chain(&e), "control service failed");
-                    },
-                    () = deadline => warn!(socket = %shown, "control clients still connected at the stop; closing them"),
-                }
-            });
-            rt.shutdown_timeout(SHUTDOWN_GRACE);
-        })
-        .map_err(Error::Runtime)?;
-    info!(socket = %path.display(), "control service listening");
-    Ok(ControlServer { path: path.to_owned(), shutdown: Some(tx), thread: Some(thread) })
+}
+
+impl Bound {
+    /// Binds `path` (replacing a stale socket; only root may connect); starts no thread.
+    pub fn bind(path: &Path, ctl: Arc<dyn SnapshotControl>) -> Result<Bound, Error> {
+        let listen_err = |source| Error::Listen { path: path.to_owned(), source };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(listen_err(e)),
+            _ => {}
+        }
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::UnixListener::bind(path).map_err(listen_err)?
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+        Ok(Bound { path: path.to_owned(), rt, listener, ctl })
+    }
+
+    /// Serves the control service on its own thread.
+    pub fn start(self) -> Result<ControlServer, Error> {
+        let Bound { path, rt, listener, ctl } = self;
+        let (tx, rx) = watch::channel(false);
+        let service = SnapshotControlServer::new(Service { ctl });
+        let shown = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let stopping = |mut rx: watch::Receiver<bool>| async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                };
+                let server = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping(rx.clone()));
+                // A graceful stop waits for every client to hang up; one that never does
+                // (stalled, or hostile) must not keep the backend from exiting.
+                let deadline = async {
+                    stopping(rx).await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                };
+                rt.block_on(async {
+                    tokio::select! {
+                        served = server => if let Err(e) = served {
+                            error!(socket = %shown, error = %livesnap_proto::error::chain(&e), "control service failed");
+                        },
+                        () = deadline => warn!(socket = %shown, "control clients still connected at the stop; closing them"),
+                    }
+                });
+                rt.shutdown_timeout(SHUTDOWN_GRACE);
+            })
+            .map_err(Error::Runtime)?;
+        info!(socket = %path.display(), "control service listening");
+        Ok(ControlServer { path, shutdown: Some(tx), thread: Some(thread) })
+    }
 }
 
 struct Service {

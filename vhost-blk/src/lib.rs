@@ -7,10 +7,12 @@
 //! - [`snap`]: the snapshot engine: redirect-on-write deltas, the merge, change tracking.
 //! - [`control`]: the snapshot control service (gRPC on a unix socket); [`ctl`]: its CLI client.
 //! - [`recover`]: `livesnap-blk recover`, folding a delta into its base offline.
+//! - [`confine`]: the confinement once started: no privileges, Landlock, the seccomp allow-list.
 //! - [`args`]: the command line.
 
 pub mod args;
 pub mod backend;
+pub mod confine;
 pub mod control;
 pub mod ctl;
 pub mod disk;

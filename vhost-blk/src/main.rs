@@ -12,7 +12,7 @@ use livesnap_blk::disk::{self, DiskFile};
 use livesnap_blk::server::DiskServer;
 use livesnap_blk::snap::{self, store::FsDir};
 use livesnap_blk::virtio::BlkDevice;
-use livesnap_blk::{control, sys};
+use livesnap_blk::{confine, control, sys};
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
@@ -27,7 +27,11 @@ fn run() -> Result<()> {
     args.validate().map_err(|e| anyhow!(e))?;
     // Every thread spawned from here on inherits the mask; the main thread waits for them.
     sys::block_signals(&STOP_SIGNALS).context("Cannot block signals")?;
+    let user = args.user.as_ref().map(confine::user::resolve).transpose().context("Cannot use --user")?;
+    let hooks = confine::TestHooks::from_env();
 
+    // Everything is opened and bound first, on this thread alone: no other thread may start
+    // before the confinement, so that each one inherits it.
     let num_queues = args.num_queues();
     let mut opened = Vec::new();
     for spec in &args.disks {
@@ -40,8 +44,8 @@ fn run() -> Result<()> {
         Some(dir) => {
             let store = FsDir::new(dir).with_context(|| format!("Cannot use state directory {}", dir.display()))?;
             let opts = snap::Options { delta_limit: args.delta_limit, ..snap::Options::default() };
-            let vm =
-                snap::Vm::open(&args.vm, Arc::new(store), opened, opts).context("Cannot recover snapshot state")?;
+            let vm = snap::Vm::open_deferred(&args.vm, Arc::new(store), opened, opts)
+                .context("Cannot recover snapshot state")?;
             let disks = args.disks.iter().filter_map(|d| vm.disk(&d.id)).collect();
             (Some(vm), disks)
         }
@@ -56,6 +60,19 @@ fn run() -> Result<()> {
                 .with_context(|| format!("Disk {}", spec.id))?,
         );
     }
+    let control = match (&args.control, &engine) {
+        (Some(path), Some(vm)) => Some(
+            control::Bound::bind(path, Arc::new(vm.clone()))
+                .with_context(|| format!("Cannot serve control socket {}", path.display()))?,
+        ),
+        _ => None,
+    };
+
+    // SAFETY: getuid(2) takes no arguments and cannot fail.
+    let uid = user.as_ref().map_or_else(|| unsafe { libc::getuid() }, |c| c.uid);
+    let plan = confine::Plan { sandbox: args.sandbox, user, files: confined_files(&args) };
+    plan.apply().context("Cannot confine livesnap-blk")?;
+    hooks.run();
 
     let stoppers: Vec<_> = servers.iter().map(|s| (s.stopper(), s.socket().to_owned())).collect();
     let devices: Vec<_> = args.disks.iter().map(|d| d.id.clone()).collect();
@@ -65,19 +82,22 @@ fn run() -> Result<()> {
             .spawn(move || server.run())
             .context("Cannot start a listener thread")?;
     }
-    let control = match (&args.control, &engine) {
-        (Some(path), Some(vm)) => Some(
-            control::serve(path, Arc::new(vm.clone()))
-                .with_context(|| format!("Cannot serve control socket {}", path.display()))?,
-        ),
-        _ => None,
+    let control = match control {
+        Some(bound) => Some(bound.start().context("Cannot start the control service")?),
+        None => None,
     };
-    info!(vm = %args.vm, disks = ?devices, queues = num_queues, snapshots = engine.is_some(), "ready");
+    if let Some(vm) = &engine {
+        vm.resume_merges();
+    }
+    info!(vm = %args.vm, disks = ?devices, queues = num_queues, snapshots = engine.is_some(),
+          sandbox = args.sandbox, uid, "ready");
 
     let sig = sys::wait_signal(&STOP_SIGNALS).context("Cannot wait for signals")?;
     info!(signal = sig, "stopping: finishing in-flight requests");
     for (stopper, socket) in &stoppers {
         stopper.stop();
+        // Confined, the process may remove nothing outside its state directory: the socket
+        // then stays, and the next start replaces it.
         let _ = std::fs::remove_file(socket);
     }
     if let Some(c) = control {
@@ -88,6 +108,14 @@ fn run() -> Result<()> {
     }
     info!("stopped; all disks flushed");
     Ok(())
+}
+
+/// What the confined process may still open: its state directory and its images.
+fn confined_files(args: &Args) -> confine::Files {
+    confine::Files {
+        state_dir: args.state_dir.clone(),
+        images: args.disks.iter().map(|d| (d.image.clone(), !d.readonly)).collect(),
+    }
 }
 
 fn main() -> ExitCode {

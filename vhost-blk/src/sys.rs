@@ -1,5 +1,5 @@
-//! The few system calls that std does not wrap: file locks, block-device ioctls, fallocate and
-//! signal masks.
+//! The few system calls that std does not wrap: file locks, block-device ioctls, fallocate,
+//! signal masks, and the privilege calls of the confinement (prctl, capabilities, ids).
 
 use std::fs::File;
 use std::io;
@@ -146,4 +146,76 @@ fn sigset(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
         check(unsafe { libc::sigaddset(&mut set, s) })?;
     }
     Ok(set)
+}
+
+/// `prctl(2)` with one argument; the rest are zero.
+pub fn prctl(option: libc::c_int, arg: libc::c_ulong) -> io::Result<libc::c_int> {
+    // SAFETY: the options used here take integers only, no pointers.
+    let ret = unsafe { libc::prctl(option, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two 32-bit words.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Empties the calling thread's effective, permitted and inheritable capability sets.
+pub fn clear_capabilities() -> io::Result<()> {
+    let header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset(2) reads a version-3 header and two data words from valid pointers.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's effective capability set, as a bit mask.
+pub fn effective_capabilities() -> io::Result<u64> {
+    let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget(2) reads the header and writes two data words, both valid for the call.
+    let ret = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
+}
+
+/// Sets the supplementary groups to none, then the real, effective and saved group and user
+/// ids. glibc applies each to every thread of the process.
+pub fn switch_user(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    // SAFETY: an empty list: no memory is read.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) })
+}
+
+/// `access(2)` for the real user: whether it may write into and search the directory `path`.
+pub fn can_write_dir(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated string alive for the call.
+    check(unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) })
 }

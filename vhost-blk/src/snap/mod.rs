@@ -212,6 +212,14 @@ impl Vm {
     /// Opens the engine on `dir`, recovering whatever a previous run left: an active snapshot
     /// stays active, a merge resumes, change maps carry on.
     pub fn open(name: &str, dir: Arc<dyn Dir>, disks: Vec<DiskSpec>, opts: Options) -> Result<Vm, Error> {
+        let vm = Self::open_deferred(name, dir, disks, opts)?;
+        vm.resume_merges();
+        Ok(vm)
+    }
+
+    /// As [`Vm::open`], but an interrupted merge resumes only at [`Vm::resume_merges`]: opening
+    /// starts no thread, so that livesnap-blk can confine itself in between.
+    pub fn open_deferred(name: &str, dir: Arc<dyn Dir>, disks: Vec<DiskSpec>, opts: Options) -> Result<Vm, Error> {
         let (mut record, mut state) = Self::open_record(&*dir)?;
 
         if let Some(snap) = &state.snapshot {
@@ -272,14 +280,19 @@ impl Vm {
         for d in &shared.disks {
             d.set_vm(Arc::downgrade(&shared));
         }
+        Ok(Vm { shared })
+    }
+
+    /// Resumes every merge a previous run left unfinished, each on its own thread.
+    pub fn resume_merges(&self) {
+        let shared = &self.shared;
         let merging: Vec<usize> = (0..shared.disks.len())
             .filter(|&i| matches!(shared.disks[i].read_state().mode, Mode::Merging(_)))
             .collect();
         for i in merging {
-            info!(vm = name, disk = %shared.disks[i].id, "resuming the merge");
+            info!(vm = %shared.name, disk = %shared.disks[i].id, "resuming the merge");
             shared.spawn_merger(i);
         }
-        Ok(Vm { shared })
     }
 
     /// Reads the record; a directory is new only when the record is absent or empty and no
