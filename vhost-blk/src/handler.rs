@@ -173,6 +173,13 @@ impl Handler {
             w.queue.vring.set_queue_next_avail(next_avail);
         }
         w.queue.vring.set_queue_ready(true);
+        // The previous backend may have completed requests after the frontend stopped
+        // listening to it (a graceful stop finishes what it took): tell the driver to look at
+        // the used ring, as libvhost-user does when it gets a call eventfd. A driver that
+        // finds nothing new ignores it.
+        if let Err(e) = w.queue.vring.signal_used_queue() {
+            debug!(queue = index, error = %e, "cannot signal the call eventfd");
+        }
         self.update_registration(index)?;
         // Requests to resubmit (or made available before the kick fd was registered) are
         // served without waiting for a kick that may never come.
@@ -404,7 +411,17 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_call(&mut self, index: u8, file: Option<File>) -> VuResult<()> {
-        self.vring(u32::from(index))?.set_call(file);
+        let vring = self.vring(u32::from(index))?;
+        let has_call = file.is_some();
+        vring.set_call(file);
+        // A call eventfd that comes after the queue started (frontends send it before or after
+        // the kick one) may have missed completions: tell the driver now, as libvhost-user
+        // does, or it may wait for them forever.
+        if has_call && vring.get_ref().get_queue().ready() {
+            if let Err(e) = vring.signal_used_queue() {
+                debug!(queue = index, error = %e, "cannot signal the new call eventfd");
+            }
+        }
         self.start_if_ready(u32::from(index))
     }
 
