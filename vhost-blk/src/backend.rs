@@ -157,12 +157,20 @@ impl Queue {
         *lock(&self.inflight) = None;
     }
 
-    /// Releases held requests now and waits until every one of them has completed.
-    pub fn drain_held(&self, release: bool) {
-        if release {
-            self.release.store(true, Ordering::Release);
-            self.held_cv.notify_all();
-        }
+    /// Lets held requests run now, and any held later at once (the queue stops).
+    pub fn release_held(&self) {
+        self.release.store(true, Ordering::Release);
+        let _held = lock(&self.held);
+        self.held_cv.notify_all();
+    }
+
+    /// The test hook holds requests again (the queue starts).
+    pub fn hold_again(&self) {
+        self.release.store(false, Ordering::Release);
+    }
+
+    /// Waits until every held request has completed.
+    pub fn drain_held(&self) {
         let mut held = lock(&self.held);
         while *held > 0 {
             held = self.held_cv.wait(held).unwrap_or_else(PoisonError::into_inner);

@@ -127,7 +127,7 @@ impl Handler {
     /// the workers stop. The inflight region, if any, then records nothing in flight.
     pub fn shutdown(&mut self) {
         for w in &self.workers {
-            w.queue.drain_held(true);
+            w.queue.release_held();
             w.exit.store(true, Ordering::Release);
             let _ = w.wake.write(1);
         }
@@ -137,6 +137,8 @@ impl Handler {
                     error!(queue = w.queue.index, "a queue worker panicked");
                 }
             }
+            // After the worker: it may have handed out held requests until it stopped.
+            w.queue.drain_held();
         }
     }
 
@@ -172,6 +174,7 @@ impl Handler {
             let next_avail = w.queue.start_inflight(region).map_err(refuse)?;
             w.queue.vring.set_queue_next_avail(next_avail);
         }
+        w.queue.hold_again();
         w.queue.vring.set_queue_ready(true);
         // The previous backend may have completed requests after the frontend stopped
         // listening to it (a graceful stop finishes what it took): tell the driver to look at
@@ -218,8 +221,9 @@ impl Handler {
         w.queue.vring.set_queue_ready(false);
         self.update_registration(index)?;
         let w = self.worker(index)?;
+        w.queue.release_held();
         drop(w.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        w.queue.drain_held(false);
+        w.queue.drain_held();
         w.queue.stop_inflight();
         Ok(())
     }
