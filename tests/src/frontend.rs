@@ -7,6 +7,11 @@
 //! be driven from their own threads. Every socket operation and every wait has a timeout, so a
 //! backend that stops answering fails the test instead of hanging it.
 //!
+//! With the `INFLIGHT_SHMFD` protocol feature (offered and [`Options::inflight`]), it asks the
+//! backend for an inflight region before starting the queues and keeps it, as QEMU does;
+//! [`Frontend::reconnect`] is QEMU's reconnection after a backend died: the same guest memory,
+//! rings and region handed to a new backend, each queue resuming from its used index.
+//!
 //! Guest memory layout: one region at guest address 0, split evenly between the queues; each
 //! share starts with the rings of its queue (page aligned) followed by buffer space for requests.
 
@@ -18,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend as VuFrontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -101,6 +106,8 @@ pub struct Options {
     /// Virtio features not to acknowledge though offered: a driver that lacks them (bit masks
     /// of `1 << VIRTIO_BLK_F_*`).
     pub withhold_features: u64,
+    /// Use `INFLIGHT_SHMFD` if the backend offers it (QEMU's vhost-user-blk always does).
+    pub inflight: bool,
 }
 
 impl Default for Options {
@@ -112,6 +119,7 @@ impl Default for Options {
             event_idx: true,
             timeout: Duration::from_secs(10),
             withhold_features: 0,
+            inflight: true,
         }
     }
 }
@@ -176,6 +184,17 @@ pub struct Frontend {
     max_queues: u64,
     config: BlkConfig,
     vrings: Vec<Vring>,
+    /// The inflight region the backend gave, kept for the next one.
+    inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// What the handshake settled.
+struct Negotiated {
+    offered_features: u64,
+    features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+    max_queues: u64,
+    config: BlkConfig,
 }
 
 impl std::fmt::Debug for Frontend {
@@ -192,67 +211,19 @@ impl std::fmt::Debug for Frontend {
 impl Frontend {
     /// Connects to the backend listening on `socket` and sets the device up as `opts` says.
     pub fn connect(socket: &Path, opts: &Options) -> Result<Self> {
-        let connect_err = |source| Error::Connect { path: socket.to_path_buf(), source };
-        let stream = connect_retrying(socket, opts.timeout).map_err(connect_err)?;
-        stream.set_read_timeout(Some(opts.timeout)).map_err(connect_err)?;
-        stream.set_write_timeout(Some(opts.timeout)).map_err(connect_err)?;
-        let mut vu = VuFrontend::from_stream(stream, u64::from(opts.queues));
+        let mut vu = open(socket, opts)?;
+        let n = negotiate(&mut vu, opts)?;
         let op = |op| move |source| Error::Vhost { op, source };
-
-        vu.set_owner().map_err(op("SET_OWNER"))?;
-        let offered_features = vu.get_features().map_err(op("GET_FEATURES"))?;
-        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if offered_features & 1 << VIRTIO_F_VERSION_1 == 0 {
-            return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
-        }
-        if offered_features & protocol_bit == 0 {
-            return Err(Error::MissingFeature("VHOST_USER_F_PROTOCOL_FEATURES"));
-        }
-        let offered_proto = vu.get_protocol_features().map_err(op("GET_PROTOCOL_FEATURES"))?;
-        if !offered_proto.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(Error::MissingFeature("VHOST_USER_PROTOCOL_F_CONFIG"));
-        }
-        let wanted_proto =
-            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
-        let protocol_features = offered_proto & wanted_proto;
-        vu.set_protocol_features(protocol_features).map_err(op("SET_PROTOCOL_FEATURES"))?;
-        let max_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
-            vu.get_queue_num().map_err(op("GET_QUEUE_NUM"))?
+        let inflight = if n.protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            let ask = VhostUserInflight { num_queues: opts.queues, queue_size: opts.queue_size, ..Default::default() };
+            let (msg, file) = vu.get_inflight_fd(&ask).map_err(op("GET_INFLIGHT_FD"))?;
+            vu.set_inflight_fd(&msg, file.as_raw_fd()).map_err(op("SET_INFLIGHT_FD"))?;
+            Some((msg, file))
         } else {
-            1
+            None
         };
-        if max_queues < u64::from(opts.queues) {
-            return Err(Error::TooFewQueues { offered: max_queues, wanted: opts.queues });
-        }
-
-        let (_, raw) = vu
-            .get_config(0, BlkConfig::SIZE as u32, VhostUserConfigFlags::empty(), &[0; BlkConfig::SIZE])
-            .map_err(op("GET_CONFIG"))?;
-        let raw: &[u8; BlkConfig::SIZE] =
-            raw.as_slice().try_into().map_err(|_| op("GET_CONFIG")(vhost::Error::InvalidOperation))?;
-        let config = BlkConfig::parse(raw);
-
-        let mut wanted = BLK_FEATURES | protocol_bit;
-        if opts.event_idx {
-            wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
-        }
-        let features = offered_features & wanted & !opts.withhold_features;
-        if opts.queues > 1 && features & 1 << VIRTIO_BLK_F_MQ == 0 {
-            return Err(Error::MissingFeature("VIRTIO_BLK_F_MQ"));
-        }
-        vu.set_features(features).map_err(op("SET_FEATURES"))?;
-        if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // From now on every request is acknowledged, so a refusal surfaces where it happens.
-            vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-
         let mem = Arc::new(guest_memory(opts.mem_size)?);
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(op("SET_MEM_TABLE"))?;
-        vu.set_mem_table(&regions).map_err(op("SET_MEM_TABLE"))?;
+        set_mem_table(&mut vu, &mem)?;
 
         let area = (opts.mem_size / u64::from(opts.queues.max(1))) / PAGE * PAGE;
         let rings = SplitQueue::layout_size(opts.queue_size).next_multiple_of(PAGE);
@@ -263,7 +234,7 @@ impl Frontend {
                 queue_size: opts.queue_size,
             });
         }
-        let event_idx = features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = n.features & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
         let mut vrings = Vec::with_capacity(usize::from(opts.queues));
         for index in 0..opts.queues {
             let base = GuestAddress(u64::from(index) * area);
@@ -277,29 +248,42 @@ impl Frontend {
                 buffers: (base.unchecked_add(rings), area - rings),
                 timeout: opts.timeout,
             };
-            let (desc, avail, used) = vring.queue.addresses();
-            let host = |a: GuestAddress| {
-                mem.get_host_address(a).map(|p| p as u64).map_err(|_| Error::HostAddress(a.raw_value()))
-            };
-            let config = VringConfigData {
-                queue_max_size: opts.queue_size,
-                queue_size: opts.queue_size,
-                flags: 0,
-                desc_table_addr: host(desc)?,
-                used_ring_addr: host(used)?,
-                avail_ring_addr: host(avail)?,
-                log_addr: None,
-            };
-            let i = usize::from(index);
-            vu.set_vring_num(i, opts.queue_size).map_err(op("SET_VRING_NUM"))?;
-            vu.set_vring_base(i, 0).map_err(op("SET_VRING_BASE"))?;
-            vu.set_vring_addr(i, &config).map_err(op("SET_VRING_ADDR"))?;
-            vu.set_vring_call(i, &vring.call).map_err(op("SET_VRING_CALL"))?;
-            vu.set_vring_kick(i, &vring.kick).map_err(op("SET_VRING_KICK"))?;
-            vu.set_vring_enable(i, true).map_err(op("SET_VRING_ENABLE"))?;
+            start_vring(&mut vu, &mem, &vring, 0)?;
             vrings.push(vring);
         }
-        Ok(Frontend { vu, mem, offered_features, features, protocol_features, max_queues, config, vrings })
+        let Negotiated { offered_features, features, protocol_features, max_queues, config } = n;
+        Ok(Frontend { vu, mem, offered_features, features, protocol_features, max_queues, config, vrings, inflight })
+    }
+
+    /// What QEMU does when its backend went away and a new one listens on `socket`: sets the
+    /// device up again on the same guest memory, hands back the inflight region (if the new
+    /// backend offers the feature) and starts `vrings` (the queues taken out earlier, in index
+    /// order), each from its used index, as QEMU restores a queue whose backend died.
+    pub fn reconnect(&mut self, socket: &Path, opts: &Options, vrings: &[&Vring]) -> Result<()> {
+        let mut vu = open(socket, opts)?;
+        let n = negotiate(&mut vu, opts)?;
+        let op = |op| move |source| Error::Vhost { op, source };
+        if n.protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if let Some((msg, file)) = &self.inflight {
+                vu.set_inflight_fd(msg, file.as_raw_fd()).map_err(op("SET_INFLIGHT_FD"))?;
+            }
+        }
+        set_mem_table(&mut vu, &self.mem)?;
+        for vring in vrings {
+            let index = vring.index;
+            let used = vring.queue.used_idx().map_err(|source| Error::Queue { index, source })?;
+            start_vring(&mut vu, &self.mem, vring, used)?;
+        }
+        self.vu = vu;
+        self.features = n.features;
+        self.protocol_features = n.protocol_features;
+        self.config = n.config;
+        Ok(())
+    }
+
+    /// The inflight region's descriptor and file, if the backend gave one.
+    pub fn inflight(&self) -> Option<&(VhostUserInflight, File)> {
+        self.inflight.as_ref()
     }
 
     /// The config space read at connection.
@@ -352,6 +336,107 @@ impl Frontend {
     pub fn vhost(&mut self) -> &mut VuFrontend {
         &mut self.vu
     }
+}
+
+/// Connects to `socket` with the timeouts of `opts`.
+fn open(socket: &Path, opts: &Options) -> Result<VuFrontend> {
+    let connect_err = |source| Error::Connect { path: socket.to_path_buf(), source };
+    let stream = connect_retrying(socket, opts.timeout).map_err(connect_err)?;
+    stream.set_read_timeout(Some(opts.timeout)).map_err(connect_err)?;
+    stream.set_write_timeout(Some(opts.timeout)).map_err(connect_err)?;
+    Ok(VuFrontend::from_stream(stream, u64::from(opts.queues)))
+}
+
+/// Owns the session, negotiates features and reads the config space.
+fn negotiate(vu: &mut VuFrontend, opts: &Options) -> Result<Negotiated> {
+    let op = |op| move |source| Error::Vhost { op, source };
+    vu.set_owner().map_err(op("SET_OWNER"))?;
+    let offered_features = vu.get_features().map_err(op("GET_FEATURES"))?;
+    let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if offered_features & 1 << VIRTIO_F_VERSION_1 == 0 {
+        return Err(Error::MissingFeature("VIRTIO_F_VERSION_1"));
+    }
+    if offered_features & protocol_bit == 0 {
+        return Err(Error::MissingFeature("VHOST_USER_F_PROTOCOL_FEATURES"));
+    }
+    let offered_proto = vu.get_protocol_features().map_err(op("GET_PROTOCOL_FEATURES"))?;
+    if !offered_proto.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err(Error::MissingFeature("VHOST_USER_PROTOCOL_F_CONFIG"));
+    }
+    let mut wanted_proto =
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+    if opts.inflight {
+        wanted_proto |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    let protocol_features = offered_proto & wanted_proto;
+    vu.set_protocol_features(protocol_features).map_err(op("SET_PROTOCOL_FEATURES"))?;
+    let max_queues = if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
+        vu.get_queue_num().map_err(op("GET_QUEUE_NUM"))?
+    } else {
+        1
+    };
+    if max_queues < u64::from(opts.queues) {
+        return Err(Error::TooFewQueues { offered: max_queues, wanted: opts.queues });
+    }
+
+    let (_, raw) = vu
+        .get_config(0, BlkConfig::SIZE as u32, VhostUserConfigFlags::empty(), &[0; BlkConfig::SIZE])
+        .map_err(op("GET_CONFIG"))?;
+    let raw: &[u8; BlkConfig::SIZE] =
+        raw.as_slice().try_into().map_err(|_| op("GET_CONFIG")(vhost::Error::InvalidOperation))?;
+    let config = BlkConfig::parse(raw);
+
+    let mut wanted = BLK_FEATURES | protocol_bit;
+    if opts.event_idx {
+        wanted |= 1 << VIRTIO_RING_F_EVENT_IDX;
+    }
+    let features = offered_features & wanted & !opts.withhold_features;
+    if opts.queues > 1 && features & 1 << VIRTIO_BLK_F_MQ == 0 {
+        return Err(Error::MissingFeature("VIRTIO_BLK_F_MQ"));
+    }
+    vu.set_features(features).map_err(op("SET_FEATURES"))?;
+    if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // From now on every request is acknowledged, so a refusal surfaces where it happens.
+        vu.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    Ok(Negotiated { offered_features, features, protocol_features, max_queues, config })
+}
+
+fn set_mem_table(vu: &mut VuFrontend, mem: &Memory) -> Result<()> {
+    let op = |source| Error::Vhost { op: "SET_MEM_TABLE", source };
+    let regions = mem
+        .iter()
+        .map(VhostUserMemoryRegionInfo::from_guest_region)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(op)?;
+    vu.set_mem_table(&regions).map_err(op)?;
+    Ok(())
+}
+
+/// Sets a queue up on the backend and starts it, its available ring from `base`.
+fn start_vring(vu: &mut VuFrontend, mem: &Memory, vring: &Vring, base: u16) -> Result<()> {
+    let op = |op| move |source| Error::Vhost { op, source };
+    let (desc, avail, used) = vring.queue.addresses();
+    let host =
+        |a: GuestAddress| mem.get_host_address(a).map(|p| p as u64).map_err(|_| Error::HostAddress(a.raw_value()));
+    let size = vring.queue.size();
+    let config = VringConfigData {
+        queue_max_size: size,
+        queue_size: size,
+        flags: 0,
+        desc_table_addr: host(desc)?,
+        used_ring_addr: host(used)?,
+        avail_ring_addr: host(avail)?,
+        log_addr: None,
+    };
+    let i = usize::from(vring.index);
+    vu.set_vring_num(i, size).map_err(op("SET_VRING_NUM"))?;
+    vu.set_vring_base(i, base).map_err(op("SET_VRING_BASE"))?;
+    vu.set_vring_addr(i, &config).map_err(op("SET_VRING_ADDR"))?;
+    vu.set_vring_call(i, &vring.call).map_err(op("SET_VRING_CALL"))?;
+    vu.set_vring_kick(i, &vring.kick).map_err(op("SET_VRING_KICK"))?;
+    vu.set_vring_enable(i, true).map_err(op("SET_VRING_ENABLE"))?;
+    Ok(())
 }
 
 /// A memfd of `size` bytes mapped shared at guest address 0.

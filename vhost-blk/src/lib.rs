@@ -2,7 +2,9 @@
 //!
 //! - [`disk`]: disk images (raw, qcow2) behind one trait; knows nothing of virtio.
 //! - [`virtio`]: virtio-blk requests: parsing a descriptor chain, executing it on a disk.
-//! - [`backend`]: the vhost-user glue: features, config space, one worker thread per queue.
+//! - [`backend`]: the device's virtio side: features, config space, the queue loop.
+//! - [`handler`]: the vhost-user protocol of a connection: memory, queues, their worker threads.
+//! - [`inflight`]: inflight I/O tracking, so that a backend restart loses and repeats nothing.
 //! - [`server`]: one listener per disk, a new device per frontend connection, clean shutdown.
 //! - [`snap`]: the snapshot engine: redirect-on-write deltas, the merge, change tracking.
 //! - [`control`]: the snapshot control service (gRPC on a unix socket); [`ctl`]: its CLI client.
@@ -16,6 +18,8 @@ pub mod confine;
 pub mod control;
 pub mod ctl;
 pub mod disk;
+pub mod handler;
+pub mod inflight;
 pub mod recover;
 pub mod server;
 pub mod snap;

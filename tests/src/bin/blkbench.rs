@@ -157,7 +157,7 @@ type Column = Vec<Option<f64>>;
 /// A target, set up once and kept for all its cells.
 enum Runner {
     /// A backend behind the test VMM; the daemon and frontend live as long as the queues.
-    Vhost { queues: Vec<BlkQueue>, _frontend: Frontend, _daemon: Daemon },
+    Vhost { queues: Vec<BlkQueue>, _frontend: Box<Frontend>, _daemon: Daemon },
     /// pread/pwrite on the file itself, one descriptor shared by the workers.
     Limit { file: File },
 }
@@ -173,7 +173,7 @@ impl Runner {
         let depth = WORKLOADS.iter().map(|w| w.depth).max().unwrap_or(1) as u16;
         let block = WORKLOADS.iter().map(|w| w.block).max().unwrap_or(4096);
         let (frontend, queues) = bench::connect(&socket, size, depth, block)?;
-        Ok(Runner::Vhost { queues, _frontend: frontend, _daemon: daemon })
+        Ok(Runner::Vhost { queues, _frontend: Box::new(frontend), _daemon: daemon })
     }
 
     /// Runs one cell of `w`; returns operations per second.

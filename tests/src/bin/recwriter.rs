@@ -4,8 +4,10 @@
 //! device is full; then syncs (a FLUSH) and prints the last record it completed.
 //!
 //! ```text
-//! recwriter DEVICE STOP_FILE
+//! recwriter DEVICE STOP_FILE [--fsync]
 //! ```
+//!
+//! With `--fsync`, each record is synced (`fdatasync`, a FLUSH) before the next is written.
 //!
 //! The records are laid out as [`livesnap_tests::record`] says.
 //!
@@ -63,7 +65,7 @@ enum Error {
     },
 }
 
-fn run(device: &str, stop: &Path) -> Result<i64, Error> {
+fn run(device: &str, stop: &Path, fsync: bool) -> Result<i64, Error> {
     let mut dev = OpenOptions::new()
         .read(true)
         .write(true)
@@ -82,6 +84,9 @@ fn run(device: &str, stop: &Path) -> Result<i64, Error> {
         }
         record::fill(&mut buf.0, done);
         dev.write_all_at(&buf.0, done * RECORD as u64).map_err(|source| Error::Write { k: done, source })?;
+        if fsync {
+            dev.sync_data().map_err(|source| Error::Sync { device: device.into(), source })?;
+        }
         done += 1;
         if done % PROGRESS_EVERY == 0 {
             println!("RECWRITER-PROGRESS={done}");
@@ -94,11 +99,15 @@ fn run(device: &str, stop: &Path) -> Result<i64, Error> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, device, stop] = args.as_slice() else {
-        eprintln!("usage: recwriter DEVICE STOP_FILE");
-        return ExitCode::from(2);
+    let (device, stop, fsync) = match args.as_slice() {
+        [_, device, stop] => (device, stop, false),
+        [_, device, stop, flag] if flag == "--fsync" => (device, stop, true),
+        _ => {
+            eprintln!("usage: recwriter DEVICE STOP_FILE [--fsync]");
+            return ExitCode::from(2);
+        }
     };
-    match run(device, Path::new(stop)) {
+    match run(device, Path::new(stop), fsync) {
         Ok(last) => {
             println!("RECWRITER-LAST={last}");
             ExitCode::SUCCESS
