@@ -79,10 +79,6 @@ pub enum Error {
         #[source]
         source: Box<store::Error>,
     },
-    /// Not returned by the repository, which never opens a restore target: kept for callers
-    /// that refuse to overwrite one.
-    #[error("`{}` exists already: a restore does not overwrite", .0.display())]
-    DestinationExists(PathBuf),
     #[error("Cannot set the size of the restore of disk {disk} to {size} bytes")]
     TargetResize {
         disk: String,

@@ -297,7 +297,7 @@ fn repo_code(e: &repo::Error) -> Code {
     match e {
         R::BackupNotFound { .. } | R::DiskNotFound { .. } => Code::NotFound,
         R::InvalidName { .. } | R::InvalidChunkSize(_) | R::InvalidLevel(_) => Code::InvalidArgument,
-        R::BackupExists { .. } | R::DestinationExists(_) => Code::AlreadyExists,
+        R::BackupExists { .. } => Code::AlreadyExists,
         R::Busy => Code::Unavailable,
         R::Manifest { .. } | R::Inconsistent { .. } | R::ChunkMissing { .. } | R::ChunkCorrupt { .. } => Code::DataLoss,
         R::ParentMismatch { .. } => Code::FailedPrecondition,
@@ -484,7 +484,7 @@ mod tests {
             (refused(Refusal::Failed), Code::Internal),
             (refused(Refusal::Exhausted), Code::ResourceExhausted),
             (DaemonError::Repo(repo::Error::BackupNotFound { vm: "x".into(), id: "b".into() }), Code::NotFound),
-            (DaemonError::Repo(repo::Error::DestinationExists("/t".into())), Code::AlreadyExists),
+            (DaemonError::Restore(crate::restore::Error::DestinationExists("/t".into())), Code::AlreadyExists),
             (DaemonError::Repo(repo::Error::Busy), Code::Unavailable),
             (
                 DaemonError::Restore(crate::restore::Error::OutsideRestoreDir {
