@@ -8,12 +8,15 @@
 //! - [`control`]: the snapshot control service (gRPC on a unix socket); [`ctl`]: its CLI client.
 //! - [`recover`]: `livesnap-blk recover`, folding a delta into its base offline.
 //! - [`args`]: the command line.
+//! - `fuzzing`: entry points of the fuzz targets (`fuzz/`) into private parsers; not an API.
 
 pub mod args;
 pub mod backend;
 pub mod control;
 pub mod ctl;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod recover;
 pub mod server;
 pub mod snap;
