@@ -10,8 +10,9 @@
 # <file>` replays it (with the same --sanitizer). The exit status is 1 when any target crashed.
 #
 # Toolchain: `cargo +nightly` when there is one; otherwise the stable toolchain with
-# RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags). FUZZ_SANITIZER overrides the sanitizer
-# (address by default; `none` is faster and finds only panics).
+# RUSTC_BOOTSTRAP=1 (cargo-fuzz needs -Z flags); FUZZ_TOOLCHAIN=stable|nightly chooses.
+# FUZZ_SANITIZER overrides the sanitizer (address by default; `none` is faster and finds only
+# panics). FUZZ_TARGET_DIR puts the build elsewhere than fuzz/target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,17 +21,22 @@ shift || true
 [[ $seconds =~ ^[0-9]+$ ]] || { echo "usage: ci/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]" >&2; exit 2; }
 
 command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
-if cargo +nightly --version >/dev/null 2>&1; then
+toolchain=${FUZZ_TOOLCHAIN:-}
+if [[ -z $toolchain ]]; then
+    toolchain=stable
+    cargo +nightly --version >/dev/null 2>&1 && toolchain=nightly
+fi
+if [[ $toolchain == nightly ]]; then
     fuzz=(cargo +nightly fuzz)
-    toolchain=nightly
 else
     export RUSTC_BOOTSTRAP=1
-    fuzz=(cargo fuzz)
+    fuzz=(cargo +stable fuzz)
     toolchain="stable with RUSTC_BOOTSTRAP=1"
 fi
 sanitizer=${FUZZ_SANITIZER:-address}
+target_dir=${FUZZ_TARGET_DIR:-fuzz/target}
 # Debug assertions on: an arithmetic overflow is a crash, not a silent wrap.
-opts=(--sanitizer "$sanitizer" --debug-assertions)
+opts=(--sanitizer "$sanitizer" --debug-assertions --target-dir "$target_dir")
 
 if [[ $# -gt 0 ]]; then
     targets=("$@")
@@ -45,13 +51,13 @@ else
     "${fuzz[@]}" build "${opts[@]}"
 fi
 
-bin_dir=fuzz/target/$(rustc -vV | sed -n 's/^host: //p')/release
+bin_dir=$target_dir/$(rustc -vV | sed -n 's/^host: //p')/release
 declare -A runs cpu crashes
 failed=0
 for t in "${targets[@]}"; do
-    work=fuzz/target/fuzz-corpus/$t
+    work=$target_dir/fuzz-corpus/$t
     mkdir -p "$work" "fuzz/corpus/$t" "fuzz/artifacts/$t"
-    log=fuzz/target/fuzz-$t.log
+    log=$target_dir/fuzz-$t.log
     before=$(find "fuzz/artifacts/$t" -type f | wc -l)
     TIMEFORMAT='%U %S'
     # Inputs may grow past libFuzzer's default 4 KiB where a bug needs more bytes than that
@@ -67,10 +73,10 @@ for t in "${targets[@]}"; do
     { time ASAN_OPTIONS=${ASAN_OPTIONS:-detect_odr_violation=0} "$bin_dir/$t" \
         -artifact_prefix="fuzz/artifacts/$t/" -max_total_time="$seconds" -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}" "$work" "fuzz/corpus/$t" \
-        >"$log" 2>&1; } 2>fuzz/target/fuzz-$t.time
+        >"$log" 2>&1; } 2>"$target_dir/fuzz-$t.time"
     status=$?
     set -e
-    read -r user sys <"fuzz/target/fuzz-$t.time"
+    read -r user sys <"$target_dir/fuzz-$t.time"
     cpu[$t]=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.1f", u + s }')
     runs[$t]=$(awk '/stat::number_of_executed_units/ { n = $2 } END { print n + 0 }' "$log")
     after=$(find "fuzz/artifacts/$t" -type f | wc -l)
