@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need, builds the guest image
 # (cached) and the guest agent's static binary and .deb, lints, installs the .deb into a fresh
-# Debian 12 root, then runs every test of the workspace with nextest (last, so that its summary
-# closes the output).
+# Debian 12 root, runs every fuzz target for a few seconds, then runs every test of the workspace
+# with nextest (last, so that its summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
 ci/build-guest.sh
-# Cargo tools: the test runner, the packager, and the userspace vsock device the agent's
-# QEMU tests reach the guest through.
-for tool in cargo-nextest:cargo-nextest cargo-deb:cargo-deb vhost-device-vsock:vhost-device-vsock; do
+# Cargo tools: the test runner, the packager, the userspace vsock device the agent's QEMU tests
+# reach the guest through, and the fuzzer's driver.
+for tool in cargo-nextest:cargo-nextest cargo-deb:cargo-deb vhost-device-vsock:vhost-device-vsock cargo-fuzz:cargo-fuzz; do
     bin=${tool%%:*} crate=${tool##*:}
     command -v "$bin" >/dev/null || cargo install --locked --quiet "$crate"
 done
 
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --all-targets --locked
 ci/package-agent.sh
 ci/build-recwriter.sh
 ci/check-agent-deb.sh
+# Every fuzz target builds and runs a few seconds from its seeds (ci/fuzz.sh SECONDS for more).
+ci/fuzz.sh 5
 cargo nextest run --workspace --locked --no-fail-fast

@@ -240,13 +240,7 @@ impl AgentClient {
     pub async fn ping(&self) -> Result<PingReply> {
         let mut c = self.client.clone();
         let r = self.call(Duration::ZERO, c.ping(pb::PingRequest {})).await?;
-        let v = Validator(&self.limits);
-        v.count("capabilities", r.capabilities.len(), 64)?;
-        v.string("version", &r.version)?;
-        for c in &r.capabilities {
-            v.string("capability", c)?;
-        }
-        Ok(PingReply { version: r.version, capabilities: r.capabilities, max_deadline_ms: r.max_deadline_ms })
+        Validator(&self.limits).ping(r)
     }
 
     /// Asks the agent to freeze for at most `deadline`. An aborted freeze (a hook failed, a
@@ -260,13 +254,44 @@ impl AgentClient {
         let mut req = tonic::Request::new(req);
         req.set_timeout(self.limits.call_timeout.saturating_add(deadline));
         let r = self.call(deadline, c.freeze(req)).await?;
-        let v = Validator(&self.limits);
-        v.string("error", &r.error)?;
+        Validator(&self.limits).freeze(r)
+    }
+
+    pub async fn thaw(&self) -> Result<ThawReply> {
+        let mut c = self.client.clone();
+        // Thaw hooks run before the reply.
+        let r = self.call(self.limits.call_timeout, c.thaw(pb::ThawRequest {})).await?;
+        Validator(&self.limits).thaw(r)
+    }
+
+    pub async fn status(&self) -> Result<StatusReply> {
+        let mut c = self.client.clone();
+        let r = self.call(Duration::ZERO, c.status(pb::StatusRequest {})).await?;
+        Validator(&self.limits).status(r)
+    }
+}
+
+/// Checks of untrusted replies against [`Limits`].
+pub(crate) struct Validator<'a>(pub(crate) &'a Limits);
+
+impl Validator<'_> {
+    pub(crate) fn ping(&self, r: pb::PingReply) -> Result<PingReply> {
+        self.count("capabilities", r.capabilities.len(), 64)?;
+        self.string("version", &r.version)?;
+        for c in &r.capabilities {
+            self.string("capability", c)?;
+        }
+        Ok(PingReply { version: r.version, capabilities: r.capabilities, max_deadline_ms: r.max_deadline_ms })
+    }
+
+    /// An aborted freeze is [`Error::FreezeAborted`] with the agent's report.
+    pub(crate) fn freeze(&self, r: pb::FreezeReply) -> Result<FreezeReply> {
+        self.string("error", &r.error)?;
         let reply = FreezeReply {
             frozen: r.frozen,
             error: r.error,
-            filesystems: v.filesystems(r.filesystems)?,
-            hooks: v.hooks(r.hooks)?,
+            filesystems: self.filesystems(r.filesystems)?,
+            hooks: self.hooks(r.hooks)?,
             deadline_unix_ms: r.deadline_unix_ms,
         };
         if !reply.frozen {
@@ -276,26 +301,19 @@ impl AgentClient {
         Ok(reply)
     }
 
-    pub async fn thaw(&self) -> Result<ThawReply> {
-        let mut c = self.client.clone();
-        // Thaw hooks run before the reply.
-        let r = self.call(self.limits.call_timeout, c.thaw(pb::ThawRequest {})).await?;
-        let v = Validator(&self.limits);
-        v.string("error", &r.error)?;
+    pub(crate) fn thaw(&self, r: pb::ThawReply) -> Result<ThawReply> {
+        self.string("error", &r.error)?;
         Ok(ThawReply {
             was_frozen: r.was_frozen,
-            filesystems: v.filesystems(r.filesystems)?,
-            hooks: v.hooks(r.hooks)?,
+            filesystems: self.filesystems(r.filesystems)?,
+            hooks: self.hooks(r.hooks)?,
             error: r.error,
         })
     }
 
-    pub async fn status(&self) -> Result<StatusReply> {
-        let mut c = self.client.clone();
-        let r = self.call(Duration::ZERO, c.status(pb::StatusRequest {})).await?;
-        let v = Validator(&self.limits);
-        v.string("snapshot_id", &r.snapshot_id)?;
-        v.string("last_thaw_reason", &r.last_thaw_reason)?;
+    pub(crate) fn status(&self, r: pb::StatusReply) -> Result<StatusReply> {
+        self.string("snapshot_id", &r.snapshot_id)?;
+        self.string("last_thaw_reason", &r.last_thaw_reason)?;
         Ok(StatusReply {
             frozen: r.frozen,
             frozen_since_unix_ms: r.frozen_since_unix_ms,
@@ -305,12 +323,7 @@ impl AgentClient {
             last_thaw_reason: r.last_thaw_reason,
         })
     }
-}
 
-/// Checks of untrusted replies against [`Limits`].
-struct Validator<'a>(&'a Limits);
-
-impl Validator<'_> {
     fn count(&self, what: &str, n: usize, max: usize) -> Result<()> {
         if n > max {
             return Err(Error::InvalidReply(format!("{n} {what} (at most {max})")));

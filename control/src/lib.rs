@@ -8,9 +8,13 @@
 //! - [`restore`]: restores of a backup's disk to a new raw or qcow2 image (`qemu-img`).
 //! - [`daemon`]: livesnapd, the host daemon (`proto/livesnapd.proto`; binary src/bin/livesnapd.rs).
 //!
+//! - `fuzzing`: entry points of the fuzz targets (`fuzz/`) into private parsers; not an API.
+//!
 //! `snapctl` (src/main.rs) is the operators' CLI on top.
 
 pub mod agent;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod restore;
 pub mod vsock;

@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_vsock::{VsockAddr, VsockStream};
 
@@ -63,6 +63,13 @@ pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, Error> {
     let mut s =
         UnixStream::connect(path).await.map_err(|source| Error::Connect { path: path.to_path_buf(), source })?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(Error::Io)?;
+    read_reply(&mut s).await?;
+    Ok(s)
+}
+
+/// Reads the handshake's reply line (`OK <host-port>\n`) and nothing after it; returns the
+/// host port.
+pub(crate) async fn read_reply(s: &mut (impl AsyncRead + Unpin)) -> Result<u32, Error> {
     // Byte by byte: what follows the newline is the guest's stream.
     let mut line = Vec::with_capacity(MAX_REPLY_LINE);
     loop {
@@ -76,9 +83,9 @@ pub async fn connect(path: &Path, port: u32) -> Result<UnixStream, Error> {
         }
     }
     let text = String::from_utf8_lossy(&line).into_owned();
-    match text.strip_prefix("OK ") {
-        Some(n) if n.trim().parse::<u32>().is_ok() => Ok(s),
-        _ => Err(Error::BadReply(text)),
+    match text.strip_prefix("OK ").and_then(|n| n.trim().parse::<u32>().ok()) {
+        Some(port) => Ok(port),
+        None => Err(Error::BadReply(text)),
     }
 }
 

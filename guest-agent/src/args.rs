@@ -25,8 +25,9 @@ pub struct Args {
     /// Timeout of each hook run, e.g. `30s`, `500ms`, `2m`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub hook_timeout: Duration,
-    /// Bytes of each hook's stdout and of its stderr returned to the host.
-    #[arg(long, default_value_t = 4096)]
+    /// Bytes of each hook's stdout and of its stderr returned to the host (at most 8192: the
+    /// host takes 16 KiB of output per hook).
+    #[arg(long, default_value_t = 4096, value_parser = output_limit)]
     pub hook_output_limit: usize,
     /// The longest freeze deadline accepted.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -34,4 +35,25 @@ pub struct Args {
     /// Record of what is frozen; must be on a filesystem never frozen (a tmpfs such as /run).
     #[arg(long, default_value = "/run/livesnap-agent/state")]
     pub state_file: PathBuf,
+}
+
+fn output_limit(s: &str) -> Result<usize, String> {
+    let max = crate::hooks::MAX_OUTPUT_LIMIT;
+    match s.parse::<usize>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("expected a number of bytes from 0 to {max}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_limit_the_host_would_refuse_is_refused() {
+        let parse = |v: &str| Args::try_parse_from(["livesnap-agent", "--hook-output-limit", v]);
+        assert_eq!(parse("8192").map(|a| a.hook_output_limit).ok(), Some(8192));
+        assert!(parse("8193").is_err());
+        assert_eq!(Args::try_parse_from(["livesnap-agent"]).map(|a| a.hook_output_limit).ok(), Some(4096));
+    }
 }

@@ -22,6 +22,10 @@ use tokio::time::Instant;
 
 use crate::sys;
 
+/// The largest output limit per stream: the host takes up to 16 KiB of a hook's output,
+/// stdout and stderr together.
+pub const MAX_OUTPUT_LIMIT: usize = 8192;
+
 /// How long output is still read after a hook exited (a background child it left may hold
 /// the pipes open forever).
 const OUTPUT_GRACE: Duration = Duration::from_millis(300);
@@ -194,11 +198,13 @@ impl Hooks {
             }
         }
         result.duration = start.elapsed();
+        let mut streams = Vec::with_capacity(2);
         for captured in [out, err].into_iter().flatten() {
-            let (bytes, truncated) = captured.finish().await;
-            result.output.push_str(&String::from_utf8_lossy(&bytes));
-            result.output_truncated |= truncated;
+            streams.push(captured.finish().await);
         }
+        let (text, truncated) = output_text(&streams, max);
+        result.output.push_str(&text);
+        result.output_truncated |= truncated;
         if result.outcome == Outcome::Ok {
             tracing::info!(hook = %result.name, phase = phase.as_str(), "hook succeeded");
         } else {
@@ -234,6 +240,34 @@ impl Hooks {
     }
 }
 
+/// Adds what was read from a stream to what is kept of it (at most `max` bytes) and notes
+/// whether anything was left out.
+pub fn keep(kept: &mut (Vec<u8>, bool), read: &[u8], max: usize) {
+    let room = max.saturating_sub(kept.0.len());
+    kept.0.extend_from_slice(&read[..read.len().min(room)]);
+    kept.1 |= read.len() > room;
+}
+
+/// The output reported for a hook: its streams (the bytes kept of each, at most `max`, and
+/// whether more came), stdout then stderr, as UTF-8; and whether any was cut.
+///
+/// Each stream's text is cut to `max` bytes on a character boundary: an invalid byte becomes a
+/// 3-byte replacement character, and the host refuses a reply whose output passes its limit.
+pub fn output_text(streams: &[(Vec<u8>, bool)], max: usize) -> (String, bool) {
+    let mut text = String::new();
+    let mut truncated = false;
+    for (bytes, cut) in streams {
+        let s = String::from_utf8_lossy(bytes);
+        let mut end = s.len().min(max);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.push_str(&s[..end]);
+        truncated |= *cut || end < s.len();
+    }
+    (text, truncated)
+}
+
 /// One output stream of a hook, read by a task of its own: the first `max` bytes kept,
 /// whether more came.
 struct Captured {
@@ -250,12 +284,7 @@ impl Captured {
             loop {
                 match from.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let mut k = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let room = max.saturating_sub(k.0.len());
-                        k.0.extend_from_slice(&buf[..n.min(room)]);
-                        k.1 |= n > room;
-                    }
+                    Ok(n) => keep(&mut k.lock().unwrap_or_else(std::sync::PoisonError::into_inner), &buf[..n], max),
                 }
             }
         });
@@ -374,6 +403,23 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Ok);
         assert_eq!(r.output.len(), 64);
         assert!(r.output_truncated);
+    }
+
+    /// Found by the hook_output fuzz target: each invalid byte became a 3-byte replacement
+    /// character, so a hook printing binary sent up to 3 times the limit, and the host refused
+    /// the whole reply (and with it the freeze).
+    #[test]
+    fn output_that_is_not_utf8_stays_within_the_limit() {
+        let binary = vec![0xffu8; 4096];
+        let (text, truncated) = output_text(&[(binary.clone(), false), (binary, true)], 4096);
+        assert!(text.len() <= 2 * 4096, "{} bytes", text.len());
+        assert!(text.starts_with('\u{fffd}'));
+        assert!(truncated);
+        // Cut on a character boundary, whatever the limit.
+        let (text, truncated) = output_text(&[("été".as_bytes().to_vec(), false)], 4);
+        assert_eq!((text.as_str(), truncated), ("ét", true));
+        let (text, truncated) = output_text(&[(b"ok\n".to_vec(), false), (Vec::new(), false)], 4);
+        assert_eq!((text.as_str(), truncated), ("ok\n", false));
     }
 
     #[tokio::test]

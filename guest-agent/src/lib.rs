@@ -11,11 +11,14 @@
 //! - [`fake`]: a fake freezer for tests (no privileges, no filesystem touched).
 //! - [`sys`]: the ioctls (FIFREEZE/FITHAW) and the kill of a hook's process group.
 //! - [`serve`]: listeners (vsock, unix) and the whole run of the daemon.
+//! - `fuzzing`: entry points of the fuzz targets (`fuzz/`) into private code; not an API.
 
 pub mod agent;
 pub mod args;
 pub mod fake;
 pub mod freeze;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod lease;
 pub mod serve;

@@ -45,7 +45,7 @@ fn fs(r: &FsReport) -> pb::Filesystem {
     }
 }
 
-fn hook(r: &HookResult) -> pb::HookResult {
+pub(crate) fn hook(r: &HookResult) -> pb::HookResult {
     let outcome = match r.outcome {
         hooks::Outcome::Ok => pb::HookOutcome::HookOk,
         hooks::Outcome::Failed => pb::HookOutcome::HookFailed,

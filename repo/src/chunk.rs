@@ -101,6 +101,10 @@ impl Decoder {
         decompressor.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log)).map_err(Error::Codec)?;
         Ok(Decoder { decompressor, chunk_size, file: Vec::new() })
     }
+
+    pub(crate) fn decompressor(&mut self) -> &mut zstd::bulk::Decompressor<'static> {
+        &mut self.decompressor
+    }
 }
 
 /// Why a chunk could not be fetched.
@@ -147,7 +151,7 @@ pub fn fetch(
 }
 
 /// Parses a chunk file image.
-fn decode(
+pub(crate) fn decode(
     buf: &[u8],
     chunk_size: usize,
     expected_len: usize,

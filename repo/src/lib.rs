@@ -25,6 +25,7 @@
 //! - `reader`: [`DiskReader`], random access to one disk of one backup (live and file
 //!   restore): only the chunks a read touches are fetched, each checked, through a cache.
 //! - `error`: [`Error`] and [`Corruption`].
+//! - `fuzzing`: entry points of the fuzz targets (`fuzz/`) into private parsers; not an API.
 //!
 //! Chunks of zeros are not stored (the manifest says so), identical chunks are stored once
 //! across backups and VMs. Everything read back is hostile: a damaged manifest or chunk is an
@@ -40,6 +41,8 @@
 
 mod chunk;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gc;
 mod hash;
 mod manifest;

@@ -11,6 +11,7 @@
 //! - [`recover`]: `livesnap-blk recover`, folding a delta into its base offline.
 //! - [`confine`]: the confinement once started: no privileges, Landlock, the seccomp allow-list.
 //! - [`args`]: the command line.
+//! - `fuzzing`: entry points of the fuzz targets (`fuzz/`) into private parsers; not an API.
 
 pub mod args;
 pub mod backend;
@@ -18,6 +19,8 @@ pub mod confine;
 pub mod control;
 pub mod ctl;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod inflight;
 pub mod recover;

@@ -5,7 +5,7 @@
 //! slices), so the raw backend can hand guest pages straight to `preadv`/`pwritev`; the tests use
 //! slices of ordinary vectors.
 
-mod qcow2;
+pub(crate) mod qcow2;
 mod raw;
 
 use std::fmt;

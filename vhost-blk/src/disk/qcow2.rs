@@ -30,12 +30,12 @@ type Dev = Qcow2Dev<Qcow2IoSync>;
 /// Longest backing chain we follow; deeper chains are refused (and loops end here).
 const MAX_BACKING_DEPTH: usize = 16;
 /// Largest virtual size accepted (qcow2's own limit is 2^61 - 1; QEMU uses 32 PiB).
-const MAX_VIRTUAL_SIZE: u64 = 1 << 55;
+pub(crate) const MAX_VIRTUAL_SIZE: u64 = 1 << 55;
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// The header fields we check before handing the image to qcow2-rs.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Header {
+pub struct Header {
     pub size: u64,
     pub cluster_bits: u32,
     pub backing_file: Option<String>,
@@ -58,7 +58,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 impl Header {
     /// Parses and checks the first cluster of an image (at least 512 bytes are given).
-    pub(crate) fn parse(b: &[u8]) -> std::result::Result<Header, String> {
+    pub fn parse(b: &[u8]) -> std::result::Result<Header, String> {
         if b.len() < 512 {
             return Err("image is shorter than a qcow2 header".into());
         }
