@@ -139,14 +139,6 @@ impl Destination {
         Ok(File::from(fd))
     }
 
-    /// Opens the file `name` of the destination's directory for reading.
-    fn open(&self, name: &OsStr) -> Result<File> {
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rustix::fs::openat(&self.dir, name, flags, Mode::empty())
-            .map_err(io_error("open", &self.path.with_file_name(name)))?;
-        Ok(File::from(fd))
-    }
-
     fn remove(&self, name: &OsStr) {
         let _ = rustix::fs::unlinkat(&self.dir, name, AtFlags::empty());
     }
@@ -171,7 +163,7 @@ pub fn raw(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destination
     let m = repo.manifest(vm, id, disk)?;
     dest.refuse_existing()?;
     let tmp = dest.sibling("partial");
-    let result = write_raw(repo, &m, dest, &tmp).and_then(|stats| {
+    let result = write_raw(repo, &m, dest, &tmp).and_then(|(_, stats)| {
         dest.publish(&tmp)?;
         Ok(stats)
     });
@@ -190,8 +182,7 @@ pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destinati
     let raw = dest.sibling("raw");
     let qcow = dest.sibling("qcow2-partial");
     let result = (|| {
-        let stats = write_raw(repo, &m, dest, &raw)?;
-        let raw_file = dest.open(&raw)?;
+        let (raw_file, stats) = write_raw(repo, &m, dest, &raw)?;
         let qcow_file = dest.create(&qcow)?;
         let out = Command::new("qemu-img")
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
@@ -222,10 +213,11 @@ fn fd_path(f: &impl AsFd) -> PathBuf {
 }
 
 /// Restores `m` into the new file `name` of the destination (the repository sizes it, writes
-/// and syncs it).
-fn write_raw(repo: &Repository, m: &repo::Manifest, dest: &Destination, name: &OsStr) -> Result<RestoreStats> {
+/// and syncs it); the file stays open for a caller that reads it back.
+fn write_raw(repo: &Repository, m: &repo::Manifest, dest: &Destination, name: &OsStr) -> Result<(File, RestoreStats)> {
     let file = dest.create(name)?;
-    Ok(repo.restore(m, &file)?)
+    let stats = repo.restore(m, &file)?;
+    Ok((file, stats))
 }
 
 #[cfg(test)]
