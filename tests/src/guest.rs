@@ -370,6 +370,20 @@ pub fn serial_args(socket: &Path) -> Vec<String> {
     ]
 }
 
+/// The values of the `KEY=N` reports in `text` (a guest's console, a log), with where each
+/// stands, in order; `key` includes the `=`.
+pub fn reports<'a>(text: &'a str, key: &'a str) -> impl Iterator<Item = (usize, u64)> + 'a {
+    text.match_indices(key).filter_map(move |(at, _)| {
+        let digits: String = text[at + key.len()..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok().map(|v| (at, v))
+    })
+}
+
+/// The largest `KEY=N` report in `text`, 0 without one.
+pub fn last_report(text: &str, key: &str) -> u64 {
+    reports(text, key).map(|(_, v)| v).max().unwrap_or(0)
+}
+
 /// The job's exit code from the last marker line of `console`.
 pub fn parse_exit_code(console: &str) -> Option<i32> {
     let at = console.rfind(EXIT_MARKER)? + EXIT_MARKER.len();
@@ -453,6 +467,15 @@ fn newc_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, nlink: u32, da
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_are_each_key_with_digits_and_the_last_is_the_largest() {
+        let text = "vda-P=3\r\nvdb-P=9 vda-P= vda-P=12x vda-P=4";
+        assert_eq!(reports(text, "vda-P=").map(|(_, v)| v).collect::<Vec<_>>(), [3, 12, 4]);
+        assert_eq!(reports(text, "vda-P=").next(), Some((0, 3)));
+        assert_eq!(last_report(text, "vda-P="), 12);
+        assert_eq!(last_report(text, "vdc-P="), 0);
+    }
 
     #[test]
     fn exit_code_is_read_from_the_last_marker() {

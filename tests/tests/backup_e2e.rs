@@ -201,14 +201,7 @@ fn e2fsck(flag: &str, image: &Path, ok: &[i32], what: &str) -> i32 {
 
 /// The largest `FSYNCED=k` on the console.
 fn fsynced(console: &str) -> u64 {
-    console
-        .match_indices("FSYNCED=")
-        .filter_map(|(at, m)| {
-            let digits: String = console[at + m.len()..].chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .max()
-        .unwrap_or(0)
+    livesnap_tests::guest::last_report(console, "FSYNCED=")
 }
 
 /// The number after the last `key` on the console.

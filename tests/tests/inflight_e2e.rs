@@ -106,12 +106,7 @@ impl Setup {
 
 /// Records `disk`'s writer has reported complete.
 fn progress(console: &str, disk: &str) -> u64 {
-    let key = format!("{disk}-RECWRITER-PROGRESS=");
-    console
-        .match_indices(&key)
-        .filter_map(|(at, _)| console[at + key.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .max()
-        .unwrap_or(0)
+    livesnap_tests::guest::last_report(console, &format!("{disk}-RECWRITER-PROGRESS="))
 }
 
 /// Waits until every writer has reported `records` more than in `from`.

@@ -196,15 +196,7 @@ fn sha256(path: &Path) -> String {
 
 /// The records the guest has reported complete so far.
 fn progress(guest: &Guest) -> u64 {
-    let console = guest.console();
-    console
-        .match_indices(PROGRESS)
-        .filter_map(|(at, _)| {
-            let digits: String = console[at + PROGRESS.len()..].chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .max()
-        .unwrap_or(0)
+    livesnap_tests::guest::last_report(&guest.console(), PROGRESS)
 }
 
 /// Waits until the guest has reported at least `records` complete; returns what it reported.

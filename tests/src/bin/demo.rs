@@ -182,17 +182,9 @@ fn sbin(name: &str) -> Command {
     Command::new(if p.is_file() { p.into_os_string() } else { name.into() })
 }
 
-/// The values of the `KEY=N` reports in `text`, in order.
-fn values<'a>(text: &'a str, key: &'a str) -> impl Iterator<Item = (usize, u64)> + 'a {
-    text.match_indices(key).filter_map(move |(at, _)| {
-        let digits: String = text[at + key.len()..].chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok().map(|v| (at, v))
-    })
-}
-
 /// Lines the guest has reported fsync'd in `console`.
 fn reported(console: &str) -> u64 {
-    values(console, PROGRESS).map(|(_, v)| v).max().unwrap_or(0)
+    livesnap_tests::guest::last_report(console, PROGRESS)
 }
 
 /// Lines the guest has reported fsync'd so far.
@@ -202,7 +194,7 @@ fn progress(guest: &Guest) -> u64 {
 
 /// The first `key=N` report at or after byte `from` of the console: where, and N.
 fn first_report(console: &str, from: usize, key: &str) -> Option<(usize, u64)> {
-    values(console, key).find(|&(at, _)| at >= from)
+    livesnap_tests::guest::reports(console, key).find(|&(at, _)| at >= from)
 }
 
 /// The last 30 lines of the console, for errors.

@@ -301,13 +301,7 @@ fn json_array(s: &Series) -> String {
 
 /// The `cut_rtt_us=N` values of livesnapd's log, in order.
 fn cut_rtts(log: &str) -> Vec<u64> {
-    let key = "cut_rtt_us=";
-    log.match_indices(key)
-        .filter_map(|(at, _)| {
-            let digits: String = log[at + key.len()..].chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .collect()
+    livesnap_tests::guest::reports(log, "cut_rtt_us=").map(|(_, v)| v).collect()
 }
 
 fn main() -> ExitCode {
