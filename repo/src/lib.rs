@@ -69,6 +69,8 @@ pub use read::{Backup, BackupInfo, DiskInfo};
 pub use reader::{DiskReader, ReaderStats};
 pub use restore::{RestoreStats, Target};
 pub use source::{FileSource, Source};
+#[cfg(feature = "s3")]
+pub use store::s3::{Credentials, S3Options, S3Store, S3Url};
 pub use store::{LocalStore, Store};
 pub use verify::{ChunkFault, ChunkProblem, VerifyReport};
 pub use write::{BackupSpec, BackupWriter, Progress};
@@ -207,6 +209,34 @@ impl Repository {
         Ok(Repository { store, config, threads, pool: pool(threads)? })
     }
 
+    /// Opens the repository at `location`, creating it first when there is nothing there (a
+    /// directory that is missing or empty, an object store prefix that holds no object).
+    pub fn open_or_create(location: &Location, options: CreateOptions) -> Result<Repository> {
+        match location {
+            Location::Dir(path) => {
+                let fresh = match std::fs::read_dir(path) {
+                    Ok(mut rd) => rd.next().is_none(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(_) => false,
+                };
+                if fresh {
+                    Repository::create(path, options)
+                } else {
+                    Repository::open(path)
+                }
+            }
+            #[cfg(feature = "s3")]
+            Location::S3(opts) => {
+                let store = Arc::new(S3Store::open(opts)?);
+                if store.is_empty()? {
+                    Repository::create_in(store, options)
+                } else {
+                    Repository::open_in(store)
+                }
+            }
+        }
+    }
+
     /// Where the repository is, for messages.
     pub fn location(&self) -> String {
         self.store.location()
@@ -243,6 +273,15 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("repo-{i}"))
         .build()
         .map_err(Error::Threads)
+}
+
+/// Where a repository is: a directory, or a prefix of a bucket in an S3-compatible object
+/// store (feature `s3`).
+#[derive(Clone, Debug)]
+pub enum Location {
+    Dir(std::path::PathBuf),
+    #[cfg(feature = "s3")]
+    S3(S3Options),
 }
 
 /// VM, disk and backup names become path components and object keys: letters, digits, `.`,

@@ -39,12 +39,16 @@
 //! and leftovers of pending backups only once that old.
 
 mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
 pub use local::LocalStore;
+#[cfg(feature = "s3")]
+pub use s3::S3Store;
 
 use crate::hash::ChunkHash;
 
@@ -63,6 +67,56 @@ pub enum Error {
     Busy,
     #[error("Backup {vm}/{id} exists already")]
     BackupExists { vm: String, id: String },
+    #[error("`{url}` is not a repository location: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("Cannot read the credentials file `{}`", path.display())]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("The credentials file `{}` has mode {mode:03o}: it must be readable by its owner only (0600)", path.display())]
+    CredentialsMode { path: PathBuf, mode: u32 },
+    #[error("The credentials file `{}` is invalid: {reason}", path.display())]
+    CredentialsInvalid { path: PathBuf, reason: String },
+    #[error("The object store {0} is not empty: a repository is created under a new or empty prefix")]
+    NotEmptyPrefix(String),
+    #[cfg(feature = "s3")]
+    #[error("Cannot set up the object store client for `{url}`")]
+    S3Client {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[cfg(feature = "s3")]
+    #[error("Cannot {op} `{key}` at {endpoint}")]
+    S3 {
+        op: &'static str,
+        key: String,
+        endpoint: String,
+        #[source]
+        source: s3::Remote,
+    },
+    #[cfg(feature = "s3")]
+    #[error("The object store at {endpoint} refused the credentials for bucket {bucket} (a wrong key or secret, or no access)")]
+    S3Denied {
+        endpoint: String,
+        bucket: String,
+        #[source]
+        source: s3::Remote,
+    },
+    #[error("Cannot start the object store's I/O threads")]
+    Runtime(#[source] io::Error),
+    #[error("The object store was called from an async task: call it from a blocking thread")]
+    AsyncContext,
+    #[error("`{0}` vanished right after it was written")]
+    Vanished(String),
+    #[error("`{key}` is invalid: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("Backup {vm}/{id} took {secs} s, more than half the repository's grace period of {grace_secs} s: not committed, as a garbage collection may have removed chunks it relies on")]
+    TooSlow { vm: String, id: String, secs: u64, grace_secs: u64 },
+    #[error("Backup {vm}/{id} is not committed: chunk {hash} it relies on was removed by a garbage collection that ran meanwhile")]
+    ChunkCollected { vm: String, id: String, hash: String },
 }
 
 impl Error {
@@ -148,8 +202,55 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Taken by garbage collection.
     fn lock_exclusive(&self) -> Result<StoreLock>;
     /// Removes what interrupted writes and removals left behind; returns how many. Called
-    /// under [`Store::lock_exclusive`].
+    /// during a collection ([`Store::begin_gc`]).
     fn remove_leftovers(&self) -> Result<u64>;
+
+    /// Begins a garbage collection. By default: [`Store::lock_exclusive`] is held until it is
+    /// dropped and every chunk is a candidate.
+    fn begin_gc(&self) -> Result<Box<dyn GcRun + '_>> {
+        let lock = self.lock_exclusive()?;
+        Ok(Box::new(LockedGc { store: self, _lock: lock }))
+    }
+}
+
+/// One garbage collection (see [`Store::begin_gc`]), in this order: [`GcRun::candidates`],
+/// [`GcRun::protected_manifests`], then the committed backups are read and marked, then
+/// unmarked candidates are removed while [`GcRun::may_remove`]; dropped when done.
+pub trait GcRun: fmt::Debug {
+    /// The chunks that may be removed if no manifest names them, with their bytes.
+    fn candidates(&mut self) -> Result<Vec<(ChunkHash, u64)>>;
+    /// Manifests that are not committed but whose chunks must be kept (a writer may rely on
+    /// them): `(vm, id, disk, bytes)`.
+    fn protected_manifests(&mut self) -> Result<Vec<(String, String, String, Vec<u8>)>>;
+    /// Whether removals may go on (a store that bounds a collection's time says no after it).
+    fn may_remove(&self) -> bool;
+}
+
+/// The collection of a store that locks: [`Store::lock_exclusive`] held, every chunk a
+/// candidate.
+struct LockedGc<'s, S: ?Sized> {
+    store: &'s S,
+    _lock: StoreLock,
+}
+
+impl<S: ?Sized> fmt::Debug for LockedGc<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockedGc").field("lock", &self._lock).finish_non_exhaustive()
+    }
+}
+
+impl<S: Store + ?Sized> GcRun for LockedGc<'_, S> {
+    fn candidates(&mut self) -> Result<Vec<(ChunkHash, u64)>> {
+        self.store.list_chunks()
+    }
+
+    fn protected_manifests(&mut self) -> Result<Vec<(String, String, String, Vec<u8>)>> {
+        Ok(Vec::new())
+    }
+
+    fn may_remove(&self) -> bool {
+        true
+    }
 }
 
 /// A backup being staged (see [`Store::begin_backup`]).
