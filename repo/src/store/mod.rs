@@ -107,8 +107,8 @@ pub enum Error {
     },
     #[error("Cannot start the object store's I/O threads")]
     Runtime(#[source] io::Error),
-    #[error("The object store was called from an async task: call it from a blocking thread")]
-    AsyncContext,
+    #[error("The object store's I/O threads have stopped")]
+    Stopped,
     #[error("`{0}` vanished right after it was written")]
     Vanished(String),
     #[error("`{key}` is invalid: {reason}")]

@@ -394,16 +394,20 @@ impl Inner {
         self.key(&format!("backups/{vm}/{id}/{COMMIT}"))
     }
 
-    /// Runs one request on the store's runtime, from a thread that is not in a runtime.
+    /// Runs one request on the store's runtime and waits for it. It is spawned there and
+    /// awaited through a channel rather than with `block_on`, so any thread may call it,
+    /// including a `spawn_blocking` thread of another runtime (where `block_on` would panic).
     fn run<T, F>(&self, op: &'static str, key: &Path, fut: F) -> Result<T>
     where
-        F: std::future::Future<Output = object_store::Result<T>>,
+        T: Send + 'static,
+        F: std::future::Future<Output = object_store::Result<T>> + Send + 'static,
     {
-        let rt = self.rt.as_ref().ok_or(Error::AsyncContext)?;
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::AsyncContext);
-        }
-        rt.block_on(fut).map_err(|source| self.error(op, key, source))
+        let rt = self.rt.as_ref().ok_or(Error::Stopped)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| Error::Stopped)?.map_err(|source| self.error(op, key, source))
     }
 
     fn error(&self, op: &'static str, key: &Path, source: object_store::Error) -> Error {
