@@ -189,22 +189,36 @@ fn s3_gc_on_one_host_never_takes_what_another_host_is_writing() {
     let dir = tempfile::tempdir().unwrap();
     let g = start(dir.path(), 1);
     let writer = host(&g, "repo");
-    let collector = host(&g, "repo");
+    let collector = Arc::new(host(&g, "repo"));
 
     let old = data(2 * MIB, 7);
     let old_src = source(dir.path(), "old", &old);
     // An orphan (its backup deleted) and a parent, both older than the grace period when the
     // writer finds them.
-    backup(&writer, "vm1", "orphaned", &old_src);
-    collector.delete("vm1", "orphaned").unwrap();
+    // The orphan is another VM's: a VM's own deleted backups stay marked while a writer of it
+    // runs.
+    backup(&writer, "vm0", "orphaned", &old_src);
+    collector.delete("vm0", "orphaned").unwrap();
     let parent_data = data(2 * MIB, 8);
     let parent_src = source(dir.path(), "parent", &parent_data);
     backup(&writer, "vm2", "parent", &parent_src);
     std::thread::sleep(GRACE + Duration::from_secs(2));
 
-    // 1. A dedup hit on the orphan's chunks, then a collection, then the commit.
+    // 1. Dedup hits on the orphan's chunks, a collection right after the first (before the
+    //    writer has staged any manifest), then the commit.
     let mut w = writer.begin_backup(spec("vm1", "again")).unwrap();
+    let mid = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (collector, mid) = (collector.clone(), mid.clone());
+        w.set_progress(Box::new(move |_, _, _| {
+            let mut m = mid.lock().unwrap();
+            if m.is_none() {
+                *m = Some(collector.gc().unwrap());
+            }
+        }));
+    }
     w.full("vda", &old_src).unwrap();
+    assert!(mid.lock().unwrap().is_some(), "the collection ran mid-backup");
     // 2. An incremental of vm2 from `parent`, which is deleted meanwhile.
     let parent = writer.latest_manifest("vm2", "vda").unwrap().unwrap();
     let mut changed = parent_data.clone();
@@ -216,12 +230,12 @@ fn s3_gc_on_one_host_never_takes_what_another_host_is_writing() {
     collector.delete("vm2", "parent").unwrap();
 
     let report = collector.gc().unwrap();
-    w.commit().unwrap();
-    w2.commit().unwrap();
+    w.commit().unwrap_or_else(|e| panic!("{}", chain(&e)));
+    w2.commit().unwrap_or_else(|e| panic!("{}", chain(&e)));
     assert_verifies(&collector, "vm1", "again");
     assert_verifies(&collector, "vm2", "child");
     assert_eq!(restored(&collector, dir.path(), "vm2", "child"), changed);
-    assert_eq!(report.chunks_removed, 0, "every old chunk was still needed: {report:?}");
+    assert_eq!(report.chunks_removed, 0, "every old chunk was needed by a writer: {report:?}");
 
     // With no writer left, the next collections remove what nothing names once it is old.
     collector.delete("vm1", "again").unwrap();
