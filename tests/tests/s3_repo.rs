@@ -342,3 +342,56 @@ fn s3_store_killed_mid_backup_then_back() {
     assert_verifies(&repo, "vm1", "b2");
     assert_eq!(restored(&repo, dir.path(), "vm1", "b2"), bytes);
 }
+
+/// Not a test: prints the speed of a full backup and a restore of the same 256 MiB into a
+/// local directory and into Garage on loopback, side by side in one run
+/// (`cargo nextest run -p livesnap-tests --test s3_repo --run-ignored only --no-capture measure`).
+#[test]
+#[ignore]
+fn measure_backup_into_garage_vs_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = start(dir.path(), 1);
+    // Half noise, half compressible text: what a disk holds, more or less.
+    let size = 256 * MIB;
+    let mut bytes = data(size, 21);
+    for piece in bytes.chunks_mut(MIB as usize).skip(1).step_by(2) {
+        for (i, b) in piece.iter_mut().enumerate() {
+            *b = b"the quick brown fox jumps over the lazy dog "[i % 44];
+        }
+        piece[0] = fastrand::u8(..);
+    }
+    let src = source(dir.path(), "big", &bytes);
+    let local = Repository::create(dir.path().join("local"), CreateOptions::default()).unwrap();
+    let mut o = g.options("bench", Duration::from_secs(3600)).unwrap();
+    o.timeout = Duration::from_secs(120);
+    let s3 = Repository::open_or_create(&Location::S3(o), CreateOptions::default()).unwrap();
+    let mbps = |t: Duration| size as f64 / t.as_secs_f64() / 1e6;
+    for (name, repo) in [("local", &local), ("garage", &s3), ("local", &local), ("garage", &s3)] {
+        let id = format!("b{}", fastrand::u32(..));
+        let t = Instant::now();
+        backup(repo, "vm1", &id, &src);
+        let backed = t.elapsed();
+        let t = Instant::now();
+        let out = restored(repo, dir.path(), "vm1", &id);
+        let rest = t.elapsed();
+        assert!(out == bytes);
+        eprintln!(
+            "{name:>6}: full backup {:.0} MB/s ({:.2} s), restore {:.0} MB/s ({:.2} s), {} threads",
+            mbps(backed),
+            backed.as_secs_f64(),
+            mbps(rest),
+            rest.as_secs_f64(),
+            repo.threads()
+        );
+        // The next round writes every chunk again.
+        repo.delete("vm1", &id).unwrap();
+        if name == "local" {
+            repo.gc().unwrap();
+        } else {
+            let store = S3Store::open(&g.options("bench", Duration::from_secs(3600)).unwrap()).unwrap();
+            for (h, _) in store.list_chunks().unwrap() {
+                store.remove_chunk(&h).unwrap();
+            }
+        }
+    }
+}
