@@ -1,10 +1,14 @@
 //! livesnap's backup repository: content-addressed chunks and one complete manifest per disk
-//! per backup, kept in a [`Store`] (a local directory today; layout in docs/repository.md).
+//! per backup, kept in a [`Store`]: a local directory, or an S3-compatible object store shared by
+//! many hosts (feature `s3`); layouts in docs/repository.md. [`Repository::open_or_create`]
+//! opens either by [`Location`].
 //!
 //! Module map:
 //!
 //! - [`store`]: the [`Store`] trait (chunks put if absent, manifests staged and committed in one
-//!   step, the locks of garbage collection) and [`LocalStore`], a directory.
+//!   step, what keeps garbage collection from writers) and [`LocalStore`], a directory;
+//!   `store::s3`: `S3Store` (feature `s3`), an object store on its own tokio runtime that its
+//!   callers (rayon and blocking threads) wait on.
 //! - `hash`: [`ChunkHash`], a chunk's name (SHA-256 of its bytes).
 //! - `chunk`: the chunk file format (header, zstd) and the fetch that checks a chunk before
 //!   anything uses it.
@@ -33,10 +37,12 @@
 //! chunk size.
 //!
 //! Concurrency: any number of writers, readers, verifies and restores may run at once, in this
-//! process or others. Garbage collection (and so prune) takes the store's lock exclusively and
-//! fails with [`Error::Busy`] while a writer holds it shared: a writer that found a chunk
-//! already stored relies on it until its backup is committed, which a sweep in between would
-//! break. A delete needs no lock. Chunks are read, hashed and compressed on the repository's
+//! process or others. In a local directory, garbage collection (and so prune) takes the
+//! store's lock exclusively and fails with [`Error::Busy`] while a writer holds it shared: a
+//! writer that found a chunk already stored relies on it until its backup is committed, which a
+//! sweep in between would break. In an object store shared by hosts nothing locks: a grace
+//! period, writers' markers and a check before each commit keep a collection on one host from
+//! removing what a writer on another relies on (docs/repository.md). A delete needs no lock. Chunks are read, hashed and compressed on the repository's
 //! own rayon thread pool ([`Repository::set_threads`]).
 
 mod chunk;

@@ -1,5 +1,5 @@
-//! Where a repository keeps its objects: the [`Store`] trait, and [`LocalStore`], a directory
-//! (the layout in docs/repository.md).
+//! Where a repository keeps its objects: the [`Store`] trait, [`LocalStore`], a directory, and
+//! `S3Store`, an S3-compatible object store (feature `s3`); the layouts in docs/repository.md.
 //!
 //! A store holds whole byte strings addressed by key and knows nothing of their format: chunk
 //! files (named by [`ChunkHash`]), the manifests of backups (by VM, backup id and disk) and the
@@ -19,8 +19,10 @@
 //!   visible; what it staged is removed then or by [`Store::remove_leftovers`].
 //! - **Garbage collection never removes a chunk a writer relies on.** A writer relies on a
 //!   chunk it found stored from that moment until its backup is committed, and holds
-//!   [`Store::lock_shared`] all that time; collection holds [`Store::lock_exclusive`]. Both
-//!   fail at once with [`Error::Busy`] rather than wait.
+//!   [`Store::lock_shared`] all that time; a collection runs through [`Store::begin_gc`], by
+//!   default holding [`Store::lock_exclusive`]. Both fail at once with [`Error::Busy`] rather
+//!   than wait. A store that cannot lock says in [`GcRun`] which chunks a collection may take
+//!   and which uncommitted manifests it must honour.
 //!
 //! How the local directory gives them: a chunk is a file written under a temporary name,
 //! synced and renamed, the renames made durable by a sync of their directories
@@ -28,15 +30,18 @@
 //! commit; the locks are an `flock` of the file `lock`, which holds between processes of one
 //! host.
 //!
-//! How an S3-compatible object store will give them (issue 11): each chunk, manifest and the
-//! config is an object; a put-if-absent is a HEAD and then a PUT (chunks are named by their
-//! content, so two hosts racing write the same bytes; conditional PUTs are not relied on, as
-//! Garage ignores `If-None-Match`), durable when it answers, so flushing is nothing; a
-//! backup's manifests are staged under their final keys and the backup becomes visible by one
-//! last object, its commit marker, which listing and reading require; and since no lock holds across hosts, [`Store::lock_shared`] and
-//! [`Store::lock_exclusive`] give nothing there: its collection instead removes only chunks
-//! older than a grace period longer than any backup may take (as Proxmox Backup Server does),
-//! and leftovers of pending backups only once that old.
+//! How [`S3Store`] (feature `s3`) gives them, to many hosts sharing a bucket: each chunk,
+//! manifest and the config is an object; a put-if-absent is a HEAD and then a PUT (chunks are
+//! named by their content, so two hosts racing write the same bytes; conditional PUTs are not
+//! relied on, as Garage ignores `If-None-Match`), durable when it answers, so flushing is
+//! nothing; a backup's manifests are put under their final keys and the backup becomes visible
+//! by one last object, its commit, which listing and reading require. No lock holds across
+//! hosts, so [`Store::lock_shared`] and [`Store::lock_exclusive`] give nothing there; instead
+//! a writer's marker, a collection's record and a grace period on the store's clock (a chunk a
+//! writer finds older than half of it is written again; a collection removes only chunks older
+//! than it and keeps every manifest of a VM a writer works on; a writer checks its chunks
+//! after any collection that overlapped it). The rule and why it holds: docs/repository.md,
+//! "Many hosts, one bucket".
 
 mod local;
 #[cfg(feature = "s3")]
