@@ -76,11 +76,11 @@ impl Repository {
         // Candidates first: a chunk stored after this listing is not one.
         let candidates = run.candidates()?;
         let mut marked: HashSet<ChunkHash> = HashSet::new();
-        for (vm, id, disk, bytes) in run.protected_manifests()? {
-            let m = Manifest::decode(&bytes, self.chunk_size()).map_err(|source| Error::Manifest {
-                vm,
-                id,
-                disk,
+        for p in run.protected_manifests()? {
+            let m = Manifest::decode(&p.bytes, self.chunk_size()).map_err(|source| Error::Manifest {
+                vm: p.vm,
+                id: p.id,
+                disk: p.disk,
                 source: Box::new(source),
             })?;
             marked.extend(m.chunks.iter().flatten());

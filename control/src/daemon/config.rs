@@ -486,6 +486,35 @@ mod tests {
     }
 
     #[test]
+    fn an_s3_repository_needs_its_table_and_takes_its_defaults() {
+        const S3: &str = "socket = \"/s.sock\"\nstate = \"/var/lib/l/state.redb\"\n";
+        let c = parse(&format!(
+            "repository = \"s3://backups/fleet/a\"\n{S3}[s3]\nendpoint = \"http://127.0.0.1:3900\"\n\
+             region = \"garage\"\ncredentials = \"/etc/c\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let RepositoryConfig::S3(s) = &c.repository else { panic!("{:?}", c.repository) };
+        assert_eq!((s.url.bucket.as_str(), s.url.prefix.as_str()), ("backups", "fleet/a"));
+        assert_eq!(s.grace, Duration::from_secs(DEFAULT_GRACE_SECS));
+        assert_eq!(c.repository.to_string(), "s3://backups/fleet/a at http://127.0.0.1:3900");
+        let table = "[s3]\nendpoint = \"http://h:1\"\nregion = \"r\"\ncredentials = \"/c\"\n";
+        let cases = [
+            (format!("repository = \"s3://backups/x\"\n{S3}"), "needs an [s3] table"),
+            (format!("repository = \"s3://B/x\"\n{S3}{table}"), "bucket"),
+            (format!("repository = \"s3://bucket/../x\"\n{S3}{table}"), "prefix"),
+            (format!("repository = \"/r\"\n{S3}{table}"), "goes with an s3://"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{}", table.replace("http://h:1", "ftp://h")), "endpoint"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{}", table.replace("\"/c\"", "\"c\"")), "absolute"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{table}grace_secs = 1\n"), "grace_secs"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{table}retries = 99\n"), "retries"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn a_token_shorter_than_16_characters_is_refused() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("token");

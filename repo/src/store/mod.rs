@@ -91,22 +91,22 @@ pub enum Error {
     S3Client {
         url: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[cfg(feature = "s3")]
-    #[error("Cannot {op} `{key}` at {endpoint}")]
+    /// `object` is `` `s3://BUCKET/KEY` at ENDPOINT ``.
+    #[error("Cannot {op} {object}")]
     S3 {
         op: &'static str,
-        key: String,
-        endpoint: String,
+        object: String,
         #[source]
         source: s3::Remote,
     },
     #[cfg(feature = "s3")]
-    #[error("The object store at {endpoint} refused the credentials for bucket {bucket} (a wrong key or secret, or no access)")]
+    /// `store` is `bucket BUCKET at ENDPOINT`.
+    #[error("The object store refused the credentials for {store} (a wrong key or secret, or no access)")]
     S3Denied {
-        endpoint: String,
-        bucket: String,
+        store: String,
         #[source]
         source: s3::Remote,
     },
@@ -118,10 +118,11 @@ pub enum Error {
     Vanished(String),
     #[error("`{key}` is invalid: {reason}")]
     Invalid { key: String, reason: String },
-    #[error("Backup {vm}/{id} took {secs} s, more than half the repository's grace period of {grace_secs} s: not committed, as a garbage collection may have removed chunks it relies on")]
-    TooSlow { vm: String, id: String, secs: u64, grace_secs: u64 },
-    #[error("Backup {vm}/{id} is not committed: chunk {hash} it relies on was removed by a garbage collection that ran meanwhile")]
-    ChunkCollected { vm: String, id: String, hash: String },
+    /// `backup` is `VM/ID`.
+    #[error("Backup {backup} took {secs} s, more than half the repository's grace period of {grace_secs} s: not committed, as a garbage collection may have removed chunks it relies on")]
+    TooSlow { backup: String, secs: u64, grace_secs: u64 },
+    #[error("Backup {backup} is not committed: chunk {hash} it relies on was removed by a garbage collection that ran meanwhile")]
+    ChunkCollected { backup: String, hash: Box<ChunkHash> },
 }
 
 impl Error {
@@ -225,10 +226,19 @@ pub trait GcRun: fmt::Debug {
     /// The chunks that may be removed if no manifest names them, with their bytes.
     fn candidates(&mut self) -> Result<Vec<(ChunkHash, u64)>>;
     /// Manifests that are not committed but whose chunks must be kept (a writer may rely on
-    /// them): `(vm, id, disk, bytes)`.
-    fn protected_manifests(&mut self) -> Result<Vec<(String, String, String, Vec<u8>)>>;
+    /// them).
+    fn protected_manifests(&mut self) -> Result<Vec<Protected>>;
     /// Whether removals may go on (a store that bounds a collection's time says no after it).
     fn may_remove(&self) -> bool;
+}
+
+/// An uncommitted manifest a collection must honour, as stored (checked by the caller).
+#[derive(Debug)]
+pub struct Protected {
+    pub vm: String,
+    pub id: String,
+    pub disk: String,
+    pub bytes: Vec<u8>,
 }
 
 /// The collection of a store that locks: [`Store::lock_exclusive`] held, every chunk a
@@ -249,7 +259,7 @@ impl<S: Store + ?Sized> GcRun for LockedGc<'_, S> {
         self.store.list_chunks()
     }
 
-    fn protected_manifests(&mut self) -> Result<Vec<(String, String, String, Vec<u8>)>> {
+    fn protected_manifests(&mut self) -> Result<Vec<Protected>> {
         Ok(Vec::new())
     }
 

@@ -38,7 +38,7 @@ use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
 
-use super::{Error, Fetched, GcRun, PendingBackup, Result, Store, StoreLock};
+use super::{Error, Fetched, GcRun, PendingBackup, Protected, Result, Store, StoreLock};
 use crate::hash::ChunkHash;
 use crate::validate_name;
 
@@ -189,6 +189,9 @@ impl S3Options {
     }
 }
 
+/// The committed backups by VM, and the uncommitted manifests `(id, disk)` by VM.
+type Scan = (BTreeMap<String, BTreeSet<String>>, BTreeMap<String, Vec<(String, String)>>);
+
 /// The chunks a writer of this process relies on (see [`S3Store`]'s commit check).
 type Relied = Arc<Mutex<HashSet<ChunkHash>>>;
 
@@ -314,7 +317,7 @@ impl S3Store {
                     .with_timeout(opts.timeout),
             )
             .build()
-            .map_err(|source| Error::S3Client { url: opts.url.to_string(), source })?;
+            .map_err(|source| Error::S3Client { url: opts.url.to_string(), source: Box::new(source) })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3-io")
@@ -417,18 +420,10 @@ impl Inner {
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
         ) || matches!(remote.status, Some(401 | 403));
         if denied {
-            return Error::S3Denied {
-                endpoint: self.endpoint.clone(),
-                bucket: self.url.bucket.clone(),
-                source: remote,
-            };
+            let store = format!("bucket {} at {}", self.url.bucket, self.endpoint);
+            return Error::S3Denied { store, source: remote };
         }
-        Error::S3 {
-            op,
-            key: format!("s3://{}/{key}", self.url.bucket),
-            endpoint: self.endpoint.clone(),
-            source: remote,
-        }
+        Error::S3 { op, object: format!("`s3://{}/{key}` at {}", self.url.bucket, self.endpoint), source: remote }
     }
 
     /// HEAD: the object's last-modified time (µs, store clock) and size; `None` when absent.
@@ -446,7 +441,7 @@ impl Inner {
 
     fn put(&self, key: &Path, data: &[u8]) -> Result<()> {
         let client = self.client.clone();
-        let payload = PutPayload::from(bytes_of(data));
+        let payload = bytes_of(data);
         let k = key.clone();
         self.run("write", key, async move { client.put(&k, payload).await.map(|_| ()) })
     }
@@ -523,7 +518,7 @@ impl Inner {
 
     /// The committed backups of every VM: `vm -> id -> disks`, and the uncommitted manifests'
     /// keys by VM.
-    fn scan_backups(&self) -> Result<(BTreeMap<String, BTreeSet<String>>, BTreeMap<String, Vec<(String, String)>>)> {
+    fn scan_backups(&self) -> Result<Scan> {
         let mut committed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut manifests: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
         for (rel, _, _) in self.list("backups")? {
@@ -918,8 +913,7 @@ impl PendingBackup for S3Pending {
         let age = self.now() - self.started;
         if age + SLACK_US > s.grace_us / 2 {
             return Err(Error::TooSlow {
-                vm: self.vm.clone(),
-                id: self.id.clone(),
+                backup: format!("{}/{}", self.vm, self.id),
                 secs: (age / 1_000_000) as u64,
                 grace_secs: (s.grace_us / 1_000_000) as u64,
             });
@@ -928,9 +922,8 @@ impl PendingBackup for S3Pending {
             let missing = self.missing_chunks()?;
             if let Some(first) = missing.first() {
                 return Err(Error::ChunkCollected {
-                    vm: self.vm.clone(),
-                    id: self.id.clone(),
-                    hash: first.to_string(),
+                    backup: format!("{}/{}", self.vm, self.id),
+                    hash: Box::new(*first),
                 });
             }
         }
@@ -992,7 +985,7 @@ impl GcRun for S3Gc<'_> {
             .collect())
     }
 
-    fn protected_manifests(&mut self) -> Result<Vec<(String, String, String, Vec<u8>)>> {
+    fn protected_manifests(&mut self) -> Result<Vec<Protected>> {
         let s = self.store;
         let now = self.started + self.clock.elapsed().as_micros() as i64;
         let live: BTreeSet<String> =
@@ -1007,7 +1000,7 @@ impl GcRun for S3Gc<'_> {
                 let mut buf = Vec::new();
                 let key = s.manifest_key(&vm, &id, &disk);
                 match s.get(&key, crate::manifest::MAX_MANIFEST_LEN, &mut buf)? {
-                    Fetched::Found => out.push((vm.clone(), id, disk, buf)),
+                    Fetched::Found => out.push(Protected { vm: vm.clone(), id, disk, bytes: buf }),
                     // Removed meanwhile (its writer dropped it): nothing to keep.
                     Fetched::Missing => {}
                     Fetched::TooLong(len) => {
