@@ -38,6 +38,7 @@ enum Command {
 }
 
 fn run() -> Result<()> {
+    livesnap_control::install_tls_provider();
     let args = Args::parse();
     let config = Config::load(&args.config)?;
     match args.command.unwrap_or(Command::Serve) {
