@@ -395,3 +395,131 @@ fn measure_backup_into_garage_vs_local() {
         }
     }
 }
+
+/// What the fault proxy does with a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Forwards both ways.
+    None,
+    /// Answers every request with HTTP 503, as an overloaded store does.
+    Errors,
+    /// Holds every request for longer than the client's request timeout, then forwards it.
+    Slow,
+}
+
+/// A TCP proxy on loopback in front of the real Garage, switchable between forwarding,
+/// answering errors and stalling. Its listener thread runs until the test ends.
+struct FaultProxy {
+    addr: std::net::SocketAddr,
+    mode: Arc<std::sync::Mutex<Fault>>,
+}
+
+impl FaultProxy {
+    fn start(upstream: &str) -> FaultProxy {
+        let upstream: std::net::SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(std::sync::Mutex::new(Fault::None));
+        let m = mode.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let m = m.clone();
+                std::thread::spawn(move || serve(client, upstream, m));
+            }
+        });
+        FaultProxy { addr, mode }
+    }
+
+    fn set(&self, f: Fault) {
+        *self.mode.lock().unwrap() = f;
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn serve(mut client: std::net::TcpStream, upstream: std::net::SocketAddr, mode: Arc<std::sync::Mutex<Fault>>) {
+    use std::io::{Read, Write};
+    let fault = *mode.lock().unwrap();
+    match fault {
+        Fault::Errors => {
+            // Read one request head, answer 503, close.
+            let mut head = Vec::new();
+            let mut b = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match client.read(&mut b) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let _ = client.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: 91\r\nConnection: close\r\n\r\n<Error><Code>ServiceUnavailable</Code><Message>Injected by the test</Message></Error>\n\n\n\n\n",
+            );
+        }
+        Fault::None | Fault::Slow => {
+            if fault == Fault::Slow {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            let Ok(server) = std::net::TcpStream::connect(upstream) else { return };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            // A kept-alive connection made before a fault is cut at its next request, so that
+            // the client's next connection meets the fault.
+            let up = std::thread::spawn(move || {
+                let mut b = vec![0u8; 64 * 1024];
+                loop {
+                    match c2.read(&mut b) {
+                        Ok(n) if n > 0 && *mode.lock().unwrap() == fault => {
+                            if s2.write_all(&b[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                let _ = s2.shutdown(std::net::Shutdown::Both);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut s, mut c) = (server, client);
+            let _ = std::io::copy(&mut s, &mut c);
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+        }
+    }
+}
+
+/// The store answering errors, then too slow: each backup fails with the store's answer after
+/// the bounded retries, nothing becomes visible, and once the store answers again the next
+/// backup works.
+#[test]
+fn s3_store_answering_errors_or_too_slow_fails_the_backup_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = start(dir.path(), 1);
+    let proxy = FaultProxy::start(&g.endpoint);
+    let mut o = g.options("repo", GRACE).unwrap();
+    o.endpoint = proxy.endpoint();
+    o.timeout = Duration::from_secs(1);
+    o.retries = 2;
+    o.retry_timeout = Duration::from_secs(10);
+    let repo = Repository::open_or_create(&Location::S3(o), opts()).unwrap();
+    let bytes = data(MIB, 31);
+    let src = source(dir.path(), "d", &bytes);
+
+    for (fault, want) in [(Fault::Errors, "HTTP 503"), (Fault::Slow, "timed out")] {
+        // Mid-backup: its marker is written, then the store fails.
+        let mut w = repo.begin_backup(spec("vm1", "failed")).unwrap();
+        proxy.set(fault);
+        let t = Instant::now();
+        let e = w.full("vda", &src).map(|_| ()).err().or_else(|| w.commit().err()).unwrap();
+        let msg = chain(&e);
+        eprintln!("{fault:?}: {msg} ({:.1} s)", t.elapsed().as_secs_f64());
+        assert!(msg.contains(want) && msg.contains("retries"), "{fault:?}: {msg}");
+        assert!(t.elapsed() < Duration::from_secs(120), "hang guard: bounded retries");
+        proxy.set(Fault::None);
+        assert!(repo.list(None).unwrap().is_empty(), "nothing half-written is visible");
+    }
+    backup(&repo, "vm1", "ok", &src);
+    assert_verifies(&repo, "vm1", "ok");
+    assert_eq!(restored(&repo, dir.path(), "vm1", "ok"), bytes);
+}

@@ -1055,17 +1055,15 @@ impl Remote {
             let len = top[start..].find(&close)?;
             Some(top[start..start + len].to_owned())
         };
-        let message = match (status, tag("Code"), tag("Message")) {
+        let answer = match (status, tag("Code"), tag("Message")) {
             (Some(st), Some(code), Some(msg)) => format!("HTTP {st} {code}: {msg}"),
             (Some(st), _, _) => format!("HTTP {st}"),
-            _ => {
-                let inner = innermost.to_string();
-                let retries = top.split(", after ").nth(1).and_then(|r| r.split(" retries").next());
-                match retries {
-                    Some(n) => format!("{inner} (after {n} retries)"),
-                    None => inner,
-                }
-            }
+            _ => innermost.to_string(),
+        };
+        let retries = top.split(", after ").nth(1).and_then(|r| r.split(" retries").next());
+        let message = match retries {
+            Some(n) => format!("{answer} (after {n} retries)"),
+            None => answer,
         };
         Remote { status, message }
     }
