@@ -910,14 +910,6 @@ impl PendingBackup for S3Pending {
 
     fn commit(mut self: Box<Self>) -> Result<()> {
         let s = &*self.store;
-        let age = self.now() - self.started;
-        if age + SLACK_US > s.grace_us / 2 {
-            return Err(Error::TooSlow {
-                backup: format!("{}/{}", self.vm, self.id),
-                secs: (age / 1_000_000) as u64,
-                grace_secs: (s.grace_us / 1_000_000) as u64,
-            });
-        }
         if self.collections_since_start()? {
             let missing = self.missing_chunks()?;
             if let Some(first) = missing.first() {
@@ -927,7 +919,18 @@ impl PendingBackup for S3Pending {
                 });
             }
         }
+        // After the wait and the check: what protects this writer's chunks from a collection
+        // that starts now is that they are younger than the grace period until the commit
+        // object is put, a few requests from here.
         let key = s.commit_key(&self.vm, &self.id);
+        let age = self.now() - self.started;
+        if age + SLACK_US > s.grace_us / 2 {
+            return Err(Error::TooSlow {
+                backup: format!("{}/{}", self.vm, self.id),
+                secs: (age / 1_000_000) as u64,
+                grace_secs: (s.grace_us / 1_000_000) as u64,
+            });
+        }
         if s.head(&key)?.is_some() {
             return Err(Error::BackupExists { vm: self.vm.clone(), id: self.id.clone() });
         }
