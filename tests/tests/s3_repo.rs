@@ -22,7 +22,7 @@ const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 256 * KIB;
 /// Short enough that a test can wait for chunks to age past it; long enough that a backup of a
 /// few MiB commits within half of it on a loaded machine.
-const GRACE: Duration = Duration::from_secs(12);
+const GRACE: Duration = Duration::from_secs(24);
 
 fn opts() -> CreateOptions {
     CreateOptions { chunk_size: CHUNK, ..CreateOptions::default() }
