@@ -2,13 +2,12 @@
 //! (its unix socket, or its TCP endpoint with TLS and a token); `snapctl agent ...` talks to one
 //! guest agent directly, to debug a VM by hand. The exit codes are in control/README.md.
 //!
-//! The pieces are under `src/cli/` (module map in `cli/mod.rs`).
-
-mod cli;
+//! The pieces are in the library, under `src/cli/` (module map in `cli/mod.rs`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use livesnap_control::cli;
 use livesnap_proto::error::chain;
 
 use cli::args::{BackupAction, Command, DaemonOpts, VmAction};

@@ -8,34 +8,13 @@
 //! as by a kill, and the next start cleans it up: the guest thawed, the snapshot abandoned (its
 //! delta merges), the job marked failed.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use livesnap_control::daemon::args::{Args, Command};
 use livesnap_control::daemon::{service, Config, Daemon};
 use tracing_subscriber::EnvFilter;
-
-/// livesnap's host daemon: snapshots and backups of the host's VMs over gRPC.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// The configuration file.
-    #[arg(long, default_value = "/etc/livesnap/livesnapd.toml", value_name = "PATH")]
-    config: PathBuf,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve (the default).
-    Serve,
-    /// Check the configuration file and exit.
-    CheckConfig,
-    /// Print the recorded jobs, oldest first, one JSON object a line.
-    Jobs,
-}
 
 fn run() -> Result<()> {
     let args = Args::parse();

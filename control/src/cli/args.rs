@@ -19,7 +19,7 @@ snapshot (the job goes on).";
 
 /// livesnap's command line: snapshots and backups of the host's VMs through livesnapd.
 #[derive(Debug, Parser)]
-#[command(version, after_help = EXIT_CODES)]
+#[command(name = "snapctl", version, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(flatten)]
     pub daemon: DaemonOpts,
@@ -153,4 +153,9 @@ fn parse_freeze_timeout(s: &str) -> Result<u32, String> {
         return Err("must be at least 1ms".into());
     }
     u32::try_from(ms).map_err(|_| format!("must be at most {}ms", u32::MAX))
+}
+
+/// snapctl's command line, for the man pages and the shell completions (`xtask`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }

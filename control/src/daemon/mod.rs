@@ -1,5 +1,6 @@
 //! livesnapd: the host daemon (`proto/livesnapd.proto`).
 //!
+//! - [`args`]: livesnapd's command line.
 //! - [`config`]: the TOML configuration, checked whole at start.
 //! - [`model`]: the daemon's own types: requests, a job's events, backups, VMs.
 //! - [`ports`]: what the daemon needs of a VM's backend and agent, as traits, and the
@@ -15,6 +16,7 @@
 //!
 //! [`Daemon`] is the domain side: it knows nothing of protobuf or tonic.
 
+pub mod args;
 pub mod backend;
 pub mod config;
 pub mod model;
