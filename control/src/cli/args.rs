@@ -60,6 +60,11 @@ pub enum Command {
         #[command(subcommand)]
         action: BackupAction,
     },
+    /// livesnapd's jobs: list them, show one, cancel a running one.
+    Job {
+        #[command(subcommand)]
+        action: JobAction,
+    },
     /// Talk to one guest agent directly (debugging).
     Agent {
         #[command(subcommand)]
@@ -136,6 +141,29 @@ pub enum BackupAction {
         /// last ones).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         keep: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// The recorded jobs, running or ended, oldest first.
+    List {
+        /// Only this VM's jobs.
+        vm: Option<String>,
+        /// Only the newest N jobs.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        last: Option<u32>,
+    },
+    /// One job: its VM, status, stage reached, times, snapshot and why it failed.
+    Show { id: String },
+    /// Stop a running job: the step under way is interrupted where it safely can be, then the
+    /// guest is thawed, the snapshot abandoned (its delta merges) and nothing is checkpointed.
+    /// Waits until the job has ended; exit 0 once it is cancelled, 5 if it ended otherwise.
+    Cancel {
+        id: String,
+        /// Return once livesnapd has the request, without waiting for the job to end.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
