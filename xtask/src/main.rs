@@ -92,6 +92,7 @@ mod tests {
             "snapctl.1",
             "snapctl-vm-snapshot.1",
             "snapctl-backup-restore.1",
+            "snapctl-job-cancel.1",
             "livesnap-blk.1",
             "livesnap-blk-ctl.1",
             "livesnap-blk-ctl-begin.1",
