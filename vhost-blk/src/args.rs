@@ -209,20 +209,20 @@ fn differs<T: PartialEq>(cli: &Option<T>, file: &Option<T>) -> bool {
 
 /// The options a `--config` file gives, checked as the command line's are.
 #[derive(Debug, Default)]
-struct FileOptions {
-    vm: Option<String>,
-    queues: Option<u16>,
-    state_dir: Option<PathBuf>,
-    control: Option<PathBuf>,
-    delta_limit: Option<u64>,
-    user: Option<UserSpec>,
-    sandbox: Option<bool>,
-    disks: Vec<DiskSpec>,
+pub(crate) struct FileOptions {
+    pub(crate) vm: Option<String>,
+    pub(crate) queues: Option<u16>,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) control: Option<PathBuf>,
+    pub(crate) delta_limit: Option<u64>,
+    pub(crate) user: Option<UserSpec>,
+    pub(crate) sandbox: Option<bool>,
+    pub(crate) disks: Vec<DiskSpec>,
 }
 
 /// Parses and checks a `--config` file's text; `path` names it in errors. Every path in it must
 /// be absolute: a unit's working directory says nothing about where the file meant.
-fn parse_file(path: &Path, text: &str) -> Result<FileOptions, Error> {
+pub(crate) fn parse_file(path: &Path, text: &str) -> Result<FileOptions, Error> {
     let f: FileArgs =
         toml::from_str(text).map_err(|source| Error::Parse { path: path.to_owned(), source: Box::new(source) })?;
     let invalid = |reason: String| Error::InvalidFile { path: path.to_owned(), reason };
