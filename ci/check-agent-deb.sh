@@ -1,31 +1,17 @@
 #!/bin/sh
 # Installs target/debian/livesnap-agent_*.deb with `dpkg -i` into a fresh Debian 12 root
-# (debootstrap, minbase + systemd, cached as target/debian/bookworm-root.tar.gz) and checks:
-# installed cleanly, the static binary runs there, the unit is enabled, the hooks directory
-# and the example hooks are in place; then `dpkg --purge` removes it cleanly.
-# Needs root, debootstrap and the Debian mirror. Run ci/package-agent.sh first.
+# (ci/debroot.sh) and checks: installed cleanly, the static binary runs there, the unit is
+# enabled, the hooks directory and the example hooks are in place; then `dpkg --purge` removes
+# it and leaves no file behind. Needs root, debootstrap and the Debian mirror. Run
+# ci/package-agent.sh first.
 set -eu
 cd "$(dirname "$0")/.."
-# The mirror this machine's apt already uses (override with DEBIAN_MIRROR).
-MIRROR="${DEBIAN_MIRROR:-$(apt-cache policy | sed -n 's|^ *[0-9]* \(https\{0,1\}://[^ ]*\) bookworm/main amd64 Packages$|\1|p' | head -n 1)}"
-[ -n "$MIRROR" ] || { echo "check-agent-deb: no Debian mirror in apt's sources; set DEBIAN_MIRROR" >&2; exit 1; }
-CACHE=target/debian/bookworm-root.tar.gz
+CHECK_NAME=check-agent-deb
+. ci/debroot.sh
 DEB=$(ls -t target/debian/livesnap-agent_*_amd64.deb | head -n 1)
-
-if [ ! -f "$CACHE" ]; then
-    build=$(mktemp -d /tmp/livesnap-debootstrap.XXXXXX)
-    debootstrap --variant=minbase --include=systemd,systemd-sysv bookworm "$build" "$MIRROR"
-    tar -C "$build" -czf "$CACHE.tmp" .
-    mv "$CACHE.tmp" "$CACHE"
-    rm -rf "$build"
-fi
-
-root=$(mktemp -d /tmp/livesnap-debroot.XXXXXX)
-trap 'rm -rf "$root"' EXIT
-tar -C "$root" -xzf "$CACHE"
 cp "$DEB" "$root/tmp/agent.deb"
-
-fail() { echo "check-agent-deb: $*" >&2; exit 1; }
+before=$(mktemp)
+files_of_root > "$before"
 
 chroot "$root" dpkg -i /tmp/agent.deb
 chroot "$root" dpkg -s livesnap-agent | grep -q '^Status: install ok installed' || fail "not installed"
@@ -39,4 +25,6 @@ chroot "$root" systemctl is-enabled livesnap-agent.service | grep -qx enabled ||
 chroot "$root" dpkg --purge livesnap-agent
 [ ! -e "$root/usr/sbin/livesnap-agent" ] || fail "binary left after purge"
 [ ! -e "$root/etc/systemd/system/multi-user.target.wants/livesnap-agent.service" ] || fail "unit still enabled after purge"
+purge_left "$before"
+rm -f "$before"
 echo "check-agent-deb: $DEB installs, is enabled and purges cleanly in a Debian 12 root"

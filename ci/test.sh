@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need, builds the guest image
-# (cached) and the guest agent's static binary and .deb, lints, installs the .deb into a fresh
-# Debian 12 root, runs every fuzz target for a few seconds, then runs every test of the workspace
+# (cached), the guest agent's static binary and .deb and the host .deb, lints, installs each .deb
+# into a fresh Debian 12 root, runs every fuzz target for a few seconds, then runs every test of the workspace
 # with nextest (last, so that its summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ cargo build --workspace --all-targets --locked
 ci/package-agent.sh
 ci/build-recwriter.sh
 ci/check-agent-deb.sh
+ci/package-host.sh
+ci/check-host-deb.sh
 # Every fuzz target builds and runs a few seconds from its seeds (ci/fuzz.sh SECONDS for more).
 ci/fuzz.sh 5
 cargo nextest run --workspace --locked --no-fail-fast

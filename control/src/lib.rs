@@ -10,9 +10,10 @@
 //!
 //! - `fuzzing`: entry points of the fuzz targets (`fuzz/`) into private parsers; not an API.
 //!
-//! `snapctl` (src/main.rs) is the operators' CLI on top.
+//! - [`cli`]: `snapctl`, the operators' CLI on top (its `main` is src/main.rs).
 
 pub mod agent;
+pub mod cli;
 pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -2,22 +2,22 @@
 //! (its unix socket, or its TCP endpoint with TLS and a token); `snapctl agent ...` talks to one
 //! guest agent directly, to debug a VM by hand. The exit codes are in control/README.md.
 //!
-//! The pieces are under `src/cli/` (module map in `cli/mod.rs`).
-
-mod cli;
+//! The pieces are in the library, under `src/cli/` (module map in `cli/mod.rs`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use livesnap_control::cli;
 use livesnap_proto::error::chain;
 
-use cli::args::{BackupAction, Command, DaemonOpts, VmAction};
+use cli::args::{BackupAction, Command, DaemonOpts, JobAction, VmAction};
 use cli::error::{Error, Exit};
 
 /// A command for livesnapd.
 enum DaemonCommand {
     Vm(VmAction),
     Backup(BackupAction),
+    Job(JobAction),
 }
 
 async fn run_daemon(opts: &DaemonOpts, command: DaemonCommand, json: bool) -> Result<(), Error> {
@@ -26,6 +26,7 @@ async fn run_daemon(opts: &DaemonOpts, command: DaemonCommand, json: bool) -> Re
         DaemonCommand::Vm(VmAction::List) => cli::commands::vm_list(&mut d, json).await,
         DaemonCommand::Vm(VmAction::Snapshot(args)) => cli::snapshot::run(&mut d, args, json).await,
         DaemonCommand::Backup(action) => cli::commands::backup(&mut d, action, json).await,
+        DaemonCommand::Job(action) => cli::jobs::run(&mut d, action, json).await,
     }
 }
 
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
         }
         Command::Vm { action } => DaemonCommand::Vm(action),
         Command::Backup { action } => DaemonCommand::Backup(action),
+        Command::Job { action } => DaemonCommand::Job(action),
     };
     match rt.block_on(run_daemon(&cli.daemon, command, cli.json)) {
         Ok(()) => Exit::Ok.into(),

@@ -724,3 +724,161 @@ fn a_qcow2_disk_backs_up_full_and_incremental_and_restores_to_raw_and_qcow2() {
     std::fs::write(&expect, &rig.model).unwrap();
     qemu_img(&["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), expect.to_str().unwrap()]);
 }
+
+/// Starts a rate-bounded full backup and returns its stream once the reading has begun, with
+/// the job's id and snapshot.
+fn start_reading(rig: &Rig, c: &mut LivesnapdClient<Channel>) -> (tonic::Streaming<pb::SnapshotEvent>, String, u64) {
+    let mut stream =
+        rig.block_on(c.create_snapshot(req(pb::BackupMode::Full, pb::QuiesceMode::Off))).unwrap().into_inner();
+    let (id, snap) = rig.block_on(async {
+        let mut snap = None;
+        while let Some(e) = stream.message().await.unwrap() {
+            match e.event.unwrap() {
+                pb::snapshot_event::Event::Cut(c) => snap = Some(c.snapshot_id),
+                pb::snapshot_event::Event::BackingUp(p) if p.bytes_read > 0 => {
+                    return (e.job_id, snap.unwrap());
+                }
+                ev @ (pb::snapshot_event::Event::Done(_) | pb::snapshot_event::Event::Failed(_)) => {
+                    panic!("the job ended before the test could stop it: {ev:?}")
+                }
+                _ => {}
+            }
+        }
+        panic!("the stream ended")
+    });
+    (stream, id, snap)
+}
+
+/// The stream's last event, which must be Failed: (code, reason, stage).
+fn failure_of(rig: &Rig, mut stream: tonic::Streaming<pb::SnapshotEvent>) -> (tonic::Code, String, String) {
+    rig.block_on(async {
+        while let Some(e) = stream.message().await.unwrap() {
+            match e.event.unwrap() {
+                pb::snapshot_event::Event::Failed(f) => return (tonic::Code::from(f.code), f.reason, f.stage),
+                pb::snapshot_event::Event::Done(b) => panic!("the job succeeded: {b:?}"),
+                _ => {}
+            }
+        }
+        panic!("the stream ended without Done or Failed")
+    })
+}
+
+/// Waits until the backend has no snapshot (an abandoned one merged); `snap` must never have
+/// been checkpointed.
+fn merged_not_checkpointed(rig: &Rig, snap: u64) {
+    let start = Instant::now();
+    while rig.backend_status().snapshot.is_some() {
+        assert!(start.elapsed() < JOB_WAIT, "the abandoned snapshot never merged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut b = rig.backend();
+    let page = rig.block_on(async {
+        b.changes(spb::ChangesRequest { disk: "vda".into() }).await.unwrap().into_inner().message().await.unwrap()
+    });
+    assert_ne!(page.unwrap().since_checkpoint, Some(snap), "the stopped job's snapshot was checkpointed");
+}
+
+/// snapctl against the rig's livesnapd: (exit code, stdout).
+fn snapctl(rig: &Rig, args: &[&str]) -> (i32, String) {
+    let out = Command::new(programs::snapctl().unwrap())
+        .arg("--socket")
+        .arg(&rig.socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("snapctl {args:?}: {:?}\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+#[test]
+fn a_running_job_is_listed_and_snapctl_cancels_it_mid_backup() {
+    // 4 MiB/s: the 64 MiB backup would take 16 s; the cancel lands inside it.
+    let rig = Rig::new("", "read_bytes_per_sec = 4194304");
+    let _d = rig.start();
+    let mut c = rig.client();
+    let (stream, id, snap) = start_reading(&rig, &mut c);
+
+    let jobs = rig.block_on(c.list_jobs(pb::ListJobsRequest { vm: VM.into(), last: 0 })).unwrap().into_inner().jobs;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!((jobs[0].id.as_str(), jobs[0].status), (id.as_str(), pb::JobStatus::Running as i32));
+    assert_eq!(jobs[0].stage, "backup");
+    assert_eq!(jobs[0].snapshot_id, snap);
+    let (code, out) = snapctl(&rig, &["job", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&id) && out.contains("running"), "{out}");
+
+    // snapctl asks, then waits for the job to end.
+    let (code, out) = snapctl(&rig, &["job", "cancel", &id]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("cancelled"), "{out}");
+    let (code, reason, stage) = failure_of(&rig, stream);
+    assert_eq!((code, stage.as_str()), (tonic::Code::Cancelled, "backup"), "{reason}");
+    assert!(reason.contains("CancelJob"), "{reason}");
+
+    // Abandoned (its delta merged), nothing checkpointed, no backup, the job recorded.
+    merged_not_checkpointed(&rig, snap);
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner();
+    assert!(list.backups.is_empty(), "a cancelled backup was committed: {list:?}");
+    let j = rig.block_on(c.get_job(pb::JobRef { id: id.clone() })).unwrap().into_inner();
+    assert_eq!((j.status, j.stage.as_str()), (pb::JobStatus::Cancelled as i32, "backup"), "{j:?}");
+    assert_ne!(j.finished_unix_us, 0);
+    let (code, out) = snapctl(&rig, &["--json", "job", "show", &id]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    // A job that has ended cannot be cancelled (5); an unknown one is not found (4).
+    assert_eq!(snapctl(&rig, &["job", "cancel", &id]).0, 5);
+    assert_eq!(snapctl(&rig, &["job", "cancel", "no-such-job"]).0, 4);
+    let err = rig.block_on(c.get_job(pb::JobRef { id: "no-such-job".into() })).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // The VM backs up again, the cancelled job's changes included.
+    let b = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+    assert_eq!(b.kind, pb::BackupKind::Full as i32);
+}
+
+#[test]
+fn sigterm_lets_the_running_job_finish_its_step_and_records_it() {
+    // 16 MiB/s: the backup step takes about 4 s after the signal at most.
+    let rig = Rig::new("", "read_bytes_per_sec = 16777216");
+    let d = rig.start();
+    let mut c = rig.client();
+    let (stream, id, snap) = start_reading(&rig, &mut c);
+    // SAFETY: kill(2) on the daemon's pid, which this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(d.pid().unwrap() as libc::pid_t, libc::SIGTERM) }, 0);
+    let (code, reason, stage) = failure_of(&rig, stream);
+    assert_eq!((code, stage.as_str()), (tonic::Code::Cancelled, "backup"), "{reason}");
+    assert!(reason.contains("livesnapd is stopping"), "{reason}");
+    assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success(), "{}", rig.log());
+    merged_not_checkpointed(&rig, snap);
+
+    // Recorded by the daemon that stopped, not left to the next start.
+    let out = Command::new(programs::livesnapd().unwrap())
+        .arg("--config")
+        .arg(&rig.config)
+        .arg("jobs")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let jobs: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(
+        (jobs[0]["id"].as_str(), jobs[0]["result"].as_str()),
+        (Some(id.as_str()), Some("cancelled")),
+        "{jobs:?}"
+    );
+
+    // Nothing left for the next start to clean up; the backup step finished before the job
+    // stopped, so the backup is whole.
+    let _d = rig.start();
+    assert!(!rig.log().contains("left unfinished"), "{}", rig.log());
+    let mut c = rig.client();
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner();
+    assert_eq!(list.backups.len(), 1, "{list:?}");
+    let b = &list.backups[0];
+    assert_eq!(rig.restore(&mut c, &b.id, "restored.raw"), rig.model, "the backup is not the disk at the cut");
+}

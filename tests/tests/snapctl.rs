@@ -222,6 +222,19 @@ impl Livesnapd for FakeDaemon {
         self.seen().prunes.push(req.into_inner());
         self.script.prune.clone().map(Response::new).map_err(status)
     }
+
+    // The job commands run against the real daemon (livesnapd.rs).
+    async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsReply>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn get_job(&self, _: Request<JobRef>) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn cancel_job(&self, _: Request<JobRef>) -> Result<Response<Job>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
 }
 
 /// The fake livesnapd, serving on `socket` until dropped.

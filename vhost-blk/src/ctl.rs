@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use livesnap_proto::snapshot as pb;
 use livesnap_proto::snapshot::snapshot_control_client::SnapshotControlClient;
 use serde_json::{json, Value};
@@ -62,6 +62,11 @@ enum Cmd {
     Checkpoint { snapshot: u64 },
     /// Counters since the backend started.
     Stats,
+}
+
+/// The command's definition, for the man pages and the shell completions.
+pub fn command() -> clap::Command {
+    Ctl::command()
 }
 
 /// Runs `livesnap-blk ctl ARGS…`; `args` starts with `ctl`.

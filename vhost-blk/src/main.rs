@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
-use clap::Parser;
+use anyhow::{Context, Result};
 use tracing::info;
 
 use livesnap_blk::args::Args;
@@ -23,8 +22,10 @@ fn run() -> Result<()> {
     if std::env::args_os().nth(1).is_some_and(|a| a == "recover") {
         return livesnap_blk::recover::run(std::env::args_os().skip(1));
     }
-    let args = Args::parse();
-    args.validate().map_err(|e| anyhow!(e))?;
+    let args = Args::load()?;
+    for option in &args.overridden {
+        info!(option, "the command line replaces the config file's value");
+    }
     // Every thread spawned from here on inherits the mask; the main thread waits for them.
     sys::block_signals(&STOP_SIGNALS).context("Cannot block signals")?;
     let user = args.user.as_ref().map(confine::user::resolve).transpose().context("Cannot use --user")?;

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::disk::{self, Format};
 use crate::snap::recover::fold;
@@ -34,6 +34,11 @@ struct Recover {
     /// Only say what would be copied.
     #[arg(long)]
     dry_run: bool,
+}
+
+/// The command's definition, for the man pages and the shell completions.
+pub fn command() -> clap::Command {
+    Recover::command()
 }
 
 /// Runs `livesnap-blk recover` with `args` (the first being the command's name).

@@ -4,38 +4,18 @@
 //! exits; `livesnapd jobs` prints the job history as JSON lines (with the daemon stopped: the
 //! state database is opened by one process at a time).
 //!
-//! SIGTERM or SIGINT stops serving and exits within about 2 s; a job running then is cut short
-//! as by a kill, and the next start cleans it up: the guest thawed, the snapshot abandoned (its
-//! delta merges), the job marked failed.
+//! SIGTERM or SIGINT stops serving new jobs; each job running then finishes the step it is in
+//! and ends as a cancelled job does (the guest thawed, the snapshot abandoned — its delta
+//! merges —, nothing checkpointed), recorded `cancelled`; then livesnapd exits. A daemon killed
+//! outright leaves its jobs to the next start, which cleans them up the same way.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use livesnap_control::daemon::args::{Args, Command};
 use livesnap_control::daemon::{service, Config, Daemon};
 use tracing_subscriber::EnvFilter;
-
-/// livesnap's host daemon: snapshots and backups of the host's VMs over gRPC.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// The configuration file.
-    #[arg(long, default_value = "/etc/livesnap/livesnapd.toml", value_name = "PATH")]
-    config: PathBuf,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve (the default).
-    Serve,
-    /// Check the configuration file and exit.
-    CheckConfig,
-    /// Print the recorded jobs, oldest first, one JSON object a line.
-    Jobs,
-}
 
 fn run() -> Result<()> {
     livesnap_control::install_tls_provider();
@@ -69,18 +49,23 @@ fn run() -> Result<()> {
                 daemon.recover().await?;
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("Cannot handle SIGTERM")?;
+                let d = daemon.clone();
                 let shutdown = async move {
                     tokio::select! {
                         _ = term.recv() => {}
                         _ = tokio::signal::ctrl_c() => {}
                     }
-                    tracing::info!("stopping");
+                    tracing::info!("stopping: running jobs end after their current step");
+                    // Before the server stops: a job's stream ends only with the job.
+                    d.stop_jobs();
                 };
-                service::serve(daemon, shutdown).await?;
+                service::serve(daemon.clone(), shutdown).await?;
+                daemon.wait_jobs().await;
+                tracing::info!("stopped");
                 Ok(())
             });
-            // A job still running is cut short, as by a kill: the next start cleans it up
-            // (thaw, abandon, job marked failed).
+            // Every job has ended and is recorded; what is left (a probe, a restore's qemu-img)
+            // gets 2 s.
             rt.shutdown_timeout(std::time::Duration::from_secs(2));
             served
         }

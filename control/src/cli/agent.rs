@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::agent::{AgentClient, Error, Filesystem, HookResult, Limits, Target};
+use crate::vsock::HybridAddr;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use livesnap_control::agent::{AgentClient, Error, Filesystem, HookResult, Limits, Target};
-use livesnap_control::vsock::HybridAddr;
 use serde::Serialize;
 
 #[derive(Debug, Subcommand)]

@@ -19,7 +19,7 @@ snapshot (the job goes on).";
 
 /// livesnap's command line: snapshots and backups of the host's VMs through livesnapd.
 #[derive(Debug, Parser)]
-#[command(version, after_help = EXIT_CODES)]
+#[command(name = "snapctl", version, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(flatten)]
     pub daemon: DaemonOpts,
@@ -59,6 +59,11 @@ pub enum Command {
     Backup {
         #[command(subcommand)]
         action: BackupAction,
+    },
+    /// livesnapd's jobs: list them, show one, cancel a running one.
+    Job {
+        #[command(subcommand)]
+        action: JobAction,
     },
     /// Talk to one guest agent directly (debugging).
     Agent {
@@ -139,6 +144,29 @@ pub enum BackupAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// The recorded jobs, running or ended, oldest first.
+    List {
+        /// Only this VM's jobs.
+        vm: Option<String>,
+        /// Only the newest N jobs.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        last: Option<u32>,
+    },
+    /// One job: its VM, status, stage reached, times, snapshot and why it failed.
+    Show { id: String },
+    /// Stop a running job: the step under way is interrupted where it safely can be, then the
+    /// guest is thawed, the snapshot abandoned (its delta merges) and nothing is checkpointed.
+    /// Waits until the job has ended; exit 0 once it is cancelled, 5 if it ended otherwise.
+    Cancel {
+        id: String,
+        /// Return once livesnapd has the request, without waiting for the job to end.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Raw,
@@ -153,4 +181,9 @@ fn parse_freeze_timeout(s: &str) -> Result<u32, String> {
         return Err("must be at least 1ms".into());
     }
     u32::try_from(ms).map_err(|_| format!("must be at most {}ms", u32::MAX))
+}
+
+/// snapctl's command line, for the man pages and the shell completions (`xtask`).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }

@@ -21,7 +21,11 @@ use super::render::{self, bytes, clean, micros};
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `fut`, at most [`CALL_TIMEOUT`].
-async fn bounded<T>(d: &Daemon, action: &str, fut: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, Error> {
+pub(super) async fn bounded<T>(
+    d: &Daemon,
+    action: &str,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, Error> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Err(_) => Err(Error::Unreachable {
             target: d.target.clone(),
@@ -31,12 +35,12 @@ async fn bounded<T>(d: &Daemon, action: &str, fut: impl Future<Output = Result<T
     }
 }
 
-fn print_json(v: &Value) {
+pub(super) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
 }
 
 /// Rows as columns padded to their widest cell (the last column is not padded).
-fn table(rows: &[Vec<String>]) -> String {
+pub(super) fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; cols];
     for r in rows {
@@ -60,7 +64,7 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn or_dash(s: &str) -> String {
+pub(super) fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
     } else {

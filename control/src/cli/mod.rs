@@ -9,6 +9,7 @@
 //! - [`snapshot`]: `vm snapshot`: the event stream as a live progress bar, plain lines or JSON
 //!   lines.
 //! - [`commands`]: `vm list` and the `backup` commands.
+//! - [`jobs`]: the `job` commands: list, show, cancel.
 //! - [`agent`]: `agent ...`, a guest agent talked to directly.
 
 pub mod agent;
@@ -16,5 +17,6 @@ pub mod args;
 pub mod commands;
 pub mod connect;
 pub mod error;
+pub mod jobs;
 pub mod render;
 pub mod snapshot;

@@ -1,5 +1,6 @@
 //! livesnapd: the host daemon (`proto/livesnapd.proto`).
 //!
+//! - [`args`]: livesnapd's command line.
 //! - [`config`]: the TOML configuration, checked whole at start.
 //! - [`model`]: the daemon's own types: requests, a job's events, backups, VMs.
 //! - [`ports`]: what the daemon needs of a VM's backend and agent, as traits, and the
@@ -15,6 +16,7 @@
 //!
 //! [`Daemon`] is the domain side: it knows nothing of protobuf or tonic.
 
+pub mod args;
 pub mod backend;
 pub mod config;
 pub mod model;
@@ -27,17 +29,18 @@ pub mod workflow;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 pub use config::Config;
 use livesnap_repo::{self as repo, Repository};
-use model::{AgentState, Backup, ImageFormat, RestoreProgress, RestoreRequest, VmInfo};
+use model::{AgentState, Backup, ImageFormat, JobView, RestoreProgress, RestoreRequest, VmInfo};
 use ports::{AgentError, BackendError, Connector, Timeouts};
 use state::Store;
-pub use workflow::NoParent;
+pub use workflow::{NoParent, Stop, StopReason};
 
 /// How long ListVms waits for each backend and agent.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -98,6 +101,14 @@ pub enum Error {
     },
     #[error("An internal task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("The job was cancelled: {0}")]
+    Cancelled(StopReason),
+    #[error("Livesnapd is stopping: it starts no new job")]
+    Stopping,
+    #[error("There is no job {0}")]
+    UnknownJob(String),
+    #[error("Job {job} is not running: it ended {result}")]
+    NotRunning { job: String, result: String },
 }
 
 impl Error {
@@ -118,6 +129,12 @@ pub struct Daemon {
     connector: Arc<dyn Connector>,
     /// VM name → the job running on it (a job id, or `recovery`).
     running: Mutex<HashMap<String, String>>,
+    /// Job id → its stop request, for every CreateSnapshot job running.
+    stops: Mutex<HashMap<String, Arc<Stop>>>,
+    /// Set once livesnapd is stopping: no new job starts.
+    stopping: AtomicBool,
+    /// Notified whenever a job ends.
+    job_ended: Notify,
 }
 
 /// Holds a VM for one job; released when dropped.
@@ -172,6 +189,9 @@ impl Daemon {
             store: Arc::new(store),
             connector,
             running: Mutex::new(HashMap::new()),
+            stops: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            job_ended: Notify::new(),
         }))
     }
 
@@ -184,6 +204,100 @@ impl Daemon {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    fn stops_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Stop>>> {
+        self.stops.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Tracks a new job: its stop request, which [`Daemon::cancel_job`] and
+    /// [`Daemon::stop_jobs`] reach.
+    pub(crate) fn register_job(&self, id: &str) -> Arc<Stop> {
+        let stop = Arc::new(Stop::default());
+        self.stops_map().insert(id.to_owned(), stop.clone());
+        stop
+    }
+
+    /// Called by a job once its outcome is recorded.
+    pub(crate) fn unregister_job(&self, id: &str) {
+        self.stops_map().remove(id);
+        self.job_ended.notify_waiters();
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// livesnapd is stopping: no new job starts, and each running job finishes the step it is
+    /// in, then ends as a cancelled job does (thawed, snapshot abandoned, nothing
+    /// checkpointed, recorded). [`Daemon::wait_jobs`] waits for them.
+    pub fn stop_jobs(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let stops: Vec<(String, Arc<Stop>)> = self.stops_map().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (id, stop) in stops {
+            tracing::info!(job = %id, "livesnapd is stopping: the job ends after its current step");
+            stop.request(StopReason::Shutdown);
+        }
+    }
+
+    /// Waits until no job runs.
+    pub async fn wait_jobs(&self) {
+        loop {
+            let ended = self.job_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.stops_map().is_empty() {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// Asks a running job to stop: the step under way is interrupted where it safely can be
+    /// (the reading of the bases, the wait for the merge; never the freeze, cut and thaw),
+    /// then the job ends as a failed one does and is recorded `cancelled`. Returns the job as
+    /// it is now, without waiting for it to end.
+    pub async fn cancel_job(&self, id: &str) -> Result<JobView> {
+        let stop = self.stops_map().get(id).cloned();
+        match stop {
+            Some(stop) => {
+                tracing::info!(job = %id, "cancel requested");
+                stop.request(StopReason::Cancel);
+                self.get_job(id).await
+            }
+            None => {
+                let view = self.get_job(id).await?;
+                let result = match view.job.result {
+                    Some(r) => r.as_str().to_owned(),
+                    None => "with a previous daemon, which left it unfinished".to_owned(),
+                };
+                Err(Error::NotRunning { job: id.to_owned(), result })
+            }
+        }
+    }
+
+    /// A job as recorded, and whether it runs now.
+    pub async fn get_job(&self, id: &str) -> Result<JobView> {
+        let key = id.to_owned();
+        let job = self.blocking(move |_, s| Ok(s.job(&key)?)).await?.ok_or_else(|| Error::UnknownJob(id.to_owned()))?;
+        Ok(self.view(job))
+    }
+
+    /// The recorded jobs, oldest first: of `vm` only if given, the `last` newest if given.
+    pub async fn list_jobs(&self, vm: Option<String>, last: Option<usize>) -> Result<Vec<JobView>> {
+        let mut jobs = self.blocking(|_, s| Ok(s.jobs()?)).await?;
+        if let Some(vm) = vm {
+            jobs.retain(|j| j.vm == vm);
+        }
+        if let Some(n) = last {
+            jobs.drain(..jobs.len().saturating_sub(n));
+        }
+        Ok(jobs.into_iter().map(|j| self.view(j)).collect())
+    }
+
+    fn view(&self, job: state::JobState) -> JobView {
+        let stop = self.stops_map().get(&job.id).map(|s| s.requested());
+        JobView { running: stop.is_some(), stopping: stop.flatten(), job }
     }
 
     /// Claims `vm` for `job`, or says which job has it.

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::state::{BackupState, Stage};
+use super::state::{BackupState, JobState, Stage};
+use super::workflow::StopReason;
 use super::Error;
 use livesnap_repo as repo;
 
@@ -169,4 +170,14 @@ pub struct RestoreProgress {
     pub bytes_written: u64,
     pub bytes_total: u64,
     pub done: bool,
+}
+
+/// A job as recorded, and what this daemon knows of it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobView {
+    pub job: JobState,
+    /// The job runs in this daemon now.
+    pub running: bool,
+    /// It was asked to stop, and why.
+    pub stopping: Option<StopReason>,
 }

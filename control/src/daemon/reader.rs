@@ -6,7 +6,8 @@
 use std::io;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livesnap_repo::{FileSource, Source};
@@ -17,7 +18,14 @@ pub struct Base {
     source: FileSource,
     _scratch: Option<tempfile::NamedTempFile>,
     limit: Option<RateLimit>,
+    /// Once set (the job cancelled), every read fails.
+    interrupt: Option<Arc<AtomicBool>>,
 }
+
+/// What a read of a base whose job was cancelled fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("The job was cancelled: the reading of the base stopped")]
+pub struct Interrupted;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,7 +86,13 @@ impl Base {
         if source.size() != size {
             return Err(Error::Size { expected: size, actual: source.size() });
         }
-        Ok(Base { source, _scratch: scratch, limit: rate.map(RateLimit::new) })
+        Ok(Base { source, _scratch: scratch, limit: rate.map(RateLimit::new), interrupt: None })
+    }
+
+    /// Makes every read fail with [`Interrupted`] once `flag` is set.
+    pub fn interrupted_by(mut self, flag: Arc<AtomicBool>) -> Base {
+        self.interrupt = Some(flag);
+        self
     }
 }
 
@@ -88,6 +102,9 @@ impl Source for Base {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        if self.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+            return Err(io::Error::other(Interrupted));
+        }
         if let Some(l) = &self.limit {
             l.take(buf.len() as u64);
         }

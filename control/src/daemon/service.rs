@@ -18,10 +18,12 @@ use tracing::info;
 
 use super::config::read_token;
 use super::model::{
-    AgentState, Backup, BackupKind, BackupMode, Event, ImageFormat, QuiesceMode, RestoreRequest, SnapshotRequest,
-    VmInfo,
+    AgentState, Backup, BackupKind, BackupMode, Event, ImageFormat, JobView, QuiesceMode, RestoreRequest,
+    SnapshotRequest, VmInfo,
 };
 use super::ports::{BackendError, Refusal};
+use super::state::JobResult;
+use super::workflow::StopReason;
 use super::{Daemon, Error as DaemonError};
 use livesnap_repo as repo;
 
@@ -144,6 +146,48 @@ impl Livesnapd for Service {
             bytes_freed: rep.gc.bytes_freed,
         }))
     }
+
+    async fn list_jobs(&self, r: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsReply>, Status> {
+        let r = r.into_inner();
+        let vm = (!r.vm.is_empty()).then_some(r.vm);
+        let last = (r.last != 0).then(|| usize::try_from(r.last).unwrap_or(usize::MAX));
+        let jobs = self.0.list_jobs(vm, last).await.map_err(status)?;
+        Ok(Response::new(pb::ListJobsReply { jobs: jobs.into_iter().map(job_pb).collect() }))
+    }
+
+    async fn get_job(&self, r: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(job_pb(self.0.get_job(&r.into_inner().id).await.map_err(status)?)))
+    }
+
+    async fn cancel_job(&self, r: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(job_pb(self.0.cancel_job(&r.into_inner().id).await.map_err(status)?)))
+    }
+}
+
+fn job_pb(v: JobView) -> pb::Job {
+    let j = v.job;
+    let status = match (j.result, v.running) {
+        (Some(JobResult::Ok), _) => pb::JobStatus::Ok,
+        (Some(JobResult::Failed), _) => pb::JobStatus::Failed,
+        (Some(JobResult::Cancelled), _) => pb::JobStatus::Cancelled,
+        (None, true) => pb::JobStatus::Running,
+        (None, false) => pb::JobStatus::Unfinished,
+    };
+    pb::Job {
+        id: j.id,
+        vm: j.vm,
+        status: status as i32,
+        stage: j.stage.to_string(),
+        started_unix_us: j.started_unix_us,
+        finished_unix_us: j.finished_unix_us.unwrap_or(0),
+        reason: j.reason,
+        snapshot_id: j.snapshot_id.unwrap_or(0),
+        stopping: match v.stopping {
+            None => pb::StopReason::None,
+            Some(StopReason::Cancel) => pb::StopReason::Cancel,
+            Some(StopReason::Shutdown) => pb::StopReason::Shutdown,
+        } as i32,
+    }
 }
 
 fn snapshot_request(r: pb::CreateSnapshotRequest) -> Result<SnapshotRequest, Status> {
@@ -259,6 +303,10 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::RestoreDir { .. } | DaemonError::Task(_) => {
             Code::Internal
         }
+        DaemonError::Cancelled(_) => Code::Cancelled,
+        DaemonError::Stopping => Code::Unavailable,
+        DaemonError::UnknownJob(_) => Code::NotFound,
+        DaemonError::NotRunning { .. } => Code::FailedPrecondition,
     }
 }
 

@@ -57,6 +57,18 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum JobResult {
     Ok,
     Failed,
+    /// Stopped early: cancelled by a client (CancelJob), or by livesnapd stopping.
+    Cancelled,
+}
+
+impl JobResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobResult::Ok => "ok",
+            JobResult::Failed => "failed",
+            JobResult::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Where a job is. Stored as its lowercase name, the strings the first records held.
@@ -203,6 +215,13 @@ impl Store {
         Ok(())
     }
 
+    pub fn job(&self, id: &str) -> Result<Option<JobState>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(JOBS)?;
+        let v = t.get(id)?;
+        v.map(|v| decode(id, v.value())).transpose()
+    }
+
     pub fn jobs(&self) -> Result<Vec<JobState>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(JOBS)?;
@@ -276,6 +295,8 @@ mod tests {
         assert_eq!(s.next_job_seq()?, 2, "job numbers are not reused");
         let jobs = s.jobs()?;
         assert_eq!(jobs.len(), 1);
+        assert_eq!(s.job("j1")?.as_ref(), Some(&jobs[0]));
+        assert_eq!(s.job("j2")?, None);
         assert_eq!(jobs[0].snapshot_id, Some(3));
         assert_eq!(jobs[0].result, None);
         assert_eq!(s.backup("vm1", "b1")?.map(|b| b.note), Some("no agent".into()));

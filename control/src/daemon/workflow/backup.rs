@@ -2,12 +2,14 @@
 //! progress sent back as events. Before the commit, the backend must still hold every base
 //! frozen (the snapshot active, none of its disks given up).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tracing::info;
 
 use super::cut::Cut;
 use super::plan::{DiskPlan, Plan};
+use super::stop::StopReason;
 use super::{Failure, Job};
 use crate::daemon::model::Event;
 use crate::daemon::ports::Backend;
@@ -40,6 +42,18 @@ impl Job {
         let (tx, snap_id, backend) = (self.tx.clone(), cut.snapshot.id, backend.clone());
         let vm = self.vm.name.clone();
         let rt = tokio::runtime::Handle::current();
+        // A cancel stops the reading at its next read, and the commit.
+        let interrupt = self.stop.interrupt_flag();
+        let cancelled = {
+            let interrupt = interrupt.clone();
+            move |f: Failure| {
+                if interrupt.load(Ordering::SeqCst) {
+                    Failure { stage: Stage::Backup, error: Error::Cancelled(StopReason::Cancel) }
+                } else {
+                    f
+                }
+            }
+        };
         let write = tokio::task::spawn_blocking(move || -> Result<repo::BackupInfo, Failure> {
             let mut w = repo.begin_backup(spec).map_err(at_backup)?;
             let ptx = tx.clone();
@@ -53,12 +67,14 @@ impl Job {
                     let _ = tx.try_send(Event::BackingUp { disk: p.disk.clone(), bytes_read: 0, bytes_total: p.size });
                 }
                 let base = Base::open(&p.base_path, &p.base_format, p.size, &scratch, rate)
-                    .map_err(|source| at_backup(Error::Base { disk: p.disk.clone(), source }))?;
+                    .map_err(|source| at_backup(Error::Base { disk: p.disk.clone(), source }))?
+                    .interrupted_by(interrupt.clone());
                 let stats = match &p.plan {
                     Plan::Full => w.full(&p.disk, &base),
                     Plan::Incremental { parent, extents } => w.incremental(&p.disk, &base, parent, extents),
                 }
-                .map_err(at_backup)?;
+                .map_err(at_backup)
+                .map_err(&cancelled)?;
                 info!(vm = %vm, disk = %p.disk, bytes_read = stats.bytes_read, bytes_changed = stats.bytes_changed, "disk backed up");
             }
             let st =
@@ -68,6 +84,9 @@ impl Job {
                     st.disks.iter().filter_map(|d| d.abandoned.as_ref().map(|a| format!("{}: {a}", d.id))).collect();
                 let why = if why.is_empty() { "the snapshot is no longer active".to_owned() } else { why.join("; ") };
                 return Err(at_backup(Error::SnapshotLost { why }));
+            }
+            if interrupt.load(Ordering::SeqCst) {
+                return Err(at_backup(Error::Cancelled(StopReason::Cancel)));
             }
             w.commit().map_err(at_backup)
         });

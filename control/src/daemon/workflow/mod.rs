@@ -8,7 +8,9 @@
 //! | merge, checkpoint | `merge.rs` | the delta merged; the change maps restarted at the cut, only now |
 //! | record | `record.rs` | the backup indexed, the job's outcome written and sent |
 //!
-//! and `recover.rs`: the clean-up of the jobs a previous daemon left unfinished.
+//! and `recover.rs`: the clean-up of the jobs a previous daemon left unfinished; `stop.rs`: a
+//! job stopped early, by CancelJob or by livesnapd stopping (between steps, or within the
+//! backup and the merge for a cancel).
 //!
 //! The freeze window (the agent's freeze request to its thaw reply) holds only the freeze, the
 //! backend's Begin and the thaw: both connections are open before, the job's state is written
@@ -24,6 +26,7 @@ mod merge;
 mod plan;
 mod record;
 mod recover;
+mod stop;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +43,7 @@ use super::ports::{Backend, BackendError, Timeouts};
 use super::state::{JobState, Stage};
 use super::{Claim, Daemon, Error, Result, MAX_FREEZE_TIMEOUT};
 pub use plan::NoParent;
+pub use stop::{Stop, StopReason};
 
 /// The backend, from the workflow: the call timeout is long, Begin's reply may wait for a
 /// flush of the guest's in-flight writes.
@@ -78,6 +82,8 @@ struct Job {
     freeze_timeout: Duration,
     /// The last state write queued by [`Job::enter_soon`], not waited for yet.
     pending: Option<JoinHandle<()>>,
+    /// Whether the job was asked to stop early.
+    stop: Arc<Stop>,
 }
 
 impl Daemon {
@@ -99,6 +105,9 @@ impl Daemon {
         if req.quiesce == QuiesceMode::Required && vm.agent.is_none() {
             return Err(Error::NoAgent { vm: vm.name });
         }
+        if self.stopping() {
+            return Err(Error::Stopping);
+        }
         // Claimed before anything is written, so that a second request is refused at once.
         let claim = self.claim(&vm.name, "starting")?;
         let seq = self.blocking(|_, s| Ok(s.next_job_seq()?)).await?;
@@ -109,8 +118,18 @@ impl Daemon {
         let st = state.clone();
         self.blocking(move |_, s| Ok(s.put_job(&st)?)).await?;
         let (tx, rx) = mpsc::channel(EVENTS);
-        let job =
-            Job { d: self.clone(), vm, state, tx, mode: req.mode, quiesce: req.quiesce, freeze_timeout, pending: None };
+        let stop = self.register_job(&id);
+        let job = Job {
+            d: self.clone(),
+            vm,
+            state,
+            tx,
+            mode: req.mode,
+            quiesce: req.quiesce,
+            freeze_timeout,
+            pending: None,
+            stop,
+        };
         tokio::spawn(job.run(claim));
         Ok((id, rx))
     }
@@ -125,6 +144,14 @@ impl Job {
     /// Sends an event the client must see (Cut, Done, Failed), waiting for room.
     async fn emit_wait(&self, e: Event) {
         let _ = self.tx.send(e).await;
+    }
+
+    /// Fails with [`Error::Cancelled`] at `stage` if the job was asked to stop.
+    fn check_stop(&self, stage: Stage) -> std::result::Result<(), Failure> {
+        match self.stop.requested() {
+            None => Ok(()),
+            Some(reason) => Err(Failure { stage, error: Error::Cancelled(reason) }),
+        }
     }
 
     fn backend_failed(&self, stage: Stage) -> impl Fn(BackendError) -> Failure + '_ {
@@ -175,6 +202,8 @@ impl Job {
         if self.mode == BackupMode::Incremental {
             self.check_incremental(&*backend, &st).await?;
         }
+        // The last moment to stop with nothing asked of the guest.
+        self.check_stop(Stage::Starting)?;
         let cut = self.quiesce_and_cut(&*backend).await?;
         self.state.snapshot_id = Some(cut.snapshot.id);
         self.enter(Stage::Backup).await;
@@ -197,11 +226,20 @@ impl Job {
     /// Back up, index, merge, checkpoint.
     async fn after_cut(&mut self, backend: &Arc<dyn Backend>, cut: cut::Cut) -> std::result::Result<Backup, Failure> {
         let mut notes = cut.notes.clone();
+        self.check_stop(Stage::Backup)?;
         let plans = self.plan(&**backend, &cut.snapshot, &mut notes).await?;
         let info = self.back_up(backend, &cut, plans).await?;
         let record = self.record_backup(&info, &cut, notes).await?;
+        // A stop for shutdown let the backup finish; it ends the job here, before the merge.
+        self.check_stop(Stage::Backup)?;
         self.enter(Stage::Merge).await;
-        self.merge(&**backend, cut.snapshot.id).await?;
+        let stop = self.stop.clone();
+        tokio::select! {
+            merged = self.merge(&**backend, cut.snapshot.id) => merged?,
+            () = stop.cancelled() => {
+                return Err(Failure { stage: Stage::Merge, error: Error::Cancelled(StopReason::Cancel) })
+            }
+        }
         let record = self.checkpoint(&**backend, cut.snapshot.id, record).await?;
         self.enter(Stage::Record).await;
         Ok(Backup::new(&info, Some(&record)))

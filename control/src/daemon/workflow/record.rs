@@ -4,13 +4,13 @@
 use std::time::Instant;
 
 use livesnap_proto::error::chain;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::cut::Cut;
 use super::{at, now_unix_us, Failure, Job};
 use crate::daemon::model::{Backup, Event};
 use crate::daemon::state::{BackupState, JobResult, Stage};
-use crate::daemon::Claim;
+use crate::daemon::{Claim, Error};
 use livesnap_repo::{self as repo, Consistency};
 
 impl Job {
@@ -50,16 +50,24 @@ impl Job {
             Ok(backup) => {
                 self.state.result = Some(JobResult::Ok);
                 self.enter(Stage::Done).await;
+                self.d.unregister_job(&id);
                 info!(vm = %vm, job = %id, secs = started.elapsed().as_secs_f64(), "snapshot job done");
                 drop(claim);
                 self.emit_wait(Event::Done(backup)).await;
             }
             Err(f) => {
                 let reason = chain(&f.error);
-                error!(vm = %vm, job = %id, stage = %f.stage, reason = %reason, "snapshot job failed");
-                self.state.result = Some(JobResult::Failed);
+                let result = if matches!(f.error, Error::Cancelled(_)) {
+                    warn!(vm = %vm, job = %id, stage = %f.stage, reason = %reason, "snapshot job cancelled");
+                    JobResult::Cancelled
+                } else {
+                    error!(vm = %vm, job = %id, stage = %f.stage, reason = %reason, "snapshot job failed");
+                    JobResult::Failed
+                };
+                self.state.result = Some(result);
                 self.state.reason = reason;
                 self.enter(f.stage).await;
+                self.d.unregister_job(&id);
                 drop(claim);
                 self.emit_wait(Event::Failed { stage: f.stage, error: f.error }).await;
             }

@@ -14,7 +14,7 @@ use crate::daemon::ports::{
     Frozen, MergeProgress, Phase, Refusal, Snapshot, Thawed, Timeouts, VmStatus,
 };
 use crate::daemon::state::{JobResult, JobState, Stage, Store};
-use crate::daemon::{Daemon, Error};
+use crate::daemon::{Daemon, Error, StopReason};
 use livesnap_repo::{Consistency, Repository};
 
 const VM: &str = "vm1";
@@ -43,6 +43,20 @@ struct Script {
     merge_fails: bool,
     /// Each call checks that the job's recorded stage reaches the one it belongs to.
     watch_stages: bool,
+    /// Where the backend holds the job until the test releases it.
+    hold: Option<Hold>,
+}
+
+/// A point where the fake backend holds the job, once, until the test releases it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hold {
+    /// The status asked for by the plan, after the cut: the stream's reads then fail.
+    BackupPlan,
+    /// The status asked for after every base was read, before the commit: the end of the
+    /// stream into the repository.
+    BackupCommit,
+    /// The merge.
+    Merge,
 }
 
 impl Default for Script {
@@ -54,6 +68,7 @@ impl Default for Script {
             begin_fails: false,
             merge_fails: false,
             watch_stages: false,
+            hold: None,
         }
     }
 }
@@ -74,6 +89,13 @@ struct World {
     store: OnceLock<Arc<Store>>,
     /// The calls at which the job's recorded stage was not (within a second) the expected one.
     stage_misses: Mutex<Vec<(Call, Stage, Option<Stage>)>>,
+    /// A permit once the job is held at `script.hold`.
+    reached: tokio::sync::Semaphore,
+    /// A permit lets the held job go on.
+    release: tokio::sync::Semaphore,
+    held: std::sync::atomic::AtomicBool,
+    /// Status calls while a snapshot is active.
+    active_status_calls: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -112,6 +134,16 @@ impl World {
     fn calls(&self) -> Vec<Call> {
         lock(&self.log).clone()
     }
+
+    /// Holds the job here if the script says so (once).
+    async fn hold(&self, at: Hold) {
+        if self.script.hold == Some(at) && !self.held.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.reached.add_permits(1);
+            if let Ok(p) = self.release.acquire().await {
+                p.forget();
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +167,13 @@ impl Connector for Fake {
 #[async_trait]
 impl Backend for Fake {
     async fn status(&self) -> Result<VmStatus, BackendError> {
+        if lock(&self.0.active).is_some() {
+            match self.0.active_status_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => self.0.hold(Hold::BackupPlan).await,
+                1 => self.0.hold(Hold::BackupCommit).await,
+                _ => {}
+            }
+        }
         let active = *lock(&self.0.active);
         Ok(VmStatus {
             snapshot: active.map(|id| Snapshot { id, disks: vec![DISK.into()], pause_us: 7 }),
@@ -176,6 +215,7 @@ impl Backend for Fake {
 
     async fn merge(&self, snapshot: u64, progress: &mut (dyn FnMut(MergeProgress) + Send)) -> Result<(), BackendError> {
         self.0.log(Call::Merge(snapshot)).await;
+        self.0.hold(Hold::Merge).await;
         if self.0.script.merge_fails {
             return Err(BackendError::Ended { call: BackendCall::Merge });
         }
@@ -261,6 +301,10 @@ impl Rig {
             backups_at_checkpoint: Mutex::new(Vec::new()),
             store: OnceLock::new(),
             stage_misses: Mutex::new(Vec::new()),
+            reached: tokio::sync::Semaphore::new(0),
+            release: tokio::sync::Semaphore::new(0),
+            held: std::sync::atomic::AtomicBool::new(false),
+            active_status_calls: std::sync::atomic::AtomicUsize::new(0),
         });
         Rig { _dir: dir, config, world }
     }
@@ -281,6 +325,35 @@ impl Rig {
         }
         events
     }
+}
+
+impl Rig {
+    /// Starts a job that the backend holds at `script.hold`; returns once it is held.
+    async fn start_held(&self, d: &Arc<Daemon>) -> (String, tokio::sync::mpsc::Receiver<Event>) {
+        let req = SnapshotRequest {
+            vm: VM.into(),
+            mode: BackupMode::Full,
+            quiesce: QuiesceMode::Preferred,
+            freeze_timeout: None,
+        };
+        let started = d.create_snapshot(req).await.unwrap();
+        if let Ok(p) = self.world.reached.acquire().await {
+            p.forget();
+        }
+        started
+    }
+
+    fn release(&self) {
+        self.world.release.add_permits(1);
+    }
+}
+
+async fn events_of(mut rx: tokio::sync::mpsc::Receiver<Event>) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(e) = rx.recv().await {
+        events.push(e);
+    }
+    events
 }
 
 fn done(events: &[Event]) -> &Backup {
@@ -475,4 +548,96 @@ async fn a_job_left_running_by_a_killed_daemon_is_cleaned_up_at_start() {
     d.recover().await.unwrap();
     assert_eq!(rig.world.calls(), []);
     assert_eq!(job(&d).result, Some(JobResult::Failed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_stream_abandons_the_snapshot_commits_and_checkpoints_nothing() {
+    // Cancelled before the first read (the reads fail), and after the last one (no commit).
+    for hold in [Hold::BackupPlan, Hold::BackupCommit] {
+        cancel_during_the_stream(hold).await;
+    }
+}
+
+async fn cancel_during_the_stream(hold: Hold) {
+    let rig = Rig::new(Script { hold: Some(hold), ..Script::default() }, true);
+    let d = rig.daemon();
+    let (id, rx) = rig.start_held(&d).await;
+    let view = d.cancel_job(&id).await.unwrap();
+    assert!(view.running, "{view:?}");
+    assert_eq!(view.stopping, Some(StopReason::Cancel));
+    rig.release();
+    let events = events_of(rx).await;
+    let (stage, error) = failed(&events);
+    assert_eq!(stage, Stage::Backup, "{hold:?}: {error}");
+    assert!(matches!(error, Error::Cancelled(StopReason::Cancel)), "{hold:?}: {error:?}");
+    // Thawed at once as always; the snapshot abandoned (its delta merges), never checkpointed.
+    assert_eq!(rig.world.calls(), [Call::Freeze, Call::Begin, Call::Thaw, Call::Abandon(1)]);
+    assert_eq!(*lock(&rig.world.checkpoint), None);
+    assert_eq!(backups(&d), 0, "{hold:?}: a cancelled stream must not be committed");
+    if hold == Hold::BackupPlan {
+        let read = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::BackingUp { bytes_read, .. } => Some(*bytes_read),
+                _ => None,
+            })
+            .max();
+        assert_eq!(read, Some(0), "the stream read the base after the cancel");
+    }
+    let j = job(&d);
+    assert_eq!((j.result, j.stage, j.snapshot_id), (Some(JobResult::Cancelled), Stage::Backup, Some(1)));
+    assert!(j.reason.contains("cancelled"), "{}", j.reason);
+    // Ended: no longer running, and a second cancel is refused; an unknown job is not found.
+    let view = d.get_job(&id).await.unwrap();
+    assert!(!view.running && view.stopping.is_none(), "{view:?}");
+    assert!(matches!(d.cancel_job(&id).await, Err(Error::NotRunning { .. })));
+    assert!(matches!(d.cancel_job("nosuchjob").await, Err(Error::UnknownJob(_))));
+    // The VM is free again, and the changes the snapshot froze are still there to back up.
+    done(&rig.snapshot(&d, BackupMode::Auto, QuiesceMode::Off).await);
+    assert_eq!(backups(&d), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_merge_stops_waiting_abandons_and_checkpoints_nothing() {
+    let rig = Rig::new(Script { hold: Some(Hold::Merge), ..Script::default() }, false);
+    let d = rig.daemon();
+    let (id, rx) = rig.start_held(&d).await;
+    d.cancel_job(&id).await.unwrap();
+    // Not released: the job must stop waiting for the merge by itself.
+    let events = events_of(rx).await;
+    let (stage, error) = failed(&events);
+    assert_eq!(stage, Stage::Merge, "{error}");
+    assert!(matches!(error, Error::Cancelled(StopReason::Cancel)), "{error:?}");
+    assert_eq!(rig.world.calls(), [Call::Begin, Call::Merge(1), Call::Abandon(1)]);
+    assert_eq!(*lock(&rig.world.checkpoint), None);
+    // The backup was committed before the merge began: it stays, the job says cancelled.
+    assert_eq!(backups(&d), 1);
+    assert_eq!(job(&d).result, Some(JobResult::Cancelled));
+    rig.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stopping_lets_the_job_finish_its_step_then_ends_it_and_starts_no_other() {
+    let rig = Rig::new(Script { hold: Some(Hold::BackupCommit), ..Script::default() }, true);
+    let d = rig.daemon();
+    let (id, rx) = rig.start_held(&d).await;
+    d.stop_jobs();
+    assert_eq!(d.get_job(&id).await.unwrap().stopping, Some(StopReason::Shutdown));
+    let req =
+        SnapshotRequest { vm: VM.into(), mode: BackupMode::Full, quiesce: QuiesceMode::Off, freeze_timeout: None };
+    assert!(matches!(d.create_snapshot(req).await, Err(Error::Stopping)));
+    rig.release();
+    d.wait_jobs().await;
+    let events = events_of(rx).await;
+    let (stage, error) = failed(&events);
+    assert!(matches!(error, Error::Cancelled(StopReason::Shutdown)), "{error:?}");
+    assert_eq!(stage, Stage::Backup);
+    // The backup step finished (committed); the job stopped before the merge: abandoned, no
+    // checkpoint, recorded, not left to the next start.
+    assert_eq!(backups(&d), 1);
+    assert_eq!(rig.world.calls(), [Call::Freeze, Call::Begin, Call::Thaw, Call::Abandon(1)]);
+    assert_eq!(*lock(&rig.world.checkpoint), None);
+    let j = job(&d);
+    assert_eq!(j.result, Some(JobResult::Cancelled));
+    assert!(j.reason.contains("livesnapd is stopping"), "{}", j.reason);
 }
