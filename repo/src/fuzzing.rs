@@ -19,7 +19,8 @@ impl ChunkCodec {
 
     /// The chunk file of `data`, as a backup writes it.
     pub fn encode(&mut self, data: &[u8]) -> Result<Vec<u8>> {
-        self.encoder.encode(data).map(<[u8]>::to_vec)
+        let name = crate::ChunkHash::of(data);
+        self.encoder.encode(data, None, &name).map(<[u8]>::to_vec)
     }
 
     /// Parses a chunk file image that should hold `expected_len` bytes, as a fetch does before

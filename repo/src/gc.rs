@@ -69,8 +69,13 @@ impl Repository {
         let mut marked: HashSet<ChunkHash> = HashSet::new();
         for vm in self.store.list_vms()? {
             for id in self.store.list_backups(&vm)? {
-                for m in self.read_backup(&vm, &id, true)?.1 {
-                    marked.extend(m.chunks.iter().flatten());
+                // By the names the manifests list, read without keys: a host collects a store
+                // shared with tenants whose keys it does not hold.
+                let Some(disks) = self.store.list_manifests(&vm, &id)? else { continue };
+                for disk in disks {
+                    if let Some(names) = self.read_chunk_names(&vm, &id, &disk)? {
+                        marked.extend(names.iter().flatten());
+                    }
                 }
             }
         }

@@ -301,6 +301,7 @@ fn repo_code(e: &repo::Error) -> Code {
         R::Busy => Code::Unavailable,
         R::Manifest { .. } | R::Inconsistent { .. } | R::ChunkMissing { .. } | R::ChunkCorrupt { .. } => Code::DataLoss,
         R::ParentMismatch { .. } => Code::FailedPrecondition,
+        R::KeyMissing { .. } | R::WrongKey { .. } | R::NotEncrypted { .. } => Code::PermissionDenied,
         R::OutOfRange { .. } => Code::OutOfRange,
         R::Store(_)
         | R::ChunkRead { .. }
@@ -319,7 +320,8 @@ fn repo_code(e: &repo::Error) -> Code {
         | R::EmptyBackup { .. }
         | R::InvalidFreezeWindow
         | R::InvalidExtents { .. }
-        | R::Serialize(_) => Code::Internal,
+        | R::Serialize(_)
+        | R::Random(_) => Code::Internal,
     }
 }
 
