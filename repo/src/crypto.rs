@@ -255,7 +255,7 @@ impl fmt::Debug for Kek {
 }
 
 impl Kek {
-    fn from_secret(secret: &[u8; SECRET_LEN], path: &Path) -> Kek {
+    pub(crate) fn from_secret(secret: &[u8; SECRET_LEN], path: &Path) -> Kek {
         let hk = Hkdf::<Sha256>::new(Some(KEK_SALT), secret);
         let mut wrap = Zeroizing::new([0u8; 32]);
         let mut id = [0u8; KEY_ID_LEN];
@@ -353,7 +353,7 @@ pub fn rewrap_key_file(path: &Path, old: &Kek, new: &Kek) -> Result<KeyFileInfo>
 }
 
 /// The key file image of `key` wrapped by `kek` (layout in docs/repository.md).
-fn wrap(key: &DataKey, kek: &Kek, created_unix_s: u64) -> Result<Vec<u8>> {
+pub(crate) fn wrap(key: &DataKey, kek: &Kek, created_unix_s: u64) -> Result<Vec<u8>> {
     let nonce = random_nonce().map_err(Error::Random)?;
     let mut out = Vec::with_capacity(KEY_FILE_LEN);
     out.extend_from_slice(KEY_FILE_MAGIC);

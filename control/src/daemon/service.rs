@@ -223,6 +223,7 @@ fn backup_pb(b: Backup) -> pb::Backup {
         note: b.note,
         freeze_window_us: b.freeze_window_us,
         snapshot_id: b.snapshot_id.unwrap_or(0),
+        key_id: b.key.map(|k| k.to_string()).unwrap_or_default(),
         disks: b
             .disks
             .into_iter()
@@ -256,9 +257,12 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Backend { source, .. } => backend_code(source),
         DaemonError::Repo(e) | DaemonError::RepoOpen { source: e, .. } => repo_code(e),
         DaemonError::Restore(e) => restore_code(e),
-        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::RestoreDir { .. } | DaemonError::Task(_) => {
-            Code::Internal
-        }
+        DaemonError::Base { .. }
+        | DaemonError::State(_)
+        | DaemonError::RestoreDir { .. }
+        | DaemonError::Kek(_)
+        | DaemonError::Key { .. }
+        | DaemonError::Task(_) => Code::Internal,
     }
 }
 
