@@ -366,3 +366,20 @@ fn gc_without_any_key_keeps_every_chunk_of_encrypted_backups_and_frees_the_rest(
     assert!(host.gc().is_err());
     assert_eq!(names(&repo).len(), 12, "nothing removed");
 }
+
+#[test]
+fn the_fuzz_entry_points_open_what_they_seal_so_the_targets_reach_their_invariants() {
+    let mut codec = crate::fuzzing::ChunkCodec::new(K64 as usize).unwrap();
+    let data = mixed(K64 as usize, 13);
+    let (name, file) = codec.seal(&data).unwrap();
+    assert!(codec.open(&file, &name, data.len()).unwrap() == data);
+    let mut other = name;
+    other.0[31] ^= 1;
+    assert!(codec.open(&file, &other, data.len()).is_err());
+    let key_file = crate::fuzzing::fuzz_key_file().unwrap();
+    let (info, key) = crate::fuzzing::open_key_file(&key_file);
+    assert_eq!(info.unwrap().key, key.unwrap().id());
+    let mut bad = key_file.clone();
+    bad[60] ^= 1;
+    assert!(crate::fuzzing::open_key_file(&bad).1.is_none());
+}
