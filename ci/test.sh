@@ -14,6 +14,9 @@ for tool in cargo-nextest:cargo-nextest cargo-deb:cargo-deb vhost-device-vsock:v
     bin=${tool%%:*} crate=${tool##*:}
     command -v "$bin" >/dev/null || cargo install --locked --quiet "$crate"
 done
+# Garage, the S3-compatible object store the repository's object-store tests run against
+# (ci/garage.sh starts it on loopback); ~14 min to build, so only when missing.
+command -v garage >/dev/null || [ -x "$HOME/.cargo/bin/garage" ] || cargo install --locked --quiet --version 2.5.0 garage
 
 cargo fmt --all --check
 cargo fmt --manifest-path fuzz/Cargo.toml --check

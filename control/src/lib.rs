@@ -18,3 +18,11 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod restore;
 pub mod vsock;
+
+/// Makes ring, which tonic's TLS was built with, the process's rustls crypto provider. Call it
+/// before any TLS: the object store's HTTP client links a second provider (aws-lc-rs), and
+/// with two rustls refuses to choose (it panics at the first handshake).
+pub fn install_tls_provider() {
+    // Err: one is installed already (a second call), which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

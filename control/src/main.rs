@@ -30,6 +30,7 @@ async fn run_daemon(opts: &DaemonOpts, command: DaemonCommand, json: bool) -> Re
 }
 
 fn main() -> ExitCode {
+    livesnap_control::install_tls_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIVESNAP_LOG")

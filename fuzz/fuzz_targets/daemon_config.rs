@@ -10,12 +10,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use livesnap_control::daemon::config::{AgentEndpoint, Config};
+use livesnap_control::daemon::config::{AgentEndpoint, Config, RepositoryConfig};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(c) = Config::parse(Path::new("/etc/livesnap/livesnapd.toml"), text) else { return };
-    for p in [&c.repository, &c.socket, &c.state, &c.scratch] {
+    if let RepositoryConfig::Dir(p) = &c.repository {
+        assert!(p.is_absolute(), "{}", p.display());
+    }
+    for p in [&c.socket, &c.state, &c.scratch] {
         assert!(p.is_absolute(), "{}", p.display());
     }
     if let Some(t) = &c.tcp {

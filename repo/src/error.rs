@@ -127,7 +127,7 @@ impl From<store::Error> for Error {
             store::Error::Busy => Error::Busy,
             store::Error::BackupExists { vm, id } => Error::BackupExists { vm, id },
             store::Error::NotEmpty(path) => Error::NotEmpty(path),
-            e @ store::Error::Io { .. } => Error::Store(e),
+            e => Error::Store(e),
         }
     }
 }

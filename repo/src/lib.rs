@@ -1,10 +1,14 @@
 //! livesnap's backup repository: content-addressed chunks and one complete manifest per disk
-//! per backup, kept in a [`Store`] (a local directory today; layout in docs/repository.md).
+//! per backup, kept in a [`Store`]: a local directory, or an S3-compatible object store shared by
+//! many hosts (feature `s3`); layouts in docs/repository.md. [`Repository::open_or_create`]
+//! opens either by [`Location`].
 //!
 //! Module map:
 //!
 //! - [`store`]: the [`Store`] trait (chunks put if absent, manifests staged and committed in one
-//!   step, the locks of garbage collection) and [`LocalStore`], a directory.
+//!   step, what keeps garbage collection from writers) and [`LocalStore`], a directory;
+//!   `store::s3`: `S3Store` (feature `s3`), an object store on its own tokio runtime that its
+//!   callers (rayon and blocking threads) wait on.
 //! - `hash`: [`ChunkHash`], a chunk's name (SHA-256 of its bytes; HMAC-SHA-256 under the
 //!   tenant's key when encrypted).
 //! - [`crypto`]: per-tenant keys ([`DataKey`], wrapped in key files by a [`Kek`]), keyed
@@ -36,10 +40,12 @@
 //! chunk size.
 //!
 //! Concurrency: any number of writers, readers, verifies and restores may run at once, in this
-//! process or others. Garbage collection (and so prune) takes the store's lock exclusively and
-//! fails with [`Error::Busy`] while a writer holds it shared: a writer that found a chunk
-//! already stored relies on it until its backup is committed, which a sweep in between would
-//! break. A delete needs no lock. Chunks are read, hashed and compressed on the repository's
+//! process or others. In a local directory, garbage collection (and so prune) takes the
+//! store's lock exclusively and fails with [`Error::Busy`] while a writer holds it shared: a
+//! writer that found a chunk already stored relies on it until its backup is committed, which a
+//! sweep in between would break. In an object store shared by hosts nothing locks: a grace
+//! period, writers' markers and a check before each commit keep a collection on one host from
+//! removing what a writer on another relies on (docs/repository.md). A delete needs no lock. Chunks are read, hashed and compressed on the repository's
 //! own rayon thread pool ([`Repository::set_threads`]).
 
 mod chunk;
@@ -77,6 +83,8 @@ pub use read::{Backup, BackupInfo, DiskInfo};
 pub use reader::{DiskReader, ReaderStats};
 pub use restore::{RestoreStats, Target};
 pub use source::{FileSource, Source};
+#[cfg(feature = "s3")]
+pub use store::s3::{Credentials, S3Options, S3Store, S3Url};
 pub use store::{LocalStore, Store};
 pub use verify::{ChunkFault, ChunkProblem, VerifyReport};
 pub use write::{BackupSpec, BackupWriter, Progress};
@@ -217,6 +225,34 @@ impl Repository {
         Ok(Repository { store, config, threads, pool: pool(threads)?, keys: HashMap::new() })
     }
 
+    /// Opens the repository at `location`, creating it first when there is nothing there (a
+    /// directory that is missing or empty, an object store prefix that holds no object).
+    pub fn open_or_create(location: &Location, options: CreateOptions) -> Result<Repository> {
+        match location {
+            Location::Dir(path) => {
+                let fresh = match std::fs::read_dir(path) {
+                    Ok(mut rd) => rd.next().is_none(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(_) => false,
+                };
+                if fresh {
+                    Repository::create(path, options)
+                } else {
+                    Repository::open(path)
+                }
+            }
+            #[cfg(feature = "s3")]
+            Location::S3(opts) => {
+                let store = Arc::new(S3Store::open(opts)?);
+                if store.is_empty()? {
+                    Repository::create_in(store, options)
+                } else {
+                    Repository::open_in(store)
+                }
+            }
+        }
+    }
+
     /// Where the repository is, for messages.
     pub fn location(&self) -> String {
         self.store.location()
@@ -291,6 +327,15 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("repo-{i}"))
         .build()
         .map_err(Error::Threads)
+}
+
+/// Where a repository is: a directory, or a prefix of a bucket in an S3-compatible object
+/// store (feature `s3`).
+#[derive(Clone, Debug)]
+pub enum Location {
+    Dir(std::path::PathBuf),
+    #[cfg(feature = "s3")]
+    S3(S3Options),
 }
 
 /// VM, disk and backup names become path components and object keys: letters, digits, `.`,

@@ -22,6 +22,7 @@ pub mod bench;
 pub mod blk;
 pub mod daemon;
 pub mod frontend;
+pub mod garage;
 pub mod guest;
 pub mod load;
 pub mod pattern;

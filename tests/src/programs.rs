@@ -106,3 +106,14 @@ pub fn vhost_device_vsock() -> Result<PathBuf> {
         &candidates,
     )
 }
+
+/// Garage, the S3-compatible object store of the tests (`$GARAGE`, else on `PATH`, else in
+/// `~/.cargo/bin`).
+pub fn garage() -> Result<PathBuf> {
+    const NAME: &str = "garage";
+    let on_path =
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(NAME)).find(|p| p.is_file()));
+    let in_home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin").join(NAME));
+    let candidates: Vec<PathBuf> = on_path.or(in_home).into_iter().collect();
+    existing("garage", "GARAGE", "cargo install --locked --version 2.5.0 garage", &candidates)
+}

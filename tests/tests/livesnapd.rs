@@ -524,6 +524,7 @@ fn tcp_without_the_token_is_unauthenticated() {
         "",
     );
     let _daemon = rig.start();
+    livesnap_control::install_tls_provider();
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(dir.join("ca.pem")).unwrap()))
         .domain_name("localhost");

@@ -1125,6 +1125,7 @@ fn against_the_real_livesnapd_a_crash_consistent_backup_lists_verifies_restores_
 
 /// The fake daemon over TCP with TLS (cert.pem, key.pem in `dir`); its port.
 fn start_tls(script: Script, dir: &Path) -> Result<(tokio::runtime::Runtime, FakeDaemon, u16)> {
+    livesnap_control::install_tls_provider();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let daemon = FakeDaemon { script: Arc::new(script), seen: Arc::default(), conns: Arc::default() };
     let identity =

@@ -120,6 +120,7 @@ fn key(action: KeyAction) -> Result<()> {
 }
 
 fn run() -> Result<()> {
+    livesnap_control::install_tls_provider();
     let args = Args::parse();
     let command = args.command.unwrap_or(Command::Serve);
     if let Command::Key { action } = command {
@@ -150,7 +151,11 @@ fn run() -> Result<()> {
             let rt =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().context("Cannot start the runtime")?;
             let served = rt.block_on(async {
-                let daemon = Daemon::open(config)?;
+                // Opening the repository blocks (an object store runs its own runtime and blocks
+                // on it), so it runs where blocking is allowed.
+                let daemon = tokio::task::spawn_blocking(move || Daemon::open(config))
+                    .await
+                    .context("The task that opens the daemon failed")??;
                 daemon.recover().await?;
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("Cannot handle SIGTERM")?;

@@ -1,7 +1,8 @@
 //! livesnapd's configuration: a TOML file, checked whole before the daemon starts.
 //!
 //! ```toml
-//! repository = "/var/lib/livesnap/repo"     # created (empty directory) if missing
+//! repository = "/var/lib/livesnap/repo"     # created (empty directory) if missing; or
+//! # repository = "s3://BUCKET/PREFIX"       # an S3-compatible object store, with [s3] below
 //! socket = "/run/livesnap/livesnapd.sock"   # local clients (snapctl), mode 0600, no token
 //! state = "/var/lib/livesnap/livesnapd.redb"
 //! # scratch = "/var/tmp"                    # where qcow2 bases are unpacked for reading
@@ -13,6 +14,17 @@
 //! cert = "/etc/livesnap/tls/cert.pem"
 //! key = "/etc/livesnap/tls/key.pem"
 //! token_file = "/etc/livesnap/token"
+//!
+//! # [s3]                                    # only with an s3:// repository
+//! # endpoint = "https://s3.example.net"     # or http://127.0.0.1:3900
+//! # region = "garage"
+//! # credentials = "/etc/livesnap/s3.credentials"  # mode 0600: access_key_id = "…",
+//! #                                               # secret_access_key = "…"
+//! # grace_secs = 86400                      # gc keeps unreferenced chunks this long; a backup
+//! #                                         # must commit within half of it (same on every host)
+//! # request_timeout_ms = 60000              # one request
+//! # retries = 4                             # per request, with backoff, within retry_timeout_ms
+//! # retry_timeout_ms = 30000
 //!
 //! [defaults]
 //! freeze_timeout_ms = 10000                 # the agent's lease when a request gives none
@@ -36,6 +48,7 @@ use serde::Deserialize;
 
 use crate::vsock::HybridAddr;
 use livesnap_repo::validate_name;
+use livesnap_repo::S3Url;
 
 /// Where restores go when the config names no `restore_dir`.
 pub const DEFAULT_RESTORE_DIR: &str = "/var/lib/livesnap/restore";
@@ -79,10 +92,11 @@ pub enum Error {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    repository: PathBuf,
+    repository: String,
     socket: PathBuf,
     state: PathBuf,
     scratch: Option<PathBuf>,
+    s3: Option<S3File>,
     restore_dir: Option<PathBuf>,
     kek: Option<PathBuf>,
     tcp: Option<TcpFile>,
@@ -90,6 +104,18 @@ struct File {
     defaults: DefaultsFile,
     #[serde(default)]
     vm: Vec<VmFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3File {
+    endpoint: String,
+    region: String,
+    credentials: PathBuf,
+    grace_secs: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    retries: Option<u32>,
+    retry_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +155,7 @@ struct AgentFile {
 /// The checked configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub repository: PathBuf,
+    pub repository: RepositoryConfig,
     pub socket: PathBuf,
     pub state: PathBuf,
     /// Where qcow2 bases are unpacked to raw for reading.
@@ -144,6 +170,41 @@ pub struct Config {
     pub read_bytes_per_sec: Option<u64>,
     pub vms: Vec<VmConfig>,
 }
+
+/// Where the backup repository is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RepositoryConfig {
+    /// A local directory.
+    Dir(PathBuf),
+    /// A prefix of a bucket in an S3-compatible object store.
+    S3(S3Config),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Config {
+    pub url: S3Url,
+    pub endpoint: String,
+    pub region: String,
+    /// The credentials file (read when the daemon opens the repository).
+    pub credentials: PathBuf,
+    pub grace: Duration,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub retry_timeout: Duration,
+}
+
+impl std::fmt::Display for RepositoryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RepositoryConfig::Dir(p) => write!(f, "{}", p.display()),
+            RepositoryConfig::S3(s) => write!(f, "{} at {}", s.url, s.endpoint),
+        }
+    }
+}
+
+/// Default grace period of an object store's garbage collection: a day.
+pub const DEFAULT_GRACE_SECS: u64 = 24 * 3600;
+const MAX_GRACE_SECS: u64 = 30 * 24 * 3600;
 
 #[derive(Clone, Debug)]
 pub struct Tcp {
@@ -205,7 +266,50 @@ impl Config {
                 Err(invalid(format!("{what} `{}` must be an absolute path", p.display())))
             }
         };
-        absolute("repository", &f.repository)?;
+        let repository = if f.repository.starts_with("s3://") {
+            let url = S3Url::parse(&f.repository).map_err(|e| invalid(format!("repository: {e}")))?;
+            let s3 = f.s3.ok_or_else(|| invalid("an s3:// repository needs an [s3] table".into()))?;
+            let endpoint_ok = ["http://", "https://"].iter().any(|p| {
+                s3.endpoint.strip_prefix(p).is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace))
+            });
+            if !endpoint_ok {
+                return Err(invalid(format!("s3.endpoint {:?} is not an http:// or https:// URL", s3.endpoint)));
+            }
+            if s3.region.is_empty() || !s3.region.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(invalid(format!("s3.region {:?} is not a region name", s3.region)));
+            }
+            absolute("s3.credentials", &s3.credentials)?;
+            let grace = s3.grace_secs.unwrap_or(DEFAULT_GRACE_SECS);
+            let min = livesnap_repo::store::s3::MIN_GRACE.as_secs();
+            if !(min..=MAX_GRACE_SECS).contains(&grace) {
+                return Err(invalid(format!("s3.grace_secs {grace} is not from {min} to {MAX_GRACE_SECS}")));
+            }
+            let ms = |what: &str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+                v @ 1..=3_600_000 => Ok(Duration::from_millis(v)),
+                v => Err(invalid(format!("s3.{what} {v} is not from 1 to 3600000"))),
+            };
+            let retries = s3.retries.unwrap_or(4);
+            if retries > 20 {
+                return Err(invalid(format!("s3.retries {retries} is more than 20")));
+            }
+            RepositoryConfig::S3(S3Config {
+                url,
+                endpoint: s3.endpoint,
+                region: s3.region,
+                credentials: s3.credentials,
+                grace: Duration::from_secs(grace),
+                request_timeout: ms("request_timeout_ms", s3.request_timeout_ms, 60_000)?,
+                retries,
+                retry_timeout: ms("retry_timeout_ms", s3.retry_timeout_ms, 30_000)?,
+            })
+        } else {
+            if f.s3.is_some() {
+                return Err(invalid("[s3] goes with an s3:// repository".into()));
+            }
+            let p = PathBuf::from(&f.repository);
+            absolute("repository", &p)?;
+            RepositoryConfig::Dir(p)
+        };
         absolute("socket", &f.socket)?;
         absolute("state", &f.state)?;
         let scratch = match f.scratch {
@@ -271,7 +375,7 @@ impl Config {
             vms.push(VmConfig { name: v.name, control: v.control, agent, key: v.key });
         }
         Ok(Config {
-            repository: f.repository,
+            repository,
             socket: f.socket,
             state: f.state,
             scratch,
@@ -411,6 +515,35 @@ mod tests {
             let e = parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}"));
             let chain = format!("{e} {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
             assert!(chain.contains(want), "{want:?} not in {chain:?}");
+        }
+    }
+
+    #[test]
+    fn an_s3_repository_needs_its_table_and_takes_its_defaults() {
+        const S3: &str = "socket = \"/s.sock\"\nstate = \"/var/lib/l/state.redb\"\n";
+        let c = parse(&format!(
+            "repository = \"s3://backups/fleet/a\"\n{S3}[s3]\nendpoint = \"http://127.0.0.1:3900\"\n\
+             region = \"garage\"\ncredentials = \"/etc/c\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let RepositoryConfig::S3(s) = &c.repository else { panic!("{:?}", c.repository) };
+        assert_eq!((s.url.bucket.as_str(), s.url.prefix.as_str()), ("backups", "fleet/a"));
+        assert_eq!(s.grace, Duration::from_secs(DEFAULT_GRACE_SECS));
+        assert_eq!(c.repository.to_string(), "s3://backups/fleet/a at http://127.0.0.1:3900");
+        let table = "[s3]\nendpoint = \"http://h:1\"\nregion = \"r\"\ncredentials = \"/c\"\n";
+        let cases = [
+            (format!("repository = \"s3://backups/x\"\n{S3}"), "needs an [s3] table"),
+            (format!("repository = \"s3://B/x\"\n{S3}{table}"), "bucket"),
+            (format!("repository = \"s3://bucket/../x\"\n{S3}{table}"), "prefix"),
+            (format!("repository = \"/r\"\n{S3}{table}"), "goes with an s3://"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{}", table.replace("http://h:1", "ftp://h")), "endpoint"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{}", table.replace("\"/c\"", "\"c\"")), "absolute"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{table}grace_secs = 1\n"), "grace_secs"),
+            (format!("repository = \"s3://bucket/x\"\n{S3}{table}retries = 99\n"), "retries"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
         }
     }
 

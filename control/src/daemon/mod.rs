@@ -84,9 +84,9 @@ pub enum Error {
     Restore(#[from] crate::restore::Error),
     #[error(transparent)]
     State(#[from] state::Error),
-    #[error("Cannot open the backup repository `{}`", path.display())]
+    #[error("Cannot open the backup repository {location}")]
     RepoOpen {
-        path: PathBuf,
+        location: String,
         #[source]
         source: repo::Error,
     },
@@ -141,6 +141,24 @@ impl Drop for Claim {
     }
 }
 
+/// Opens the repository `r` names, creating it when there is nothing there. Blocks: call it
+/// from a thread that is not in an async runtime (the object store runs its own).
+fn open_repository(r: &config::RepositoryConfig) -> repo::Result<Repository> {
+    let location = match r {
+        config::RepositoryConfig::Dir(p) => repo::Location::Dir(p.clone()),
+        config::RepositoryConfig::S3(s) => {
+            let credentials = repo::Credentials::load(&s.credentials)?;
+            let mut o = repo::S3Options::new(s.url.clone(), s.endpoint.clone(), s.region.clone(), credentials);
+            o.grace = s.grace;
+            o.timeout = s.request_timeout;
+            o.retries = s.retries as usize;
+            o.retry_timeout = s.retry_timeout;
+            repo::Location::S3(o)
+        }
+    };
+    Repository::open_or_create(&location, repo::CreateOptions::default())
+}
+
 impl Daemon {
     /// Opens the state database and the repository (creating an empty one if the directory
     /// does not exist or is empty); the VMs are reached over their sockets.
@@ -154,16 +172,9 @@ impl Daemon {
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(&config.restore_dir)
             .map_err(|source| Error::RestoreDir { path: config.restore_dir.clone(), source })?;
-        let path = config.repository.clone();
-        let fresh = match std::fs::read_dir(&path) {
-            Ok(mut rd) => rd.next().is_none(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-            Err(_) => false,
-        };
         let keys = load_keys(&config)?;
-        let mut repo =
-            if fresh { Repository::create(&path, repo::CreateOptions::default()) } else { Repository::open(&path) }
-                .map_err(|source| Error::RepoOpen { path, source })?;
+        let location = config.repository.to_string();
+        let mut repo = open_repository(&config.repository).map_err(|source| Error::RepoOpen { location, source })?;
         for (vm, key) in keys {
             tracing::info!(vm = %vm, key = %key.id(), "backups encrypted");
             repo.set_key(&vm, Some(key));
