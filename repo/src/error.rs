@@ -4,6 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::crypto::KeyId;
 use crate::hash::ChunkHash;
 use crate::store;
 
@@ -109,6 +110,14 @@ pub enum Error {
     Threads(#[source] rayon::ThreadPoolBuildError),
     #[error("Cannot encode a manifest or the config")]
     Serialize(#[source] serde_json::Error),
+    #[error("The system's random number generator failed")]
+    Random(#[source] getrandom::Error),
+    #[error("Backup {vm}/{id} is encrypted under key {key}, and no key is configured for VM {vm}")]
+    KeyMissing { vm: String, id: String, key: KeyId },
+    #[error("Backup {vm}/{id} is encrypted under key {want}, but the key of VM {vm} (`{origin}`) is key {have}")]
+    WrongKey { vm: String, id: String, want: KeyId, have: KeyId, origin: String },
+    #[error("Backup {vm}/{id} is not encrypted, but VM {vm} has key {key} (`{origin}`): refused, since whoever can write to the store could have made it")]
+    NotEncrypted { vm: String, id: String, key: KeyId, origin: String },
 }
 
 /// The store's conditions that callers match on become the repository's own variants.
@@ -150,6 +159,14 @@ pub enum Corruption {
     BadName { what: &'static str, name: String },
     #[error("It is invalid: {0}")]
     Invalid(String),
+    #[error("It does not authenticate under key {key}: it was altered, or it is not the chunk or manifest its name and place say")]
+    Unauthentic { key: KeyId },
+    #[error("It is encrypted under key {found}, not under key {expected}")]
+    OtherKey { found: KeyId, expected: KeyId },
+    #[error("It is not encrypted, but its backup is (key {key})")]
+    NotSealed { key: KeyId },
+    #[error("It is encrypted (key {key}), but its backup is not")]
+    Sealed { key: KeyId },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -77,18 +77,24 @@ impl Repository {
         let candidates = run.candidates()?;
         let mut marked: HashSet<ChunkHash> = HashSet::new();
         for p in run.protected_manifests()? {
-            let m = Manifest::decode(&p.bytes, self.chunk_size()).map_err(|source| Error::Manifest {
+            // Read without keys, as every manifest gc marks by (encrypted ones included).
+            let names = Manifest::chunk_names(&p.bytes).map_err(|source| Error::Manifest {
                 vm: p.vm,
                 id: p.id,
                 disk: p.disk,
                 source: Box::new(source),
             })?;
-            marked.extend(m.chunks.iter().flatten());
+            marked.extend(names.iter().flatten());
         }
         for vm in self.store.list_vms()? {
             for id in self.store.list_backups(&vm)? {
-                for m in self.read_backup(&vm, &id, true)?.1 {
-                    marked.extend(m.chunks.iter().flatten());
+                // By the names the manifests list, read without keys: a host collects a store
+                // shared with tenants whose keys it does not hold.
+                let Some(disks) = self.store.list_manifests(&vm, &id)? else { continue };
+                for disk in disks {
+                    if let Some(names) = self.read_chunk_names(&vm, &id, &disk)? {
+                        marked.extend(names.iter().flatten());
+                    }
                 }
             }
         }

@@ -9,7 +9,10 @@
 //!   step, what keeps garbage collection from writers) and [`LocalStore`], a directory;
 //!   `store::s3`: `S3Store` (feature `s3`), an object store on its own tokio runtime that its
 //!   callers (rayon and blocking threads) wait on.
-//! - `hash`: [`ChunkHash`], a chunk's name (SHA-256 of its bytes).
+//! - `hash`: [`ChunkHash`], a chunk's name (SHA-256 of its bytes; HMAC-SHA-256 under the
+//!   tenant's key when encrypted).
+//! - [`crypto`]: per-tenant keys ([`DataKey`], wrapped in key files by a [`Kek`]), keyed
+//!   chunk names, sealing and opening (AES-256-GCM).
 //! - `chunk`: the chunk file format (header, zstd) and the fetch that checks a chunk before
 //!   anything uses it.
 //! - `manifest`: the manifest format ([`Manifest`]).
@@ -46,6 +49,9 @@
 //! own rayon thread pool ([`Repository::set_threads`]).
 
 mod chunk;
+pub mod crypto;
+#[cfg(test)]
+mod crypto_tests;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -62,15 +68,17 @@ mod tests;
 mod verify;
 mod write;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use crypto::{DataKey, Kek, KeyId};
 pub use error::{Corruption, Error, Result};
 pub use gc::{GcReport, PruneReport};
 pub use hash::ChunkHash;
-pub use manifest::{Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
+pub use manifest::{Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta, Place};
 pub use read::{Backup, BackupInfo, DiskInfo};
 pub use reader::{DiskReader, ReaderStats};
 pub use restore::{RestoreStats, Target};
@@ -143,6 +151,8 @@ pub struct Repository {
     config: RepoConfig,
     threads: usize,
     pool: rayon::ThreadPool,
+    /// VM name → the key its backups are written and read with ([`Repository::set_key`]).
+    keys: HashMap<String, Arc<DataKey>>,
 }
 
 impl Repository {
@@ -212,7 +222,7 @@ impl Repository {
             return Err(invalid(format!("zstd level {} is not from 1 to 19", config.compression_level)));
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        Ok(Repository { store, config, threads, pool: pool(threads)? })
+        Ok(Repository { store, config, threads, pool: pool(threads)?, keys: HashMap::new() })
     }
 
     /// Opens the repository at `location`, creating it first when there is nothing there (a
@@ -270,6 +280,44 @@ impl Repository {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Sets the key of `vm`'s backups (`None`: unencrypted). Its new backups are encrypted
+    /// under it; reading its backups requires it: a backup under another key, or not
+    /// encrypted, is refused naming both keys ([`Error::WrongKey`], [`Error::NotEncrypted`]).
+    pub fn set_key(&mut self, vm: &str, key: Option<Arc<DataKey>>) {
+        match key {
+            Some(k) => self.keys.insert(vm.to_owned(), k),
+            None => self.keys.remove(vm),
+        };
+    }
+
+    /// The key of `vm`'s backups, if it has one.
+    pub fn key(&self, vm: &str) -> Option<&Arc<DataKey>> {
+        self.keys.get(vm)
+    }
+
+    /// The key to read backup `vm`/`id` with, found sealed under `found` (`None`: not
+    /// encrypted), or why it cannot be read.
+    pub(crate) fn key_for(&self, vm: &str, id: &str, found: Option<KeyId>) -> Result<Option<&DataKey>> {
+        let mine = self.keys.get(vm).map(|k| &**k);
+        Repository::check_key(vm, id, found, mine)?;
+        Ok(mine)
+    }
+
+    /// Whether backup `vm`/`id`, found sealed under `found`, is read with `mine`.
+    pub(crate) fn check_key(vm: &str, id: &str, found: Option<KeyId>, mine: Option<&DataKey>) -> Result<()> {
+        match (found, mine) {
+            (None, None) => Ok(()),
+            (Some(key), None) => Err(Error::KeyMissing { vm: vm.into(), id: id.into(), key }),
+            (Some(want), Some(k)) if want != k.id() => {
+                Err(Error::WrongKey { vm: vm.into(), id: id.into(), want, have: k.id(), origin: k.origin().into() })
+            }
+            (Some(_), Some(_)) => Ok(()),
+            (None, Some(k)) => {
+                Err(Error::NotEncrypted { vm: vm.into(), id: id.into(), key: k.id(), origin: k.origin().into() })
+            }
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 
 use serde::Serialize;
 
+use crate::crypto::KeyId;
+use crate::hash::ChunkHash;
 use crate::manifest::{
-    Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta, MAX_HEAD_LEN, MAX_MANIFEST_LEN,
+    self, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta, Place, MAX_HEAD_LEN, MAX_MANIFEST_LEN,
 };
 use crate::store::Fetched;
 use crate::{validate_name, Corruption, Error, Repository, Result};
@@ -16,6 +18,8 @@ pub struct BackupInfo {
     pub created_unix_us: u64,
     pub consistency: Consistency,
     pub freeze_window: Option<FreezeWindow>,
+    /// The key its manifests and chunks are encrypted under; `None`: not encrypted.
+    pub key: Option<KeyId>,
     /// In name order.
     pub disks: Vec<DiskInfo>,
 }
@@ -40,7 +44,7 @@ pub struct Backup {
 impl Repository {
     /// The metadata of backup `vm`/`id` (manifest headers only, checksums not read).
     pub fn info(&self, vm: &str, id: &str) -> Result<BackupInfo> {
-        let metas = self.read_backup(vm, id, false)?.0;
+        let (metas, _, key) = self.read_backup(vm, id, false)?;
         let first = &metas[0];
         let info = BackupInfo {
             vm: vm.to_owned(),
@@ -48,6 +52,7 @@ impl Repository {
             created_unix_us: first.created_unix_us,
             consistency: first.consistency,
             freeze_window: first.freeze_window,
+            key,
             disks: metas
                 .iter()
                 .map(|m| DiskInfo {
@@ -64,7 +69,7 @@ impl Repository {
 
     /// Backup `vm`/`id` with every manifest read and checked in full.
     pub fn get(&self, vm: &str, id: &str) -> Result<Backup> {
-        let (_, manifests) = self.read_backup(vm, id, true)?;
+        let (_, manifests, _) = self.read_backup(vm, id, true)?;
         let info = self.info(vm, id)?;
         Ok(Backup { info, manifests })
     }
@@ -83,10 +88,13 @@ impl Repository {
         }
     }
 
-    /// The manifest of `disk` in the VM's newest backup that has that disk: the parent of the
-    /// next incremental backup.
+    /// The manifest of `disk` in the VM's newest backup that has that disk and is under the
+    /// VM's present key (or, for a VM without one, not encrypted): the parent of the next
+    /// incremental backup. Backups under another key are passed over, as their chunk names
+    /// mean nothing under this one.
     pub fn latest_manifest(&self, vm: &str, disk: &str) -> Result<Option<Manifest>> {
-        for b in self.list(Some(vm))?.iter().rev() {
+        validate_name("VM", vm)?;
+        for b in self.list_vm(vm, is_key_error)?.iter().rev() {
             if b.disks.iter().any(|d| d.disk == disk) {
                 return self.manifest(vm, &b.id, disk).map(Some);
             }
@@ -95,27 +103,40 @@ impl Repository {
     }
 
     /// The backups of `vm` (or of every VM), oldest first within a VM, VMs in name order.
+    /// Listing one VM, a backup it cannot open (its key missing or another) is an error;
+    /// listing every VM, backups encrypted under keys this repository was given none for
+    /// (other hosts' tenants in a shared store) are left out.
     pub fn list(&self, vm: Option<&str>) -> Result<Vec<BackupInfo>> {
-        let vms = match vm {
+        let (vms, skip): (_, fn(&Error) -> bool) = match vm {
             Some(vm) => {
                 validate_name("VM", vm)?;
-                vec![vm.to_owned()]
+                (vec![vm.to_owned()], |_| false)
             }
-            None => self.store.list_vms()?,
+            None => (self.store.list_vms()?, |e| matches!(e, Error::KeyMissing { .. })),
         };
         let mut out = Vec::new();
         for vm in vms {
-            let mut backups = Vec::new();
-            for id in self.store.list_backups(&vm)? {
-                backups.push(self.info(&vm, &id)?);
-            }
-            backups.sort_by(|a, b| (a.created_unix_us, &a.id).cmp(&(b.created_unix_us, &b.id)));
-            out.extend(backups);
+            out.extend(self.list_vm(&vm, skip)?);
         }
         Ok(out)
     }
 
-    /// Reads and checks manifest `vm`/`id`/`disk` in full; `None` when there is none.
+    /// The backups of `vm`, oldest first, leaving out those whose reading fails as `skip` says.
+    fn list_vm(&self, vm: &str, skip: fn(&Error) -> bool) -> Result<Vec<BackupInfo>> {
+        let mut backups = Vec::new();
+        for id in self.store.list_backups(vm)? {
+            match self.info(vm, &id) {
+                Ok(info) => backups.push(info),
+                Err(e) if skip(&e) => tracing::debug!(vm, backup = %id, error = %e, "backup left out of the listing"),
+                Err(e) => return Err(e),
+            }
+        }
+        backups.sort_by(|a, b| (a.created_unix_us, &a.id).cmp(&(b.created_unix_us, &b.id)));
+        Ok(backups)
+    }
+
+    /// Reads and checks manifest `vm`/`id`/`disk` in full (and opens it under the VM's key
+    /// when it is encrypted); `None` when there is none.
     fn read_manifest(&self, vm: &str, id: &str, disk: &str) -> Result<Option<Manifest>> {
         let damaged =
             |source| Error::Manifest { vm: vm.into(), id: id.into(), disk: disk.into(), source: Box::new(source) };
@@ -125,29 +146,67 @@ impl Repository {
             Fetched::Missing => return Ok(None),
             Fetched::TooLong(len) => return Err(damaged(Corruption::TooLong { len, max: MAX_MANIFEST_LEN })),
         }
-        let m = Manifest::decode(&buf, self.chunk_size()).map_err(damaged)?;
+        let m = match self.key_for(vm, id, manifest::sealed_key(&buf))? {
+            None => Manifest::decode(&buf, self.chunk_size()),
+            Some(key) => Manifest::open(&buf, self.chunk_size(), key, &Place { vm, id, disk }),
+        }
+        .map_err(damaged)?;
         check_names(&m.meta, vm, id, disk)?;
         Ok(Some(m))
     }
 
-    /// Reads the header and metadata of manifest `vm`/`id`/`disk`.
-    fn read_meta(&self, vm: &str, id: &str, disk: &str) -> Result<Option<ManifestMeta>> {
+    /// The chunk names manifest `vm`/`id`/`disk` lists, read without a key (garbage
+    /// collection: an encrypted manifest's structure and checksum are checked, not its
+    /// authenticity); `None` when there is none.
+    pub(crate) fn read_chunk_names(&self, vm: &str, id: &str, disk: &str) -> Result<Option<Vec<Option<ChunkHash>>>> {
+        let damaged =
+            |source| Error::Manifest { vm: vm.into(), id: id.into(), disk: disk.into(), source: Box::new(source) };
+        let mut buf = Vec::new();
+        match self.store.get_manifest(vm, id, disk, MAX_MANIFEST_LEN, &mut buf)? {
+            Fetched::Found => {}
+            Fetched::Missing => return Ok(None),
+            Fetched::TooLong(len) => return Err(damaged(Corruption::TooLong { len, max: MAX_MANIFEST_LEN })),
+        }
+        if manifest::sealed_key(&buf).is_none() {
+            // A plain manifest is checked whole, as every reader would.
+            let m = Manifest::decode(&buf, self.chunk_size()).map_err(damaged)?;
+            check_names(&m.meta, vm, id, disk)?;
+            return Ok(Some(m.chunks));
+        }
+        Manifest::chunk_names(&buf).map(Some).map_err(damaged)
+    }
+
+    /// Reads the header and metadata of manifest `vm`/`id`/`disk`, with the key it is sealed
+    /// under.
+    fn read_meta(&self, vm: &str, id: &str, disk: &str) -> Result<Option<(ManifestMeta, Option<KeyId>)>> {
         let mut buf = Vec::new();
         let Some(len) = self.store.get_manifest_prefix(vm, id, disk, MAX_HEAD_LEN, &mut buf)? else {
             return Ok(None);
         };
-        let meta = Manifest::decode_meta(&buf, len, self.chunk_size()).map_err(|source| Error::Manifest {
+        let found = manifest::sealed_key(&buf);
+        let meta = match self.key_for(vm, id, found)? {
+            None => Manifest::decode_meta(&buf, len, self.chunk_size()),
+            Some(key) => Manifest::open_meta(&buf, len, self.chunk_size(), key, &Place { vm, id, disk }),
+        }
+        .map_err(|source| Error::Manifest {
             vm: vm.into(),
             id: id.into(),
             disk: disk.into(),
             source: Box::new(source),
         })?;
         check_names(&meta, vm, id, disk)?;
-        Ok(Some(meta))
+        Ok(Some((meta, found)))
     }
 
-    /// Reads the manifests of a backup: metadata only, or whole.
-    pub(crate) fn read_backup(&self, vm: &str, id: &str, whole: bool) -> Result<(Vec<ManifestMeta>, Vec<Manifest>)> {
+    /// Reads the manifests of a backup: metadata only, or whole; and the key they are sealed
+    /// under (the same for all).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn read_backup(
+        &self,
+        vm: &str,
+        id: &str,
+        whole: bool,
+    ) -> Result<(Vec<ManifestMeta>, Vec<Manifest>, Option<KeyId>)> {
         validate_name("VM", vm)?;
         validate_name("backup", id)?;
         let Some(disks) = self.store.list_manifests(vm, id)? else {
@@ -162,17 +221,19 @@ impl Repository {
             reason: format!("the manifest of disk {disk} vanished while it was read"),
         };
         let mut metas = Vec::with_capacity(disks.len());
+        let mut keys = Vec::with_capacity(disks.len());
         let mut manifests = Vec::new();
         for disk in &disks {
-            let meta = if whole {
+            let (meta, key) = if whole {
                 let m = self.read_manifest(vm, id, disk)?.ok_or_else(|| vanished(disk))?;
-                let meta = m.meta.clone();
+                let meta = (m.meta.clone(), m.key);
                 manifests.push(m);
                 meta
             } else {
                 self.read_meta(vm, id, disk)?.ok_or_else(|| vanished(disk))?
             };
             metas.push(meta);
+            keys.push(key);
         }
         let first = &metas[0];
         for m in &metas[1..] {
@@ -186,8 +247,14 @@ impl Repository {
                 });
             }
         }
-        Ok((metas, manifests))
+        // Every manifest opened under the VM's one key, or none is encrypted: key_for saw to it.
+        Ok((metas, manifests, keys[0]))
     }
+}
+
+/// A backup that cannot be read with the VM's key (or lack of one).
+fn is_key_error(e: &Error) -> bool {
+    matches!(e, Error::KeyMissing { .. } | Error::WrongKey { .. } | Error::NotEncrypted { .. })
 }
 
 fn check_names(meta: &ManifestMeta, vm: &str, id: &str, disk: &str) -> Result<()> {

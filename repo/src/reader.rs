@@ -13,6 +13,7 @@ use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
 use crate::chunk::{self, Decoder};
+use crate::crypto::DataKey;
 use crate::hash::ChunkHash;
 use crate::manifest::Manifest;
 use crate::store::Store;
@@ -47,6 +48,7 @@ pub struct ReaderStats {
 pub struct DiskReader {
     store: Arc<dyn Store>,
     manifest: Manifest,
+    key: Option<Arc<DataKey>>,
     cache: Cache<Key, Arc<[u8]>, ByLength>,
     /// Decoders not in use (one per thread that reads at once).
     decoders: Mutex<Vec<Decoder>>,
@@ -71,25 +73,35 @@ impl Repository {
     /// (0: none).
     pub fn open_disk(&self, vm: &str, id: &str, disk: &str, cache_bytes: u64) -> Result<DiskReader> {
         let manifest = self.manifest(vm, id, disk)?;
-        Ok(DiskReader::new(self.store.clone(), manifest, cache_bytes))
+        let key = self.key_for(vm, id, manifest.key)?.map(|_| self.keys[vm].clone());
+        DiskReader::new(self.store.clone(), manifest, key, cache_bytes)
     }
 }
 
 impl DiskReader {
-    /// A reader of the disk `manifest` describes, whose chunks are in `store`. The manifest
-    /// must be checked already (as [`Repository::manifest`] does).
-    pub fn new(store: Arc<dyn Store>, manifest: Manifest, cache_bytes: u64) -> DiskReader {
+    /// A reader of the disk `manifest` describes, whose chunks are in `store`, sealed under
+    /// `key` when the manifest says they are (the key must be that one). The manifest must be
+    /// checked already (as [`Repository::manifest`] does).
+    pub fn new(
+        store: Arc<dyn Store>,
+        manifest: Manifest,
+        key: Option<Arc<DataKey>>,
+        cache_bytes: u64,
+    ) -> Result<DiskReader> {
+        let meta = &manifest.meta;
+        crate::Repository::check_key(&meta.vm, &meta.backup, manifest.key, key.as_deref())?;
         let chunk_size = manifest.meta.chunk_size.max(1);
         let items = usize::try_from(cache_bytes / chunk_size).unwrap_or(usize::MAX).max(1);
-        DiskReader {
+        Ok(DiskReader {
             store,
             manifest,
+            key,
             cache: Cache::with_weighter(items, cache_bytes, ByLength),
             decoders: Mutex::new(Vec::new()),
             fetched: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             zeros: AtomicU64::new(0),
-        }
+        })
     }
 
     /// The disk's size in bytes.
@@ -163,7 +175,7 @@ impl DiskReader {
             None => Decoder::new(self.manifest.meta.chunk_size as usize)?,
         };
         let mut out = Vec::with_capacity(len);
-        let result = chunk::fetch(&*self.store, &hash, len, &mut out, &mut decoder);
+        let result = chunk::fetch(&*self.store, &hash, len, &mut out, &mut decoder, self.key.as_deref());
         self.decoders.lock().unwrap_or_else(|p| p.into_inner()).push(decoder);
         self.fetched.fetch_add(1, Ordering::Relaxed);
         result.map_err(|f| f.into_error(hash))?;

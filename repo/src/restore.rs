@@ -58,6 +58,7 @@ impl Repository {
     pub fn restore(&self, manifest: &Manifest, target: &dyn Target) -> Result<RestoreStats> {
         let m = manifest;
         let disk = &m.meta.disk;
+        let key = self.key_for(&m.meta.vm, &m.meta.backup, m.key)?;
         target.set_size(m.meta.size).map_err(|source| Error::TargetResize {
             disk: disk.clone(),
             size: m.meta.size,
@@ -76,7 +77,7 @@ impl Repository {
                         Some(s) => s,
                         None => state.insert((Decoder::new(cs)?, Vec::new())),
                     };
-                    chunk::fetch(store, &hash, m.chunk_len(i), buf, decoder).map_err(|f| f.into_error(hash))?;
+                    chunk::fetch(store, &hash, m.chunk_len(i), buf, decoder, key).map_err(|f| f.into_error(hash))?;
                     let base = i as u64 * m.meta.chunk_size;
                     for (start, end) in nonzero_runs(buf, HOLE_BLOCK) {
                         let offset = base + start as u64;

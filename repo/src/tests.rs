@@ -707,6 +707,9 @@ fn measure_throughput_of_a_512_mib_full_backup() {
         let cs = DEFAULT_CHUNK_SIZE as usize;
         let mut buf = vec![0u8; cs];
         let (mut read, mut hash, mut zero, mut compress, mut sync) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        let (mut hmac, mut seal) = (0f64, 0f64);
+        let key = DataKey::from_secret(&[7; 32], "measure");
+        let nonce = [0u8; crate::crypto::NONCE_LEN];
         let mut compressor = zstd::bulk::Compressor::new(3).unwrap();
         let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(cs));
         for i in 0..size / cs {
@@ -720,8 +723,15 @@ fn measure_throughput_of_a_512_mib_full_backup() {
             std::hint::black_box(ChunkHash::of(&buf));
             hash += t.elapsed().as_secs_f64();
             let t = Instant::now();
+            std::hint::black_box(key.chunk_name(&buf));
+            hmac += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             let n = compressor.compress_to_buffer(&buf, &mut out).unwrap();
             compress += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let mut sealed = out[..n].to_vec();
+            std::hint::black_box(key.seal(&nonce, b"aad", &mut sealed));
+            seal += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let p = dir.path().join(format!("sync{i}"));
             fs::write(&p, &out[..n]).unwrap();
@@ -730,8 +740,9 @@ fn measure_throughput_of_a_512_mib_full_backup() {
         }
         let rate = |s: f64| size as f64 / (1 << 20) as f64 / s;
         eprintln!(
-            "stages, one thread, MiB/s of source: read (cold) {:.0}, zero check {:.0}, sha256 {:.0}, zstd-3 {:.0}, write+fsync of the compressed chunk {:.0}",
-            rate(read), rate(zero), rate(hash), rate(compress), rate(sync)
+            "stages, one thread, MiB/s of source: read (cold) {:.0}, zero check {:.0}, sha256 {:.0}, hmac-sha256 (encrypted names) {:.0}, zstd-3 {:.0}, \
+             aes-256-gcm of the compressed chunk (copy included) {:.0}, write+fsync of the compressed chunk {:.0}",
+            rate(read), rate(zero), rate(hash), rate(hmac), rate(compress), rate(seal), rate(sync)
         );
         for i in 0..size / cs {
             let _ = fs::remove_file(dir.path().join(format!("sync{i}")));
@@ -765,6 +776,54 @@ fn measure_throughput_of_a_512_mib_full_backup() {
             measure_incremental_ratios(&repo, &src);
         }
     }
+    measure_encrypted_against_plain(dir.path(), &src);
+}
+
+/// Full backup, verify and restore of the same 512 MiB, plain and encrypted, alternating (two
+/// rounds each, so neither always runs first on a warmer cache), at the CPUs' thread count.
+fn measure_encrypted_against_plain(dir: &Path, src: &FileSource) {
+    let size = src.size();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let mut rates = [[0f64; 3]; 2];
+    for round in 0..2 {
+        for (e, encrypted) in [false, true].into_iter().enumerate() {
+            let root = dir.join(format!("repo-enc{e}-{round}"));
+            let mut repo = Repository::create(&root, CreateOptions::default()).unwrap();
+            repo.set_threads(threads).unwrap();
+            if encrypted {
+                repo.set_key("vm", Some(std::sync::Arc::new(DataKey::from_secret(&[7; 32], "measure"))));
+            }
+            let t = Instant::now();
+            full_backup(&repo, "vm", "b1", "vda", src);
+            let backup = mib_per_s(size, t);
+            let t = Instant::now();
+            assert!(repo.verify("vm", "b1").unwrap().is_ok());
+            let verify = mib_per_s(size, t);
+            let out = dir.join(format!("r-enc{e}-{round}.raw"));
+            let t = Instant::now();
+            restore_raw(&repo, "vm", "b1", "vda", &out).unwrap();
+            let restore = mib_per_s(size, t);
+            for (k, r) in [backup, verify, restore].into_iter().enumerate() {
+                rates[e][k] += r / 2.0;
+            }
+            fs::remove_file(&out).unwrap();
+            fs::remove_dir_all(&root).unwrap();
+        }
+    }
+    let [plain, enc] = rates;
+    eprintln!(
+        "threads {threads}, mean of 2 rounds, MiB/s plain / encrypted (ratio): full backup {:.0} / {:.0} ({:.2}), \
+         verify {:.0} / {:.0} ({:.2}), restore {:.0} / {:.0} ({:.2})",
+        plain[0],
+        enc[0],
+        enc[0] / plain[0],
+        plain[1],
+        enc[1],
+        enc[1] / plain[1],
+        plain[2],
+        enc[2],
+        enc[2] / plain[2]
+    );
 }
 
 /// bytes read / bytes changed of incremental backups of the 512 MiB disk at 4 MiB chunks, for

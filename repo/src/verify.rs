@@ -58,6 +58,7 @@ impl Repository {
     /// error; bad chunks are reported, each position that uses them.
     pub fn verify(&self, vm: &str, id: &str) -> Result<VerifyReport> {
         let backup = self.get(vm, id)?;
+        let key = self.key_for(vm, id, backup.info.key)?;
         let mut jobs: HashMap<(ChunkHash, usize), Vec<(usize, usize)>> = HashMap::new();
         let mut chunks_zero = 0;
         for (d, m) in backup.manifests.iter().enumerate() {
@@ -80,7 +81,7 @@ impl Repository {
                             Some(s) => s,
                             None => state.insert((Decoder::new(cs)?, Vec::new())),
                         };
-                        Ok(match chunk::fetch(store, hash, *len, buf, decoder) {
+                        Ok(match chunk::fetch(store, hash, *len, buf, decoder, key) {
                             Ok(()) => None,
                             Err(Failure::Missing) => Some(ChunkFault::Missing),
                             Err(Failure::Corrupt(c)) => Some(ChunkFault::Corrupt(chain(&c))),

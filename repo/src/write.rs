@@ -3,10 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::chunk::{self, Decoder, Encoder};
+use crate::crypto::DataKey;
 use crate::hash::ChunkHash;
 use crate::manifest::{chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
 use crate::read::BackupInfo;
@@ -66,6 +68,8 @@ pub struct BackupWriter<'r> {
     pending: Box<dyn PendingBackup>,
     disks: BTreeSet<String>,
     progress: Option<Box<Progress>>,
+    /// The VM's key: chunks and manifests are sealed under it.
+    key: Option<Arc<DataKey>>,
     /// Held until the writer is dropped (after its commit): see [`crate::store::Store::lock_shared`].
     _lock: StoreLock,
 }
@@ -90,6 +94,7 @@ impl Repository {
         let lock = self.store.lock_shared()?;
         let pending = self.store.begin_backup(&spec.vm, &spec.id)?;
         let created_unix_us = spec.created_unix_us.unwrap_or_else(now_unix_us);
+        let key = self.key(&spec.vm).cloned();
         Ok(BackupWriter {
             repo: self,
             spec,
@@ -97,6 +102,7 @@ impl Repository {
             pending,
             disks: BTreeSet::new(),
             progress: None,
+            key,
             _lock: lock,
         })
     }
@@ -131,6 +137,15 @@ impl BackupWriter<'_> {
         let mismatch = |reason: String| Error::ParentMismatch { disk: disk.to_owned(), reason };
         if parent.meta.vm != self.spec.vm || parent.meta.disk != disk {
             return Err(mismatch(format!("it is disk {} of VM {}", parent.meta.disk, parent.meta.vm)));
+        }
+        if parent.key != self.key.as_ref().map(|k| k.id()) {
+            let under =
+                |k: Option<crate::KeyId>| k.map_or("not encrypted".to_owned(), |k| format!("encrypted under key {k}"));
+            return Err(mismatch(format!(
+                "it is {}, and this backup is {}",
+                under(parent.key),
+                under(self.key.as_ref().map(|k| k.id()))
+            )));
         }
         let cs = self.repo.chunk_size();
         if parent.meta.chunk_size != cs || parent.chunks.len() as u64 != parent.meta.size.div_ceil(cs) {
@@ -232,6 +247,7 @@ impl BackupWriter<'_> {
         let progress = self.progress.as_deref();
         let level = repo.config.compression_level;
         let store = &*repo.store;
+        let key = self.key.as_deref();
         let results: Vec<(Option<ChunkHash>, Built)> = repo.pool.install(|| {
             jobs.par_iter()
                 .map_init(
@@ -267,7 +283,7 @@ impl BackupWriter<'_> {
                                     Some(d) => d,
                                     None => w.decoder.insert(Decoder::new(cs as usize)?),
                                 };
-                                match chunk::fetch(store, h, len, buf, decoder) {
+                                match chunk::fetch(store, h, len, buf, decoder, key) {
                                     Ok(()) => Some(ranges),
                                     Err(f) => {
                                         tracing::warn!(disk, chunk = %h, failure = ?f,
@@ -293,8 +309,8 @@ impl BackupWriter<'_> {
                             built.zero = true;
                             None
                         } else {
-                            let hash = ChunkHash::of(buf);
-                            let file = w.encoder.encode(buf)?;
+                            let hash = chunk::name_of(key, buf);
+                            let file = w.encoder.encode(buf, key, &hash)?;
                             if store.put_chunk(&hash, file)? {
                                 built.stored = Some(file.len() as u64);
                             }
@@ -340,6 +356,7 @@ impl BackupWriter<'_> {
                 stats,
             },
             chunks: table,
+            key: key.map(DataKey::id),
         };
         self.write_manifest(disk, &manifest)?;
         self.disks.insert(disk.to_owned());
@@ -349,7 +366,7 @@ impl BackupWriter<'_> {
     }
 
     fn write_manifest(&mut self, disk: &str, m: &Manifest) -> Result<()> {
-        let bytes = m.encode()?;
+        let bytes = m.encode(self.key.as_deref())?;
         Ok(self.pending.put_manifest(disk, &bytes)?)
     }
 

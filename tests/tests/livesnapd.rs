@@ -882,3 +882,121 @@ fn sigterm_lets_the_running_job_finish_its_step_and_records_it() {
     let b = &list.backups[0];
     assert_eq!(rig.restore(&mut c, &b.id, "restored.raw"), rig.model, "the backup is not the disk at the cut");
 }
+
+/// Runs `livesnapd ARGS` (the key commands need no config and no daemon); its stdout, or its
+/// stderr when it fails.
+fn livesnapd_cmd(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(programs::livesnapd().unwrap()).args(args).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The 16 hex digits after `key ` in a `livesnapd key` line.
+fn key_id(line: &str) -> String {
+    let at = line.find(": key ").unwrap() + 6;
+    line[at..at + 16].to_owned()
+}
+
+#[test]
+fn an_encrypted_vm_backs_up_and_restores_identical_and_a_wrong_or_missing_key_is_refused_naming_it() {
+    let keys = tempfile::tempdir().unwrap();
+    let k = |name: &str| keys.path().join(name).display().to_string();
+    livesnapd_cmd(&["key", "create-kek", &k("kek")]).unwrap();
+    let id = key_id(&livesnapd_cmd(&["key", "create", "--kek", &k("kek"), &k("vm1.key")]).unwrap());
+    let other = key_id(&livesnapd_cmd(&["key", "create", "--kek", &k("kek"), &k("other.key")]).unwrap());
+    assert_ne!(id, other);
+
+    let mut rig = Rig::with(&format!("kek = \"{}\"", k("kek")), "", &format!("key = \"{}\"", k("vm1.key")), false);
+    let d = rig.start();
+    let at_cut = rig.model.clone();
+    let b1 = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {})
+        .result
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", rig.log()));
+    assert_eq!(b1.key_id, id, "the backup says which key encrypts it");
+    rig.write(7 * MIB, &stamp(3 * TRACK as usize, 21));
+    let b2 = snapshot(&rig, req(pb::BackupMode::Incremental, pb::QuiesceMode::Off), |_| {})
+        .result
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", rig.log()));
+    assert_eq!((b2.kind, b2.key_id.as_str()), (pb::BackupKind::Incremental as i32, id.as_str()));
+    let mut c = rig.client();
+    assert!(rig.restore(&mut c, &b1.id, "r1.raw") == at_cut);
+    // Restored to qcow2 and compared by qemu-img with the disk at the second cut.
+    let q = rig.dir.path().join("r2.qcow2");
+    rig.block_on(async {
+        let mut s = c
+            .restore_backup(pb::RestoreRequest {
+                vm: VM.into(),
+                id: b2.id.clone(),
+                disk: "vda".into(),
+                target_path: q.display().to_string(),
+                format: pb::ImageFormat::Qcow2 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while s.message().await.unwrap().is_some() {}
+    });
+    let expect = rig.dir.path().join("expect.raw");
+    std::fs::write(&expect, &rig.model).unwrap();
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), expect.to_str().unwrap()]);
+    let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
+    assert!(v.ok && v.chunks_checked > 0, "{v:?}");
+    // Nothing in the repository is a plain chunk.
+    let chunks: Vec<PathBuf> = walk(&rig.dir.path().join("repo/chunks")).into_iter().filter(|p| p.is_file()).collect();
+    assert!(!chunks.is_empty());
+    for p in &chunks {
+        assert_eq!(&std::fs::read(p).unwrap()[..8], b"LSNAPCHX", "{}", p.display());
+    }
+    assert!(!rig.log().contains(&std::fs::read_to_string(keys.path().join("kek")).unwrap().trim().to_owned()));
+    d.stop(libc::SIGTERM, WAIT).unwrap();
+
+    // The VM's key file replaced by another key: every operation refuses, naming both keys.
+    let config = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(&rig.config, config.replace(&k("vm1.key"), &k("other.key"))).unwrap();
+    let d = rig.start();
+    let mut c = rig.client();
+    let wrong = |what: &str, s: tonic::Status| {
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{what}: {s:?}");
+        for needle in [id.as_str(), other.as_str(), "other.key"] {
+            assert!(s.message().contains(needle), "{what}: {needle} not in {:?}", s.message());
+        }
+    };
+    let r = pb::BackupRef { vm: VM.into(), id: b1.id.clone() };
+    wrong("get", rig.block_on(c.get_backup(r.clone())).unwrap_err());
+    wrong("verify", rig.block_on(c.verify_backup(r.clone())).unwrap_err());
+    wrong("list", rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap_err());
+    let restore = pb::RestoreRequest {
+        vm: VM.into(),
+        id: b1.id.clone(),
+        disk: "vda".into(),
+        target_path: rig.dir.path().join("never.raw").display().to_string(),
+        format: 0,
+    };
+    wrong("restore", rig.block_on(c.restore_backup(restore.clone())).unwrap_err());
+    assert!(!rig.dir.path().join("never.raw").exists());
+    let job = snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {});
+    let (code, reason, _) = job.result.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{reason}");
+    assert!(reason.contains(&id) && reason.contains(&other), "{reason}");
+    assert!(rig.backend_status().snapshot.is_none(), "refused before any cut");
+    d.stop(libc::SIGTERM, WAIT).unwrap();
+
+    // No key for the VM: the backups' key is named.
+    let config = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(&rig.config, config.replace(&format!("key = \"{}\"", k("other.key")), "")).unwrap();
+    let d = rig.start();
+    let mut c = rig.client();
+    let s = rig.block_on(c.get_backup(r.clone())).unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains(&id) && s.message().contains("no key"), "{}", s.message());
+    d.stop(libc::SIGTERM, WAIT).unwrap();
+
+    // A key file others can read keeps the daemon from starting, naming it.
+    std::fs::write(&rig.config, config).unwrap();
+    std::fs::set_permissions(k("other.key"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let e = livesnapd_cmd(&["--config", rig.config.to_str().unwrap(), "check-config"]).unwrap_err();
+    assert!(e.contains("other.key") && e.contains("0644"), "{e}");
+}

@@ -339,6 +339,7 @@ fn backup(id: &str, kind: BackupKind, consistency: Consistency, note: &str) -> B
         note: note.into(),
         freeze_window_us: 23_400,
         snapshot_id: 7,
+        key_id: String::new(),
         disks: vec![
             DiskBackup {
                 disk: "vda".into(),
@@ -637,6 +638,7 @@ fn snapshot_with_unknown_events_and_enum_values_still_finishes() -> Result<()> {
     assert_eq!(r.code, 0);
     assert!(r.stdout.contains("backup b3 of web01: unknown(7), consistency unknown(9)"));
     assert!(r.stdout.contains("freeze window  none (not frozen)"));
+    assert!(r.stdout.contains("encryption     none (not encrypted)"));
     let r = fake.run(&["vm", "snapshot", "web01", "--json"])?;
     assert_eq!(r.code, 0);
     let lines = json_lines(&r.stdout)?;
@@ -698,7 +700,10 @@ fn backup_list_and_show_print_each_backup_and_json() -> Result<()> {
                 backup("b2", BackupKind::Incremental, Consistency::Application, ""),
             ],
         }),
-        backup: Ok(backup("b1", BackupKind::Full, Consistency::Crash, "Crash-consistent: no agent configured")),
+        backup: Ok(Backup {
+            key_id: "0f413ce63228a2df".into(),
+            ..backup("b1", BackupKind::Full, Consistency::Crash, "Crash-consistent: no agent configured")
+        }),
         ..Script::default()
     })?;
     let r = fake.run(&["backup", "list", "web01"])?;
@@ -722,9 +727,11 @@ fn backup_list_and_show_print_each_backup_and_json() -> Result<()> {
     assert!(r.stdout.contains("backup b1 of web01: full, crash-consistent (no agent configured)"));
     assert!(r.stdout.contains("disk vda"));
     assert!(r.stdout.contains("read 8.00 MiB, changed 6.00 MiB, stored 2.00 MiB"));
+    assert!(r.stdout.contains("encryption     AES-256-GCM, key 0f413ce63228a2df"), "{}", r.stdout);
     let r = fake.run(&["backup", "show", "web01", "b1", "--json"])?;
     let v: Value = serde_json::from_str(&r.stdout)?;
     assert_eq!((v["id"].as_str(), v["snapshot_id"].as_u64()), (Some("b1"), Some(7)));
+    assert_eq!((v["encrypted"].as_bool(), v["key_id"].as_str()), (Some(true), Some("0f413ce63228a2df")));
     Ok(())
 }
 

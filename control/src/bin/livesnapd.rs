@@ -2,7 +2,9 @@
 //!
 //! `livesnapd [--config PATH]` serves; `livesnapd check-config` checks the configuration and
 //! exits; `livesnapd jobs` prints the job history as JSON lines (with the daemon stopped: the
-//! state database is opened by one process at a time).
+//! state database is opened by one process at a time); `livesnapd key ...` makes key-encryption
+//! keys and the VMs' keys and rewraps keys under a new KEK (on the host, no daemon needed: the
+//! key material never crosses the API).
 //!
 //! SIGTERM or SIGINT stops serving new jobs; each job running then finishes the step it is in
 //! and ends as a cancelled job does (the guest thawed, the snapshot abandoned — its delta
@@ -13,16 +15,66 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use livesnap_control::daemon::args::{Args, Command};
+use livesnap_control::daemon::args::{Args, Command, KeyAction};
 use livesnap_control::daemon::{service, Config, Daemon};
 use tracing_subscriber::EnvFilter;
+
+fn key(action: KeyAction) -> Result<()> {
+    use livesnap_repo::crypto;
+    use livesnap_repo::Kek;
+    match action {
+        KeyAction::CreateKek { path } => {
+            let kek = Kek::create(&path)?;
+            println!("{}: KEK {}", path.display(), kek.id());
+        }
+        KeyAction::Create { kek, path } => {
+            let kek = Kek::load(&kek)?;
+            let key = crypto::create_key_file(&path, &kek)?;
+            println!("{}: key {}, wrapped by KEK {}", path.display(), key.id(), kek.id());
+        }
+        KeyAction::Rewrap { kek, new_kek, paths } => {
+            let (old, new) = (Kek::load(&kek)?, Kek::load(&new_kek)?);
+            // Every file opens under the old KEK before any is rewritten.
+            for p in &paths {
+                crypto::load_key_file(p, &old)?;
+            }
+            for p in &paths {
+                let info = crypto::rewrap_key_file(p, &old, &new)?;
+                println!("{}: key {}, wrapped by KEK {} (was {})", p.display(), info.key, info.kek, old.id());
+            }
+        }
+        KeyAction::Show { kek, paths } => {
+            let kek = kek.map(|k| Kek::load(&k)).transpose()?;
+            for p in &paths {
+                let info = crypto::key_file_info(p)?;
+                if let Some(kek) = &kek {
+                    crypto::load_key_file(p, kek)?;
+                }
+                let created = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(info.created_unix_s),
+                );
+                let opens = if kek.is_some() { ", opens under it" } else { "" };
+                println!("{}: key {}, wrapped by KEK {}{opens}, created {created}", p.display(), info.key, info.kek);
+            }
+        }
+    }
+    Ok(())
+}
 
 fn run() -> Result<()> {
     livesnap_control::install_tls_provider();
     let args = Args::parse();
+    let command = args.command.unwrap_or(Command::Serve);
+    if let Command::Key { action } = command {
+        return key(action);
+    }
     let config = Config::load(&args.config)?;
-    match args.command.unwrap_or(Command::Serve) {
+    match command {
+        Command::Key { .. } => Ok(()),
         Command::CheckConfig => {
+            for (vm, key) in livesnap_control::daemon::load_keys(&config)? {
+                println!("vm {vm}: backups encrypted under key {} ({})", key.id(), key.origin());
+            }
             println!("{}: {} VMs, configuration valid", args.config.display(), config.vms.len());
             Ok(())
         }

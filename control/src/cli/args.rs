@@ -112,7 +112,7 @@ pub enum BackupAction {
         /// Only this VM's backups.
         vm: Option<String>,
     },
-    /// One backup: kind, consistency and why, freeze window, each disk's bytes.
+    /// One backup: kind, consistency and why, freeze window, encryption (key id), each disk's bytes.
     Show { vm: String, id: String },
     /// Re-read and re-hash every chunk of a backup; exit 1 if any is damaged.
     Verify { vm: String, id: String },

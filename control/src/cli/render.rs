@@ -112,6 +112,8 @@ pub fn backup_json(b: &Backup) -> Value {
         "note": b.note,
         "freeze_window_us": b.freeze_window_us,
         "snapshot_id": b.snapshot_id,
+        "encrypted": !b.key_id.is_empty(),
+        "key_id": (!b.key_id.is_empty()).then_some(&b.key_id),
         "disks": b.disks.iter().map(disk_json).collect::<Vec<_>>(),
     })
 }
@@ -185,6 +187,14 @@ pub fn backup_text(b: &Backup) -> String {
     out += &format!(
         "  freeze window  {}\n",
         if b.freeze_window_us == 0 { "none (not frozen)".to_owned() } else { micros(b.freeze_window_us) }
+    );
+    out += &format!(
+        "  encryption     {}\n",
+        if b.key_id.is_empty() {
+            "none (not encrypted)".to_owned()
+        } else {
+            format!("AES-256-GCM, key {}", clean(&b.key_id))
+        }
     );
     for d in &b.disks {
         out += &format!(

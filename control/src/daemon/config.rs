@@ -7,6 +7,7 @@
 //! state = "/var/lib/livesnap/livesnapd.redb"
 //! # scratch = "/var/tmp"                    # where qcow2 bases are unpacked for reading
 //! # restore_dir = "/var/lib/livesnap/restore" # restores write only beneath it (created, 0700)
+//! # kek = "/etc/livesnap/kek"              # wraps the VMs' keys (`livesnapd key create-kek`)
 //!
 //! [tcp]                                     # optional: orchestrators, TLS and a bearer token
 //! listen = "0.0.0.0:7736"
@@ -33,7 +34,10 @@
 //! name = "web01"
 //! control = "/run/livesnap/web01/control.sock"
 //! agent = { vsock = "/run/livesnap/web01/vsock.sock:7735" }   # or { cid = 3, port = 7735 }
+//! # key = "/etc/livesnap/keys/web01.key"  # encrypt its backups (`livesnapd key create`)
 //! ```
+//!
+//! Key files are read when the daemon opens (and by `livesnapd check-config`), not here.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -94,6 +98,7 @@ struct File {
     scratch: Option<PathBuf>,
     s3: Option<S3File>,
     restore_dir: Option<PathBuf>,
+    kek: Option<PathBuf>,
     tcp: Option<TcpFile>,
     #[serde(default)]
     defaults: DefaultsFile,
@@ -135,6 +140,7 @@ struct VmFile {
     name: String,
     control: PathBuf,
     agent: Option<AgentFile>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +162,8 @@ pub struct Config {
     pub scratch: PathBuf,
     /// Restores write only beneath it: a client names a path inside it.
     pub restore_dir: PathBuf,
+    /// The key-encryption key that wraps the VMs' keys.
+    pub kek: Option<PathBuf>,
     pub tcp: Option<Tcp>,
     pub freeze_timeout: Duration,
     /// Bound on the rate frozen bases are read at; `None`: as fast as the repository takes.
@@ -212,6 +220,9 @@ pub struct VmConfig {
     /// The control socket of the VM's livesnap-blk.
     pub control: PathBuf,
     pub agent: Option<AgentEndpoint>,
+    /// The key file its backups are encrypted with (wrapped by the config's `kek`); `None`:
+    /// not encrypted.
+    pub key: Option<PathBuf>,
 }
 
 /// Where a VM's agent listens.
@@ -310,6 +321,9 @@ impl Config {
         };
         let restore_dir = f.restore_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RESTORE_DIR));
         absolute("restore_dir", &restore_dir)?;
+        if let Some(k) = &f.kek {
+            absolute("kek", k)?;
+        }
         let tcp = match f.tcp {
             None => None,
             Some(t) => {
@@ -349,7 +363,16 @@ impl Config {
                 None => None,
                 Some(a) => Some(agent_endpoint(&v.name, a).map_err(invalid)?),
             };
-            vms.push(VmConfig { name: v.name, control: v.control, agent });
+            if let Some(k) = &v.key {
+                absolute(&format!("vm {}: key", v.name), k)?;
+                if f.kek.is_none() {
+                    return Err(invalid(format!(
+                        "vm {}: a key file is wrapped by a key-encryption key: name it with kek = \"PATH\"",
+                        v.name
+                    )));
+                }
+            }
+            vms.push(VmConfig { name: v.name, control: v.control, agent, key: v.key });
         }
         Ok(Config {
             repository,
@@ -357,6 +380,7 @@ impl Config {
             state: f.state,
             scratch,
             restore_dir,
+            kek: f.kek,
             tcp,
             freeze_timeout: Duration::from_millis(freeze_ms),
             read_bytes_per_sec: f.defaults.read_bytes_per_sec.filter(|&r| r > 0),
@@ -428,13 +452,17 @@ mod tests {
 
     #[test]
     fn a_full_config_parses_with_every_agent_kind() {
-        let c = parse(&format!(
-            "{BASE}[tcp]\nlisten = \"127.0.0.1:7736\"\ncert = \"/c\"\nkey = \"/k\"\ntoken_file = \"/t\"\n\
+        let c = parse(
+            &format!(
+                "{BASE}[tcp]\nlisten = \"127.0.0.1:7736\"\ncert = \"/c\"\nkey = \"/k\"\ntoken_file = \"/t\"\n\
              [defaults]\nfreeze_timeout_ms = 5000\n\
              [[vm]]\nname = \"a\"\ncontrol = \"/a.sock\"\nagent = {{ vsock = \"/v.sock:7735\" }}\n\
              [[vm]]\nname = \"b\"\ncontrol = \"/b.sock\"\nagent = {{ cid = 5 }}\n\
-             [[vm]]\nname = \"c\"\ncontrol = \"/c.sock\"\n"
-        ))
+             [[vm]]\nname = \"c\"\ncontrol = \"/c.sock\"\nkey = \"/k/c.key\"\n\
+             "
+            )
+            .replacen("state", "kek = \"/etc/livesnap/kek\"\nstate", 1),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.freeze_timeout, Duration::from_secs(5));
         assert_eq!(c.scratch, PathBuf::from("/var/lib/l"));
@@ -443,6 +471,8 @@ mod tests {
         assert_eq!(c.vms[0].agent, Some(AgentEndpoint::Hybrid(HybridAddr { path: "/v.sock".into(), port: 7735 })));
         assert_eq!(c.vms[1].agent, Some(AgentEndpoint::Vsock { cid: 5, port: DEFAULT_AGENT_PORT }));
         assert_eq!(c.vms[2].agent, None);
+        assert_eq!((c.vms[1].key.as_deref(), c.vms[2].key.as_deref()), (None, Some(Path::new("/k/c.key"))));
+        assert_eq!(c.kek.as_deref(), Some(Path::new("/etc/livesnap/kek")));
         assert!(c.tcp.is_some());
     }
 
@@ -477,6 +507,9 @@ mod tests {
             (format!("{BASE}[defaults]\nfreeze_timeout_ms = 0\n"), "freeze_timeout_ms"),
             (format!("{BASE}colour = 1\n"), "not valid"),
             (format!("{BASE}restore_dir = \"restore\"\n"), "restore_dir `restore` must be an absolute path"),
+            (format!("{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nkey = \"/a.key\"\n"), "kek = \"PATH\""),
+            (format!("kek = \"/kek\"\n{BASE}[[vm]]\nname = \"a\"\ncontrol = \"/a\"\nkey = \"a.key\"\n"), "vm a: key"),
+            (format!("kek = \"kek\"\n{BASE}"), "kek `kek` must be an absolute path"),
         ];
         for (text, want) in cases {
             let e = parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}"));

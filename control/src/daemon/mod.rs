@@ -93,6 +93,14 @@ pub enum Error {
         #[source]
         source: repo::Error,
     },
+    #[error("Cannot load the key-encryption key")]
+    Kek(#[source] repo::crypto::Error),
+    #[error("Cannot load the key of VM {vm}")]
+    Key {
+        vm: String,
+        #[source]
+        source: repo::crypto::Error,
+    },
     #[error("Cannot create the restore directory `{}`", path.display())]
     RestoreDir {
         path: PathBuf,
@@ -181,8 +189,13 @@ impl Daemon {
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(&config.restore_dir)
             .map_err(|source| Error::RestoreDir { path: config.restore_dir.clone(), source })?;
+        let keys = load_keys(&config)?;
         let location = config.repository.to_string();
-        let repo = open_repository(&config.repository).map_err(|source| Error::RepoOpen { location, source })?;
+        let mut repo = open_repository(&config.repository).map_err(|source| Error::RepoOpen { location, source })?;
+        for (vm, key) in keys {
+            tracing::info!(vm = %vm, key = %key.id(), "backups encrypted");
+            repo.set_key(&vm, Some(key));
+        }
         Ok(Arc::new(Daemon {
             config,
             repo: Arc::new(repo),
@@ -330,8 +343,14 @@ impl Daemon {
             .blocking(move |repo, _| {
                 let mut out = HashMap::new();
                 for n in names {
-                    if let Some(b) = repo.list(Some(&n))?.last() {
-                        out.insert(n, b.id.clone());
+                    // A VM whose backups do not open (a wrong key) is still listed.
+                    match repo.list(Some(&n)) {
+                        Ok(list) => {
+                            if let Some(b) = list.last() {
+                                out.insert(n, b.id.clone());
+                            }
+                        }
+                        Err(e) => tracing::warn!(vm = %n, error = %livesnap_proto::error::chain(&e), "cannot list its backups"),
                     }
                 }
                 Ok(out)
@@ -444,6 +463,25 @@ impl Daemon {
     pub fn jobs(state: &Path) -> Result<Vec<state::JobState>> {
         Ok(Store::open(state)?.jobs()?)
     }
+}
+
+/// The keys of the configured VMs that have one, unwrapped by the config's KEK (key files
+/// mode 0600, checked). The secrets never reach a log: a key shows as its id and file.
+pub fn load_keys(config: &Config) -> Result<Vec<(String, Arc<repo::DataKey>)>> {
+    let Some(kek_path) = &config.kek else { return Ok(Vec::new()) };
+    if config.vms.iter().all(|v| v.key.is_none()) {
+        return Ok(Vec::new());
+    }
+    let kek = repo::Kek::load(kek_path).map_err(Error::Kek)?;
+    let mut keys = Vec::new();
+    for v in &config.vms {
+        if let Some(path) = &v.key {
+            let key =
+                repo::crypto::load_key_file(path, &kek).map_err(|source| Error::Key { vm: v.name.clone(), source })?;
+            keys.push((v.name.clone(), Arc::new(key)));
+        }
+    }
+    Ok(keys)
 }
 
 /// What a VM's backend and agent say now, each within [`PROBE_TIMEOUT`].

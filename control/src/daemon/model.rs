@@ -90,6 +90,8 @@ pub struct Backup {
     /// The snapshot it was cut from, when this daemon made it.
     pub snapshot_id: Option<u64>,
     pub disks: Vec<DiskBackup>,
+    /// The key it is encrypted under; `None`: not encrypted.
+    pub key: Option<repo::KeyId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +115,7 @@ impl Backup {
             note: s.map(|s| s.note.clone()).unwrap_or_default(),
             freeze_window_us: i.freeze_window.map_or(0, |w| w.duration_us()),
             snapshot_id: s.map(|s| s.snapshot_id),
+            key: i.key,
             disks: i
                 .disks
                 .iter()

@@ -267,6 +267,7 @@ fn backup_pb(b: Backup) -> pb::Backup {
         note: b.note,
         freeze_window_us: b.freeze_window_us,
         snapshot_id: b.snapshot_id.unwrap_or(0),
+        key_id: b.key.map(|k| k.to_string()).unwrap_or_default(),
         disks: b
             .disks
             .into_iter()
@@ -300,9 +301,12 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Backend { source, .. } => backend_code(source),
         DaemonError::Repo(e) | DaemonError::RepoOpen { source: e, .. } => repo_code(e),
         DaemonError::Restore(e) => restore_code(e),
-        DaemonError::Base { .. } | DaemonError::State(_) | DaemonError::RestoreDir { .. } | DaemonError::Task(_) => {
-            Code::Internal
-        }
+        DaemonError::Base { .. }
+        | DaemonError::State(_)
+        | DaemonError::RestoreDir { .. }
+        | DaemonError::Kek(_)
+        | DaemonError::Key { .. }
+        | DaemonError::Task(_) => Code::Internal,
         DaemonError::Cancelled(_) => Code::Cancelled,
         DaemonError::Stopping => Code::Unavailable,
         DaemonError::UnknownJob(_) => Code::NotFound,
@@ -349,6 +353,7 @@ fn repo_code(e: &repo::Error) -> Code {
         R::Busy => Code::Unavailable,
         R::Manifest { .. } | R::Inconsistent { .. } | R::ChunkMissing { .. } | R::ChunkCorrupt { .. } => Code::DataLoss,
         R::ParentMismatch { .. } => Code::FailedPrecondition,
+        R::KeyMissing { .. } | R::WrongKey { .. } | R::NotEncrypted { .. } => Code::PermissionDenied,
         R::OutOfRange { .. } => Code::OutOfRange,
         R::Store(_)
         | R::ChunkRead { .. }
@@ -367,7 +372,8 @@ fn repo_code(e: &repo::Error) -> Code {
         | R::EmptyBackup { .. }
         | R::InvalidFreezeWindow
         | R::InvalidExtents { .. }
-        | R::Serialize(_) => Code::Internal,
+        | R::Serialize(_)
+        | R::Random(_) => Code::Internal,
     }
 }
 

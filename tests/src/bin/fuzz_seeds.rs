@@ -136,6 +136,21 @@ fn repository(seeds: &Seeds, tmp: &Path) -> Result<()> {
         let hash = m.chunks[i].context("a zero chunk")?;
         seeds.copy("repo_chunk", name, &store.chunk_path(&hash))?;
     }
+
+    // Encrypted under the fuzz key: manifests at web01/b3/vda, chunks as name + file, a key file.
+    let mut repo = repo;
+    repo.set_key("web01", Some(std::sync::Arc::new(livesnap_repo::fuzzing::fuzz_key())));
+    let mut w = repo.begin_backup(spec("b3", Consistency::Application))?;
+    w.full("vda", &FileSource::open(&src)?)?;
+    w.commit()?;
+    seeds.copy("repo_manifest", "sealed", &store.manifest_path("web01", "b3", "vda"))?;
+    let sealed = repo.manifest("web01", "b3", "vda")?;
+    for (name, i) in [("sealed-compressed", 0), ("sealed-stored", 1), ("sealed-last", 15)] {
+        let hash = sealed.chunks[i].context("a zero chunk")?;
+        let file = std::fs::read(store.chunk_path(&hash))?;
+        seeds.put("repo_sealed_chunk", name, &[&hash.0[..], &file].concat())?;
+    }
+    seeds.put("key_file", "key", &livesnap_repo::fuzzing::fuzz_key_file()?)?;
     Ok(())
 }
 

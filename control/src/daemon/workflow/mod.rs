@@ -199,6 +199,7 @@ impl Job {
         if let Some(s) = &st.snapshot {
             return Err(Failure { stage: Stage::Cut, error: Error::SnapshotActive { vm: name, id: s.id } });
         }
+        self.check_key().await?;
         if self.mode == BackupMode::Incremental {
             self.check_incremental(&*backend, &st).await?;
         }

@@ -45,6 +45,20 @@ pub(super) struct DiskPlan {
 }
 
 impl Job {
+    /// Before the cut: every backup of the VM must open under its key (or, without one, be
+    /// unencrypted), so that a wrong or missing key fails the job, naming the key, before the
+    /// guest is frozen, rather than start the VM over under another key.
+    pub(super) async fn check_key(&self) -> Result<(), Failure> {
+        let vm = self.vm.name.clone();
+        self.d
+            .blocking(move |repo, _| {
+                repo.list(Some(&vm))?;
+                Ok(())
+            })
+            .await
+            .map_err(at(Stage::Cut))
+    }
+
     /// Before the cut, so that a backup that cannot be incremental does not freeze the guest
     /// for nothing.
     pub(super) async fn check_incremental(&self, backend: &dyn Backend, st: &VmStatus) -> Result<(), Failure> {
