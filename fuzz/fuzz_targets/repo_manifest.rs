@@ -62,5 +62,8 @@ fuzz_target!(|data: &[u8]| {
     // the MAC of an encrypted one).
     let table = 32 * m.chunks.len();
     let tail = if sealed.is_some() { 64 } else { 32 };
-    assert_eq!(again[again.len() - tail - table..again.len() - tail], data[data.len() - tail - table..data.len() - tail]);
+    assert_eq!(
+        again[again.len() - tail - table..again.len() - tail],
+        data[data.len() - tail - table..data.len() - tail]
+    );
 });
