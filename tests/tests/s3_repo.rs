@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use livesnap_repo::store::s3::S3Store;
 use livesnap_repo::store::{self, Store};
-use livesnap_repo::{BackupSpec, Consistency, CreateOptions, Error, FileSource, Location, Repository, Target};
+use livesnap_repo::{BackupSpec, Consistency, CreateOptions, DataKey, Error, FileSource, Location, Repository, Target};
 use livesnap_tests::garage::Garage;
 
 const KIB: u64 = 1 << 10;
@@ -522,4 +522,53 @@ fn s3_store_answering_errors_or_too_slow_fails_the_backup_then_recovers() {
     backup(&repo, "vm1", "ok", &src);
     assert_verifies(&repo, "vm1", "ok");
     assert_eq!(restored(&repo, dir.path(), "vm1", "ok"), bytes);
+}
+
+/// An encrypted VM's backups in the shared bucket: a collection on a host that holds no key,
+/// run while the backup's first disk is staged and its second is being written, removes nothing
+/// and does not stop on the sealed manifest; another host with the VM's key restores the backup
+/// identical and verifies it; a host with another key, or none, is refused, naming the key.
+#[test]
+fn s3_encrypted_backups_restore_on_another_host_with_the_key_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = start(dir.path(), 1);
+    let key = Arc::new(DataKey::from_secret(&[7; 32], "/etc/livesnap/keys/vm1.key"));
+    let other = Arc::new(DataKey::from_secret(&[8; 32], "/etc/livesnap/keys/other.key"));
+    let mut writer = host(&g, "repo");
+    writer.set_key("vm1", Some(key.clone()));
+    let keyless = Arc::new(host(&g, "repo"));
+
+    let (vda, vdb) = (data(2 * MIB, 31), data(2 * MIB, 32));
+    let (vda_src, vdb_src) = (source(dir.path(), "vda", &vda), source(dir.path(), "vdb", &vdb));
+    let mut w = writer.begin_backup(spec("vm1", "b1")).unwrap();
+    w.full("vda", &vda_src).unwrap();
+    let mid = Arc::new(std::sync::Mutex::new(None));
+    {
+        let (keyless, mid) = (keyless.clone(), mid.clone());
+        w.set_progress(Box::new(move |_, _, _| {
+            let mut m = mid.lock().unwrap();
+            if m.is_none() {
+                *m = Some(keyless.gc().map_err(|e| chain(&e)));
+            }
+        }));
+    }
+    w.full("vdb", &vdb_src).unwrap();
+    w.commit().unwrap_or_else(|e| panic!("{}", chain(&e)));
+    let report = mid.lock().unwrap().take().expect("the collection ran mid-backup");
+    let report = report.unwrap_or_else(|e| panic!("a keyless collection failed on a sealed manifest: {e}"));
+    assert_eq!(report.chunks_removed, 0, "{report:?}");
+
+    let mut reader = host(&g, "repo");
+    reader.set_key("vm1", Some(key.clone()));
+    assert_verifies(&reader, "vm1", "b1");
+    assert_eq!(restored(&reader, dir.path(), "vm1", "b1"), vda);
+
+    let mut wrong = host(&g, "repo");
+    wrong.set_key("vm1", Some(other.clone()));
+    let e = chain(&wrong.manifest("vm1", "b1", "vda").unwrap_err());
+    assert!(e.contains(&key.id().to_string()) && e.contains("/etc/livesnap/keys/other.key"), "{e}");
+    let e = chain(&keyless.manifest("vm1", "b1", "vda").unwrap_err());
+    assert!(e.contains(&key.id().to_string()) && e.contains("no key is configured"), "{e}");
+    let e = chain(&wrong.verify("vm1", "b1").unwrap_err());
+    assert!(e.contains("/etc/livesnap/keys/other.key"), "{e}");
 }
