@@ -135,17 +135,27 @@ impl Repository {
         Ok(backups)
     }
 
+    /// The bytes of manifest `vm`/`id`/`disk`, unchecked but bounded; `None` when there is none.
+    fn fetch_manifest(&self, vm: &str, id: &str, disk: &str) -> Result<Option<Vec<u8>>> {
+        let mut buf = Vec::new();
+        match self.store.get_manifest(vm, id, disk, MAX_MANIFEST_LEN, &mut buf)? {
+            Fetched::Found => Ok(Some(buf)),
+            Fetched::Missing => Ok(None),
+            Fetched::TooLong(len) => Err(Error::Manifest {
+                vm: vm.into(),
+                id: id.into(),
+                disk: disk.into(),
+                source: Box::new(Corruption::TooLong { len, max: MAX_MANIFEST_LEN }),
+            }),
+        }
+    }
+
     /// Reads and checks manifest `vm`/`id`/`disk` in full (and opens it under the VM's key
     /// when it is encrypted); `None` when there is none.
     fn read_manifest(&self, vm: &str, id: &str, disk: &str) -> Result<Option<Manifest>> {
         let damaged =
             |source| Error::Manifest { vm: vm.into(), id: id.into(), disk: disk.into(), source: Box::new(source) };
-        let mut buf = Vec::new();
-        match self.store.get_manifest(vm, id, disk, MAX_MANIFEST_LEN, &mut buf)? {
-            Fetched::Found => {}
-            Fetched::Missing => return Ok(None),
-            Fetched::TooLong(len) => return Err(damaged(Corruption::TooLong { len, max: MAX_MANIFEST_LEN })),
-        }
+        let Some(buf) = self.fetch_manifest(vm, id, disk)? else { return Ok(None) };
         let m = match self.key_for(vm, id, manifest::sealed_key(&buf))? {
             None => Manifest::decode(&buf, self.chunk_size()),
             Some(key) => Manifest::open(&buf, self.chunk_size(), key, &Place { vm, id, disk }),
@@ -161,12 +171,7 @@ impl Repository {
     pub(crate) fn read_chunk_names(&self, vm: &str, id: &str, disk: &str) -> Result<Option<Vec<Option<ChunkHash>>>> {
         let damaged =
             |source| Error::Manifest { vm: vm.into(), id: id.into(), disk: disk.into(), source: Box::new(source) };
-        let mut buf = Vec::new();
-        match self.store.get_manifest(vm, id, disk, MAX_MANIFEST_LEN, &mut buf)? {
-            Fetched::Found => {}
-            Fetched::Missing => return Ok(None),
-            Fetched::TooLong(len) => return Err(damaged(Corruption::TooLong { len, max: MAX_MANIFEST_LEN })),
-        }
+        let Some(buf) = self.fetch_manifest(vm, id, disk)? else { return Ok(None) };
         if manifest::sealed_key(&buf).is_none() {
             // A plain manifest is checked whole, as every reader would.
             let m = Manifest::decode(&buf, self.chunk_size()).map_err(damaged)?;

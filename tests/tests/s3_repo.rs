@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use livesnap_proto::error::chain;
 use livesnap_repo::store::s3::S3Store;
 use livesnap_repo::store::{self, Store};
 use livesnap_repo::{BackupSpec, Consistency, CreateOptions, DataKey, Error, FileSource, Location, Repository, Target};
@@ -168,17 +169,6 @@ fn s3_open_names_what_is_wrong() {
     for url in ["s3:/b/p", "s3://B/p", "s3://bucket/../x", "s3://bu"] {
         assert!(livesnap_repo::S3Url::parse(url).is_err(), "{url}");
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut c = e.source();
-    while let Some(x) = c {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        c = x.source();
-    }
-    s
 }
 
 /// The two hazards of a collection running while another host writes, each played in the order

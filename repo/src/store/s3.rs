@@ -189,8 +189,8 @@ impl S3Options {
     }
 }
 
-/// The committed backups by VM, and the uncommitted manifests `(id, disk)` by VM.
-type Scan = (BTreeMap<String, BTreeSet<String>>, BTreeMap<String, Vec<(String, String)>>);
+/// The committed backups by VM, and the uncommitted manifests `(id, disk, last modified)` by VM.
+type Scan = (BTreeMap<String, BTreeSet<String>>, BTreeMap<String, Vec<(String, String, i64)>>);
 
 /// The chunks a writer of this process relies on (see [`S3Store`]'s commit check).
 type Relied = Arc<Mutex<HashSet<ChunkHash>>>;
@@ -520,8 +520,8 @@ impl Inner {
     /// keys by VM.
     fn scan_backups(&self) -> Result<Scan> {
         let mut committed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut manifests: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-        for (rel, _, _) in self.list("backups")? {
+        let mut manifests: BTreeMap<(String, String), Vec<(String, i64)>> = BTreeMap::new();
+        for (rel, t, _) in self.list("backups")? {
             let parts: Vec<&str> = rel.split('/').collect();
             let [_, vm, id, name] = parts[..] else { continue };
             if validate_name("VM", vm).is_err() || validate_name("backup", id).is_err() {
@@ -531,17 +531,17 @@ impl Inner {
                 committed.entry(vm.to_owned()).or_default().insert(id.to_owned());
             } else if let Some(disk) = name.strip_suffix(MANIFEST_SUFFIX) {
                 if validate_name("disk", disk).is_ok() {
-                    manifests.entry((vm.to_owned(), id.to_owned())).or_default().push(disk.to_owned());
+                    manifests.entry((vm.to_owned(), id.to_owned())).or_default().push((disk.to_owned(), t));
                 }
             }
         }
-        let mut uncommitted: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        let mut uncommitted: BTreeMap<String, Vec<(String, String, i64)>> = BTreeMap::new();
         for ((vm, id), disks) in manifests {
             if committed.get(&vm).is_some_and(|ids| ids.contains(&id)) {
                 continue;
             }
             let v = uncommitted.entry(vm.clone()).or_default();
-            v.extend(disks.into_iter().map(|d| (id.clone(), d)));
+            v.extend(disks.into_iter().map(|(d, t)| (id.clone(), d, t)));
         }
         Ok((committed, uncommitted))
     }
@@ -776,12 +776,18 @@ impl Store for S3Store {
                 removed += 1;
             }
         }
+        // A manifest without a commit object is a leftover only once older than the grace
+        // period: a writer that began after the markers were listed stages manifests younger
+        // than that, and commits them within half of it.
         let (_, uncommitted) = self.scan_backups()?;
         for (vm, manifests) in uncommitted {
             if live.contains(vm.as_str()) {
                 continue;
             }
-            for (id, disk) in manifests {
+            for (id, disk, t) in manifests {
+                if now - t < self.grace_us + SLACK_US {
+                    continue;
+                }
                 self.delete(&self.manifest_key(&vm, &id, &disk))?;
                 removed += 1;
             }
@@ -999,7 +1005,7 @@ impl GcRun for S3Gc<'_> {
             if !live.contains(&vm) {
                 continue;
             }
-            for (id, disk) in manifests {
+            for (id, disk, _) in manifests {
                 let mut buf = Vec::new();
                 let key = s.manifest_key(&vm, &id, &disk);
                 match s.get(&key, crate::manifest::MAX_MANIFEST_LEN, &mut buf)? {
