@@ -489,16 +489,7 @@ fn livesnapd_killed_mid_backup_leaves_no_snapshot_and_the_job_failed() {
 
     // The job is recorded failed (the database is read with the daemon stopped).
     assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success());
-    let out = Command::new(programs::livesnapd().unwrap())
-        .arg("--config")
-        .arg(&rig.config)
-        .arg("jobs")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let jobs: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let jobs = recorded_jobs(&rig);
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(jobs[0]["result"], "failed", "{jobs:?}");
     assert!(jobs[0]["reason"].as_str().unwrap().contains("daemon restarted"), "{jobs:?}");
@@ -855,16 +846,7 @@ fn sigterm_lets_the_running_job_finish_its_step_and_records_it() {
     merged_not_checkpointed(&rig, snap);
 
     // Recorded by the daemon that stopped, not left to the next start.
-    let out = Command::new(programs::livesnapd().unwrap())
-        .arg("--config")
-        .arg(&rig.config)
-        .arg("jobs")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let jobs: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let jobs = recorded_jobs(&rig);
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(
         (jobs[0]["id"].as_str(), jobs[0]["result"].as_str()),
@@ -881,6 +863,12 @@ fn sigterm_lets_the_running_job_finish_its_step_and_records_it() {
     assert_eq!(list.backups.len(), 1, "{list:?}");
     let b = &list.backups[0];
     assert_eq!(rig.restore(&mut c, &b.id, "restored.raw"), rig.model, "the backup is not the disk at the cut");
+}
+
+/// The jobs the rig's livesnapd recorded (`livesnapd jobs`, with the daemon stopped).
+fn recorded_jobs(rig: &Rig) -> Vec<serde_json::Value> {
+    let out = livesnapd_cmd(&["--config", rig.config.to_str().unwrap(), "jobs"]).unwrap_or_else(|e| panic!("{e}"));
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// Runs `livesnapd ARGS` (the key commands need no config and no daemon); its stdout, or its
