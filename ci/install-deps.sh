@@ -8,12 +8,14 @@
 # - e2fsprogs (mkfs.ext4 -d, e2fsck, debugfs) and coreutils (md5sum) for the host's checks.
 # - busybox-static, cpio, kmod (depmod), xz-utils, zstd for ci/build-guest.sh.
 # - debootstrap and binutils (strip) for ci/package-agent.sh and ci/check-agent-deb.sh.
+# - libvirt-daemon-system and libvirt-clients (virsh) for the libvirt-managed VM's test
+#   (ci/libvirt.sh starts the daemons where no systemd does).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 [ "$(id -u)" -eq 0 ] || { echo "install-deps: run as root" >&2; exit 1; }
 
-PLAIN=(e2fsprogs coreutils busybox-static cpio kmod xz-utils zstd debootstrap binutils)
+PLAIN=(e2fsprogs coreutils busybox-static cpio kmod xz-utils zstd debootstrap binutils libvirt-daemon-system libvirt-clients)
 
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
 

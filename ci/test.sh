@@ -29,4 +29,6 @@ ci/package-host.sh
 ci/check-host-deb.sh
 # Every fuzz target builds and runs a few seconds from its seeds (ci/fuzz.sh SECONDS for more).
 ci/fuzz.sh 5
+# Debian's libvirt at qemu:///system, for the libvirt-managed VM's test.
+ci/libvirt.sh
 cargo nextest run --workspace --locked --no-fail-fast

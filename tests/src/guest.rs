@@ -155,6 +155,31 @@ impl GuestRun {
     }
 }
 
+/// What a VMM boots for `config`: the kernel, an initrd holding the job and the files, and the
+/// kernel command line. QEMU gets them as arguments; a libvirt domain names them in `<os>`.
+#[derive(Clone, Debug)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+impl BootFiles {
+    /// Writes `config`'s initrd into `dir` (which must outlive the VM).
+    pub fn write(config: &GuestConfig, dir: &Path) -> Result<BootFiles> {
+        let guest = guest_dir();
+        let kernel = guest.join("vmlinuz");
+        let base = guest.join("initramfs.img");
+        if !kernel.is_file() || !base.is_file() {
+            return Err(Error::ImageMissing { dir: guest });
+        }
+        let initrd = dir.join("initrd.img");
+        write_initrd(&base, &initrd, config)?;
+        let cmdline = format!("console=ttyS0 panic=-1 livesnap.disks={} {}", config.disks.len(), config.kernel_args);
+        Ok(BootFiles { kernel, initrd, cmdline })
+    }
+}
+
 /// The directory holding `vmlinuz` and `initramfs.img`.
 pub fn guest_dir() -> PathBuf {
     match std::env::var_os("LIVESNAP_GUEST_DIR") {
@@ -184,15 +209,8 @@ impl Guest {
 
     /// Starts QEMU on the guest image with `config`'s job; returns once QEMU runs.
     pub fn start(config: GuestConfig) -> Result<Guest> {
-        let dir = guest_dir();
-        let kernel = dir.join("vmlinuz");
-        let base = dir.join("initramfs.img");
-        if !kernel.is_file() || !base.is_file() {
-            return Err(Error::ImageMissing { dir });
-        }
         let tmp = tempfile::Builder::new().prefix("livesnap-guest").tempdir().map_err(Error::WriteInitrd)?;
-        let initrd = tmp.path().join("initrd.img");
-        write_initrd(&base, &initrd, &config)?;
+        let boot = BootFiles::write(&config, tmp.path())?;
 
         let mem = config.memory_mib;
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -202,11 +220,11 @@ impl Guest {
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem}M,share=on")])
             .args(["-numa", "node,memdev=mem"])
             .arg("-kernel")
-            .arg(&kernel)
+            .arg(&boot.kernel)
             .arg("-initrd")
-            .arg(&initrd)
+            .arg(&boot.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 livesnap.disks={} {}", config.disks.len(), config.kernel_args));
+            .arg(&boot.cmdline);
         for (i, sock) in config.disks.iter().enumerate() {
             cmd.arg("-chardev")
                 .arg(format!("socket,id=c{i},path={},reconnect=1", sock.display()))

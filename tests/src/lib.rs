@@ -13,6 +13,8 @@
 //!   guest programs, vhost-device-vsock).
 //! - [`pattern`]: data to write and check again (disk patterns, seeded random bytes).
 //! - [`record`]: the numbered, checksummed records the guest's `recwriter` writes.
+//! - [`fsync_log`]: the guest shell workload's log of fsync'd records, and the programs that
+//!   check it in an image (`debugfs`, with `run` and `sbin`).
 //! - [`load`]: load on a backend: workers keeping requests in flight on the test VMM's queues
 //!   while the calling thread steers and measures.
 //! - [`bench`]: what `blkbench` and `snapbench` share: the test file and its page cache,
@@ -22,6 +24,7 @@ pub mod bench;
 pub mod blk;
 pub mod daemon;
 pub mod frontend;
+pub mod fsync_log;
 pub mod garage;
 pub mod guest;
 pub mod load;

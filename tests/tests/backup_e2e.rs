@@ -37,6 +37,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use livesnap_tests::daemon::Daemon;
+use livesnap_tests::fsync_log::{self, sbin};
 use livesnap_tests::guest::{serial_args, vsock_args, Guest, GuestConfig, GuestFile};
 use livesnap_tests::programs;
 use serde_json::Value;
@@ -46,14 +47,9 @@ const AGENT_PORT: u32 = 7735;
 const VM: &str = "web01";
 /// Hang guards only: TCG is slow and CI machines are busy. Nothing is asserted on a duration.
 const WAIT: Duration = Duration::from_secs(180);
-/// Words of payload per record.
-const WORDS: usize = 8;
-/// The checksum: `sum = k; for w: sum = (sum * MUL + w) % MOD` (the guest's shell arithmetic).
-const MUL: u64 = 131;
-const MOD: u64 = 2_147_483_647;
 
 /// The guest's job: the agent (restarted if it dies), a reader of the second serial port
-/// (`stop`, `markN`), and the workload.
+/// (`stop`, `markN`), and the workload ([`fsync_log::APPEND`] at `@APPEND@`).
 const JOB: &str = r#"set -e
 mkdir -p /mnt/data /run
 mount -t ext4 /dev/vda /mnt/data
@@ -71,6 +67,7 @@ exec 3</dev/ttyS1
     esac
   done ) &
 set +e
+LOG=/mnt/data/records.log
 echo WORKLOAD-READY
 i=0
 while [ ! -e /tmp/stop ]; do
@@ -80,18 +77,7 @@ while [ ! -e /tmp/stop ]; do
     echo "MARK-$m=$((i + 1))"
   fi
   i=$((i + 1))
-  h=$i
-  p=
-  for n in 1 2 3 4 5 6 7 8; do
-    w=$RANDOM
-    h=$(( (h * 131 + w) % 2147483647 ))
-    p="$p $w"
-  done
-  printf 'R %d%s %d\n' "$i" "$p" "$h" >>/mnt/data/records.log || { echo "WRITE-FAILED=$i"; exit 1; }
-  sync /mnt/data/records.log || { echo "FSYNC-FAILED=$i"; exit 1; }
-  echo "$i" >/tmp/fsynced
-  echo "FSYNCED=$i"
-done
+@APPEND@done
 echo "LAST=$i"
 umount /mnt/data
 echo WORKLOAD-UNMOUNTED
@@ -108,88 +94,18 @@ if [ "$1" = freeze ]; then
 fi
 "#;
 
-fn sbin(name: &str) -> Command {
-    let p = Path::new("/usr/sbin").join(name);
-    Command::new(if p.is_file() { p.into_os_string() } else { name.into() })
-}
-
-/// Waits for `child` at most `timeout`; kills it after.
-fn wait_child(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs `cmd` to its end (at most [`WAIT`]): exit code, stdout, stderr.
 fn run(cmd: &mut Command) -> (i32, String, String) {
-    let what = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let st = wait_child(&mut child, WAIT, &what);
-    (st.code().unwrap_or(-1), t_out.join().unwrap(), t_err.join().unwrap())
+    fsync_log::run(cmd, WAIT).unwrap()
 }
 
-/// A record line's sequence number, or why the line is not a valid record.
-fn parse_record(line: &str) -> Result<u64, String> {
-    let f: Vec<&str> = line.split(' ').collect();
-    if f.len() != WORDS + 3 || f[0] != "R" {
-        return Err(format!("not a record: {line:?}"));
-    }
-    let num = |s: &str| s.parse::<u64>().map_err(|_| format!("{s:?} is not a number in {line:?}"));
-    let k = num(f[1])?;
-    let mut sum = k % MOD;
-    for w in &f[2..2 + WORDS] {
-        let w = num(w)?;
-        if w > 32767 {
-            return Err(format!("payload word {w} out of range in {line:?}"));
-        }
-        sum = (sum * MUL + w) % MOD;
-    }
-    let want = num(f[2 + WORDS])?;
-    if sum != want {
-        return Err(format!("checksum {want} wrong (computed {sum}) in {line:?}"));
-    }
-    Ok(k)
-}
-
-/// The records file as read from an image: records `1..=n`, in order, each whole and valid.
-/// Its `n`.
-fn check_records(text: &str, what: &str) -> u64 {
-    let mut n = 0u64;
-    for line in text.lines() {
-        let k = parse_record(line).unwrap_or_else(|e| panic!("{what}: record {} invalid: {e}", n + 1));
-        assert_eq!(k, n + 1, "{what}: records out of order: {line:?} after record {n}");
-        n = k;
-    }
-    assert!(text.is_empty() || text.ends_with('\n'), "{what}: the last record is cut short");
-    n
+fn wait_child(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    fsync_log::wait_child(child, timeout, what).unwrap()
 }
 
 /// `debugfs -R 'cat /records.log' IMAGE`, checked: its record count.
 fn records_in(image: &Path, what: &str) -> u64 {
-    let (code, out, err) = run(sbin("debugfs").args(["-R", "cat /records.log"]).arg(image));
-    assert_eq!(code, 0, "debugfs on {what}: {err}");
-    check_records(&out, what)
+    fsync_log::records_in(image).unwrap_or_else(|e| panic!("{what}: {e}"))
 }
 
 /// `e2fsck FLAG IMAGE`: its exit code, asserted to be in `ok`.
@@ -282,7 +198,7 @@ impl Rig {
         let serial = p("serial1.sock");
         let guest = Guest::start(GuestConfig {
             disks: vec![disk_sock],
-            job_script: JOB.into(),
+            job_script: JOB.replace("@APPEND@", fsync_log::APPEND),
             files: vec![
                 GuestFile {
                     path: "/usr/sbin/livesnap-agent".into(),
