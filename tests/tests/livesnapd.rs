@@ -988,3 +988,100 @@ fn an_encrypted_vm_backs_up_and_restores_identical_and_a_wrong_or_missing_key_is
     let e = livesnapd_cmd(&["--config", rig.config.to_str().unwrap(), "check-config"]).unwrap_err();
     assert!(e.contains("other.key") && e.contains("0644"), "{e}");
 }
+
+/// A port nothing listens on now (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` over TCP: the status line and the body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: livesnapd\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {out:?}"));
+    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+}
+
+/// The samples of livesnapd's /metrics, `name{labels}` → value; every line must parse.
+fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let mut out = std::collections::HashMap::new();
+    for line in body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let v: f64 = if value == "+Inf" { f64::INFINITY } else { value.parse().unwrap() };
+        assert!(out.insert(key.to_owned(), v).is_none(), "sample twice: {line:?}");
+    }
+    out
+}
+
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[test]
+fn metrics_are_scraped_over_tcp_after_a_backup_and_a_failed_job_and_the_last_success_survives_a_restart() {
+    let port = free_port();
+    let rig = Rig::with(
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+        "",
+        "[[vm]]\nname = \"ghost\"\ncontrol = \"/nonexistent/control.sock\"",
+        false,
+    );
+    let d = rig.start();
+    let get = |m: &std::collections::HashMap<String, f64>, key: &str| -> f64 {
+        *m.get(key).unwrap_or_else(|| panic!("no {key} in {m:#?}"))
+    };
+    // The repository's first count (at start) is in before the backup, so that the backup's
+    // own addition to it is what shows.
+    let start = Instant::now();
+    while get(&scrape(port), "livesnap_repository_counted_timestamp_seconds") == 0.0 {
+        assert!(start.elapsed() < WAIT, "the repository was never counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = scrape(port);
+    assert_eq!(get(&before, "livesnap_repository_backups"), 0.0);
+    assert_eq!(get(&before, r#"livesnap_last_success_timestamp_seconds{vm="vm1"}"#), 0.0);
+
+    let t0 = unix_secs();
+    let b = snapshot(&rig, req(pb::BackupMode::Full, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+    let t1 = unix_secs();
+    // A job on a VM whose backend is not there fails.
+    let mut r = req(pb::BackupMode::Auto, pb::QuiesceMode::Off);
+    r.vm = "ghost".into();
+    snapshot(&rig, r, |_| {}).result.unwrap_err();
+
+    let m = scrape(port);
+    assert_eq!(get(&m, r#"livesnap_jobs_total{vm="vm1",kind="full",result="ok"}"#), 1.0);
+    assert_eq!(get(&m, r#"livesnap_jobs_total{vm="ghost",kind="auto",result="failed"}"#), 1.0);
+    assert!(!m.keys().any(|k| k.starts_with("livesnap_jobs_total{vm=\"vm1\"") && !k.contains("result=\"ok\"")));
+    assert_eq!(get(&m, r#"livesnap_job_duration_seconds_count{vm="vm1",result="ok"}"#), 1.0);
+    let last = get(&m, r#"livesnap_last_success_timestamp_seconds{vm="vm1"}"#);
+    assert!((t0..=t1).contains(&last), "{last} not within the job's run {t0}..{t1}");
+    assert_eq!(get(&m, r#"livesnap_last_success_timestamp_seconds{vm="ghost"}"#), 0.0);
+    let stored: u64 = b.disks.iter().map(|d| d.bytes_stored).sum();
+    assert!(stored > 0);
+    assert_eq!(get(&m, r#"livesnap_backup_stored_bytes_total{vm="vm1"}"#), stored as f64);
+    assert_eq!(get(&m, r#"livesnap_backup_read_bytes_total{vm="vm1"}"#), DISK as f64);
+    assert_eq!(get(&m, "livesnap_repository_backups"), 1.0);
+    assert_eq!(get(&m, "livesnap_repository_stored_bytes"), stored as f64);
+    assert!(get(&m, "livesnap_repository_dedup_ratio") > 0.0);
+    assert_eq!(get(&m, "livesnap_jobs_running"), 0.0);
+    // From the backends' control services now: vm1's snapshot merged, ghost's not there.
+    assert_eq!(get(&m, r#"livesnap_backend_up{vm="vm1"}"#), 1.0);
+    assert_eq!(get(&m, r#"livesnap_backend_up{vm="ghost"}"#), 0.0);
+    assert_eq!(get(&m, r#"livesnap_snapshot_active{vm="vm1"}"#), 0.0);
+    assert_eq!(get(&m, r#"livesnap_delta_bytes{vm="vm1",disk="vda"}"#), 0.0);
+    assert_eq!(http_get(port, "/").0, "HTTP/1.1 404 Not Found");
+
+    // Restarted: the counters start over, the last success is read back from the state.
+    assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success(), "{}", rig.log());
+    let _d = rig.start();
+    let m = scrape(port);
+    assert_eq!(get(&m, r#"livesnap_last_success_timestamp_seconds{vm="vm1"}"#), last);
+    assert!(!m.keys().any(|k| k.starts_with("livesnap_jobs_total")), "{m:?}");
+}

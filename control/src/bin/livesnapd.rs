@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use livesnap_control::daemon::args::{Args, Command, KeyAction};
-use livesnap_control::daemon::{service, Config, Daemon};
+use livesnap_control::daemon::{metrics, service, Config, Daemon};
 use tracing_subscriber::EnvFilter;
 
 fn key(action: KeyAction) -> Result<()> {
@@ -99,6 +99,11 @@ fn run() -> Result<()> {
                     .await
                     .context("The task that opens the daemon failed")??;
                 daemon.recover().await?;
+                // Bound before the API's socket appears: a taken port stops the start.
+                if let Some(m) = &daemon.config().metrics {
+                    let listener = metrics::bind(m.listen).await?;
+                    metrics::serve(daemon.clone(), listener, m.repository_count);
+                }
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("Cannot handle SIGTERM")?;
                 let d = daemon.clone();

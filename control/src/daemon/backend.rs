@@ -125,6 +125,9 @@ fn disk(d: pb::DiskState) -> Result<DiskState, BackendError> {
         base_path: PathBuf::from(d.base_path),
         base_format: d.base_format,
         abandoned: (!d.abandoned.is_empty()).then_some(d.abandoned),
+        delta_bytes: d.delta_bytes,
+        delta_extents: d.delta_extents,
+        merged_bytes: d.merged_bytes,
         id: d.id,
     })
 }

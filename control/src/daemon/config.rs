@@ -15,6 +15,10 @@
 //! key = "/etc/livesnap/tls/key.pem"
 //! token_file = "/etc/livesnap/token"
 //!
+//! # [metrics]                               # optional: Prometheus' GET /metrics over HTTP
+//! # listen = "127.0.0.1:9187"
+//! # repository_count_secs = 3600            # how often the repository's size is counted
+//!
 //! # [s3]                                    # only with an s3:// repository
 //! # endpoint = "https://s3.example.net"     # or http://127.0.0.1:3900
 //! # region = "garage"
@@ -100,6 +104,7 @@ struct File {
     restore_dir: Option<PathBuf>,
     kek: Option<PathBuf>,
     tcp: Option<TcpFile>,
+    metrics: Option<MetricsFile>,
     #[serde(default)]
     defaults: DefaultsFile,
     #[serde(default)]
@@ -125,6 +130,13 @@ struct TcpFile {
     cert: PathBuf,
     key: PathBuf,
     token_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: String,
+    repository_count_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +177,8 @@ pub struct Config {
     /// The key-encryption key that wraps the VMs' keys.
     pub kek: Option<PathBuf>,
     pub tcp: Option<Tcp>,
+    /// The Prometheus endpoint; `None`: off.
+    pub metrics: Option<Metrics>,
     pub freeze_timeout: Duration,
     /// Bound on the rate frozen bases are read at; `None`: as fast as the repository takes.
     pub read_bytes_per_sec: Option<u64>,
@@ -212,6 +226,20 @@ pub struct Tcp {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub token_file: PathBuf,
+}
+
+/// Default interval between two counts of the repository's size (a walk of the chunk
+/// directories, or a LIST of the bucket's chunks).
+pub const DEFAULT_REPOSITORY_COUNT_SECS: u64 = 3600;
+const REPOSITORY_COUNT_SECS: std::ops::RangeInclusive<u64> = 60..=7 * 24 * 3600;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metrics {
+    /// Where `GET /metrics` is served (plain HTTP: bind it to an address only the scraper reaches).
+    pub listen: SocketAddr,
+    /// How often the repository's size is counted; between two counts, each backup adds what it
+    /// stored.
+    pub repository_count: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -336,6 +364,23 @@ impl Config {
                 Some(Tcp { listen, cert: t.cert, key: t.key, token_file: t.token_file })
             }
         };
+        let metrics = match f.metrics {
+            None => None,
+            Some(m) => {
+                let listen = m.listen.parse().map_err(|_| {
+                    invalid(format!("metrics.listen {:?} is not an address and port such as 127.0.0.1:9187", m.listen))
+                })?;
+                let secs = m.repository_count_secs.unwrap_or(DEFAULT_REPOSITORY_COUNT_SECS);
+                if !REPOSITORY_COUNT_SECS.contains(&secs) {
+                    return Err(invalid(format!(
+                        "metrics.repository_count_secs {secs} is not from {} to {}",
+                        REPOSITORY_COUNT_SECS.start(),
+                        REPOSITORY_COUNT_SECS.end()
+                    )));
+                }
+                Some(Metrics { listen, repository_count: Duration::from_secs(secs) })
+            }
+        };
         let freeze_ms = f.defaults.freeze_timeout_ms.unwrap_or(10_000);
         if freeze_ms == 0 || freeze_ms > MAX_FREEZE_TIMEOUT_MS {
             return Err(invalid(format!(
@@ -382,6 +427,7 @@ impl Config {
             restore_dir,
             kek: f.kek,
             tcp,
+            metrics,
             freeze_timeout: Duration::from_millis(freeze_ms),
             read_bytes_per_sec: f.defaults.read_bytes_per_sec.filter(|&r| r > 0),
             vms,
@@ -474,6 +520,26 @@ mod tests {
         assert_eq!((c.vms[1].key.as_deref(), c.vms[2].key.as_deref()), (None, Some(Path::new("/k/c.key"))));
         assert_eq!(c.kek.as_deref(), Some(Path::new("/etc/livesnap/kek")));
         assert!(c.tcp.is_some());
+        assert_eq!(c.metrics, None, "no [metrics]: the endpoint is off");
+    }
+
+    #[test]
+    fn a_metrics_table_names_the_endpoint_and_its_bounds_are_checked() {
+        let c = parse(&format!("{BASE}[metrics]\nlisten = \"127.0.0.1:9187\"\n")).unwrap_or_else(|e| panic!("{e}"));
+        let want = Metrics {
+            listen: "127.0.0.1:9187".parse().unwrap_or_else(|e| panic!("{e}")),
+            repository_count: Duration::from_secs(DEFAULT_REPOSITORY_COUNT_SECS),
+        };
+        assert_eq!(c.metrics, Some(want));
+        let cases = [
+            (format!("{BASE}[metrics]\nlisten = \"localhost\"\n"), "metrics.listen"),
+            (format!("{BASE}[metrics]\nlisten = \"[::1]:1\"\nrepository_count_secs = 1\n"), "repository_count_secs 1"),
+            (format!("{BASE}[metrics]\nlisten = \"[::1]:1\"\npath = \"/m\"\n"), "not valid"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}")).to_string();
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`reader`]: reading a frozen base (raw directly, qcow2 through `qemu-img convert -U`).
 //! - [`workflow`]: CreateSnapshot, step by step — plan, quiesce + cut + thaw, back up, merge +
 //!   checkpoint, record — and the clean-up of jobs a previous daemon left unfinished.
+//! - [`metrics`]: the Prometheus metrics the workflow's hooks update, and their HTTP endpoint.
 //! - [`service`]: the thin tonic adapter over [`Daemon`] (protobuf conversion and the errors'
 //!   gRPC codes live there only), the unix socket and the TCP (TLS + bearer token) listeners.
 //!
@@ -19,6 +20,7 @@
 pub mod args;
 pub mod backend;
 pub mod config;
+pub mod metrics;
 pub mod model;
 pub mod ports;
 pub mod reader;
@@ -143,6 +145,7 @@ pub struct Daemon {
     stopping: AtomicBool,
     /// Notified whenever a job ends.
     job_ended: Notify,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// Holds a VM for one job; released when dropped.
@@ -186,6 +189,8 @@ impl Daemon {
     /// As [`Daemon::open`], the VMs reached through `connector`.
     pub fn open_with(config: Config, connector: Arc<dyn Connector>) -> Result<Arc<Daemon>> {
         let store = Store::open(&config.state)?;
+        let metrics = metrics::Metrics::new();
+        metrics.restore(&config.vms, &store.jobs()?);
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(&config.restore_dir)
             .map_err(|source| Error::RestoreDir { path: config.restore_dir.clone(), source })?;
@@ -205,11 +210,16 @@ impl Daemon {
             stops: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             job_ended: Notify::new(),
+            metrics: Arc::new(metrics),
         }))
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
     }
 
     fn running_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
@@ -410,7 +420,9 @@ impl Daemon {
             tracing::info!(vm = %vm, backup = %id, "backup deleted");
             Ok(())
         })
-        .await
+        .await?;
+        self.metrics.recount();
+        Ok(())
     }
 
     /// Keeps the `keep_last` newest backups of `vm`, deletes the others and collects garbage.
@@ -425,6 +437,7 @@ impl Daemon {
             Ok(rep)
         })
         .await
+        .inspect(|_| self.metrics.recount())
     }
 
     /// Restores one disk to a new file beneath the restore directory; progress: one report at

@@ -171,6 +171,13 @@ pub struct DiskState {
     pub base_format: String,
     /// Why the backend gave the disk's snapshot up, if it did.
     pub abandoned: Option<String>,
+    /// Bytes of the virtual disk in the delta: written since the cut, or, while merging, still to
+    /// merge.
+    pub delta_bytes: u64,
+    /// The extents of the delta's map.
+    pub delta_extents: u64,
+    /// While merging: bytes copied into the base so far.
+    pub merged_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -119,6 +119,9 @@ impl Job {
             }
         };
         let window_us = window.map_or(0, |w| w.duration_us());
+        if window.is_some() {
+            self.d.metrics.freeze(&name, std::time::Duration::from_micros(window_us));
+        }
         info!(vm = %name, snapshot = snapshot.id, pause_us = snapshot.pause_us, cut_rtt_us = us(cut_rtt), freeze_window_us = window_us, "cut");
         self.emit_wait(Event::Cut {
             snapshot_id: snapshot.id,

@@ -230,6 +230,7 @@ impl Job {
         self.check_stop(Stage::Backup)?;
         let plans = self.plan(&**backend, &cut.snapshot, &mut notes).await?;
         let info = self.back_up(backend, &cut, plans).await?;
+        self.d.metrics.backup_committed(&info);
         let record = self.record_backup(&info, &cut, notes).await?;
         // A stop for shutdown let the backup finish; it ends the job here, before the merge.
         self.check_stop(Stage::Backup)?;

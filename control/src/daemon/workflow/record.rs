@@ -45,11 +45,13 @@ impl Job {
     /// Writes the job's outcome, releases the VM, then sends Done or Failed.
     pub(super) async fn finish(&mut self, outcome: Result<Backup, Failure>, started: Instant, claim: Claim) {
         let (vm, id) = (self.vm.name.clone(), self.state.id.clone());
-        self.state.finished_unix_us = Some(now_unix_us());
+        let ended = now_unix_us();
+        self.state.finished_unix_us = Some(ended);
         match outcome {
             Ok(backup) => {
                 self.state.result = Some(JobResult::Ok);
                 self.enter(Stage::Done).await;
+                self.d.metrics.job_finished(&vm, self.mode, JobResult::Ok, started.elapsed(), ended);
                 self.d.unregister_job(&id);
                 info!(vm = %vm, job = %id, secs = started.elapsed().as_secs_f64(), "snapshot job done");
                 drop(claim);
@@ -67,6 +69,7 @@ impl Job {
                 self.state.result = Some(result);
                 self.state.reason = reason;
                 self.enter(f.stage).await;
+                self.d.metrics.job_finished(&vm, self.mode, result, started.elapsed(), ended);
                 self.d.unregister_job(&id);
                 drop(claim);
                 self.emit_wait(Event::Failed { stage: f.stage, error: f.error }).await;

@@ -185,6 +185,9 @@ impl Backend for Fake {
                 base_path: self.0.base.clone(),
                 base_format: "raw".into(),
                 abandoned: None,
+                delta_bytes: 0,
+                delta_extents: 0,
+                merged_bytes: 0,
             }],
         })
     }
@@ -640,4 +643,45 @@ async fn a_daemon_stopping_lets_the_job_finish_its_step_then_ends_it_and_starts_
     let j = job(&d);
     assert_eq!(j.result, Some(JobResult::Cancelled));
     assert!(j.reason.contains("livesnapd is stopping"), "{}", j.reason);
+}
+
+/// The value of sample `key` (`name{labels}`) in a text exposition.
+fn sample(text: &str, key: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_count_a_job_that_succeeds_and_one_that_fails_each_by_its_result() {
+    let rig = Rig::new(Script::default(), true);
+    let d = rig.daemon();
+    done(&rig.snapshot(&d, BackupMode::Full, QuiesceMode::Preferred).await);
+    let text = d.metrics().encode();
+    let finished = job(&d).finished_unix_us.unwrap() as f64 / 1e6;
+    for (key, want) in [
+        (format!("livesnap_jobs_total{{vm=\"{VM}\",kind=\"full\",result=\"ok\"}}"), 1.0),
+        (format!("livesnap_job_duration_seconds_count{{vm=\"{VM}\",result=\"ok\"}}"), 1.0),
+        (format!("livesnap_freeze_duration_seconds_count{{vm=\"{VM}\"}}"), 1.0),
+        (format!("livesnap_backup_read_bytes_total{{vm=\"{VM}\"}}"), SIZE as f64),
+        (format!("livesnap_last_success_timestamp_seconds{{vm=\"{VM}\"}}"), finished),
+        ("livesnap_repository_backups".to_owned(), 1.0),
+    ] {
+        assert_eq!(sample(&text, &key), Some(want), "{key} in\n{text}");
+    }
+    assert!(!text.contains("result=\"failed\""), "{text}");
+
+    // A job that fails after the cut (its backup committed, its merge failed): counted failed,
+    // and no success to show.
+    let rig = Rig::new(Script { merge_fails: true, ..Script::default() }, false);
+    let d = rig.daemon();
+    failed(&rig.snapshot(&d, BackupMode::Auto, QuiesceMode::Off).await);
+    let text = d.metrics().encode();
+    for (key, want) in [
+        (format!("livesnap_jobs_total{{vm=\"{VM}\",kind=\"auto\",result=\"failed\"}}"), 1.0),
+        (format!("livesnap_job_duration_seconds_count{{vm=\"{VM}\",result=\"failed\"}}"), 1.0),
+        (format!("livesnap_last_success_timestamp_seconds{{vm=\"{VM}\"}}"), 0.0),
+    ] {
+        assert_eq!(sample(&text, &key), Some(want), "{key} in\n{text}");
+    }
+    assert!(!text.contains("result=\"ok\""), "{text}");
+    assert!(!text.contains("livesnap_freeze_duration_seconds_count{"), "no freeze, no window: {text}");
 }
