@@ -16,7 +16,9 @@
 //! - `chunk`: the chunk file format (header, zstd) and the fetch that checks a chunk before
 //!   anything uses it.
 //! - `manifest`: the manifest format ([`Manifest`]).
-//! - `source`: what a backup reads from ([`Source`], [`FileSource`]).
+//! - `source`: what a backup reads from ([`Source`], [`FileSource`]); holes are not read.
+//! - `qcow2`: [`Qcow2Source`], a qcow2 image read in place, read-only (the frozen base of a
+//!   qcow2 disk): only the clusters a read touches, unallocated ones not at all.
 //! - `write`: [`Repository::begin_backup`] gives a [`BackupWriter`]: [`BackupWriter::full`]
 //!   reads every chunk of a [`Source`], [`BackupWriter::incremental`] only the chunks the
 //!   changed extents touch, reusing the parent manifest's hashes for the rest; both write a
@@ -58,6 +60,7 @@ pub mod fuzzing;
 mod gc;
 mod hash;
 mod manifest;
+mod qcow2;
 mod read;
 mod reader;
 mod restore;
@@ -79,6 +82,7 @@ pub use error::{Corruption, Error, Result};
 pub use gc::{GcReport, PruneReport};
 pub use hash::ChunkHash;
 pub use manifest::{Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta, Place};
+pub use qcow2::{Qcow2Error, Qcow2Source};
 pub use read::{Backup, BackupInfo, DiskInfo};
 pub use reader::{DiskReader, ReaderStats};
 pub use restore::{RestoreStats, Target};

@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -12,6 +13,13 @@ pub trait Source: Sync {
     fn size(&self) -> u64;
     /// Fills `buf` with the bytes at `off..off + buf.len()`.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Whether every byte of `off..off + len` reads as zero without being stored (a hole in a
+    /// sparse file, an unallocated qcow2 cluster), so that a backup need not read it. `false`
+    /// when unsure: the range is then read and its zeros found the usual way.
+    fn reads_as_zero(&self, off: u64, len: u64) -> io::Result<bool> {
+        let _ = (off, len);
+        Ok(false)
+    }
 }
 
 /// A file or block device read with `pread`. The size is taken once, at open.
@@ -41,6 +49,25 @@ impl Source for FileSource {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, off)
+    }
+
+    /// A hole: no data from `off` to past the range (`SEEK_DATA`). Block devices and file
+    /// systems without holes report data everywhere.
+    fn reads_as_zero(&self, off: u64, len: u64) -> io::Result<bool> {
+        let Ok(start) = libc::off_t::try_from(off) else { return Ok(false) };
+        // SAFETY: lseek(2) on a descriptor we own; it moves only the file offset, which no
+        // read here uses (every read is positioned).
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), start, libc::SEEK_DATA) };
+        if next < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data at or after `off`.
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(true),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(next as u64 >= off.saturating_add(len))
     }
 }
 

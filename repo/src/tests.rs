@@ -906,3 +906,86 @@ fn an_unreadable_chunk_is_reported_with_its_whole_chain() {
     assert_eq!(chain[1], format!("Cannot read `{}`", path.display()));
     assert_eq!(chain[2], "Is a directory (os error 21)");
 }
+
+/// `qemu-img`/`qemu-io` with `args`, which must succeed.
+fn qemu(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn backups_of_a_qcow2_base_read_only_its_allocated_then_its_changed_clusters() {
+    let (dir, repo) = new_repo(16 * K64);
+    let img = dir.path().join("base.qcow2");
+    let imgs = img.to_str().unwrap();
+    qemu("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", imgs, "256M"]);
+    // 16 MiB allocated, in 8 pieces of 2 MiB spread over the disk.
+    let writes: Vec<String> = (0..8u64).map(|i| format!("write -P {} {}M 2M", i + 1, i * 31 + 3)).collect();
+    let mut args = vec!["-f", "qcow2"];
+    for w in &writes {
+        args.extend(["-c", w.as_str()]);
+    }
+    args.push(imgs);
+    qemu("qemu-io", &args);
+    let expected = |name: &str| {
+        let raw = dir.path().join(name);
+        qemu("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", imgs, raw.to_str().unwrap()]);
+        fs::read(raw).unwrap()
+    };
+
+    let src = Qcow2Source::open(&img).unwrap();
+    let stats = full_backup(&repo, "vm", "b1", "vda", &src);
+    let allocated = 16u64 << 20;
+    let host = src.host_bytes_read();
+    eprintln!("full: {host} bytes read from the image for {allocated} allocated ({} logical)", stats.bytes_read);
+    assert!(host as f64 <= 1.1 * allocated as f64, "a full backup read {host} bytes for {allocated} allocated");
+    let r1 = dir.path().join("b1.raw");
+    restore_raw(&repo, "vm", "b1", "vda", &r1).unwrap();
+    assert!(fs::read(&r1).unwrap() == expected("e1.raw"), "the full backup restores what qemu-img reads");
+
+    // 1 MiB changed: 16 clusters, some where data was, some new.
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut extents: Vec<(u64, u64)> = (0..16).map(|_| (rng.u64(0..4096) * K64, K64)).collect();
+    extents.sort();
+    extents.dedup();
+    let writes: Vec<String> = extents.iter().map(|(o, l)| format!("write -P 0xee {o} {l}")).collect();
+    let mut args = vec!["-f", "qcow2"];
+    for w in &writes {
+        args.extend(["-c", w.as_str()]);
+    }
+    args.push(imgs);
+    qemu("qemu-io", &args);
+    let src = Qcow2Source::open(&img).unwrap();
+    let parent = repo.latest_manifest("vm", "vda").unwrap().unwrap();
+    let mut w = repo.begin_backup(spec("vm", "b2")).unwrap();
+    let stats = w.incremental("vda", &src, &parent, &extents).unwrap();
+    w.commit().unwrap();
+    let host = src.host_bytes_read();
+    eprintln!("incremental: {host} bytes read from the image for {} changed", stats.bytes_changed);
+    assert!(
+        host as f64 <= 1.1 * stats.bytes_changed as f64,
+        "an incremental read {host} bytes for {} changed",
+        stats.bytes_changed
+    );
+    let r2 = dir.path().join("b2.raw");
+    restore_raw(&repo, "vm", "b2", "vda", &r2).unwrap();
+    assert!(fs::read(&r2).unwrap() == expected("e2.raw"), "the incremental restores what qemu-img reads");
+}
+
+#[test]
+fn a_full_backup_of_a_sparse_raw_file_does_not_read_its_holes() {
+    let (dir, repo) = new_repo(16 * K64);
+    let path = dir.path().join("sparse.raw");
+    let f = fs::File::create(&path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let data = mixed(2 << 20, 3);
+    std::os::unix::fs::FileExt::write_all_at(&f, &data, 40 << 20).unwrap();
+    f.sync_all().unwrap();
+    let src = FileSource::open(&path).unwrap();
+    let stats = full_backup(&repo, "vm", "b1", "vda", &src);
+    // File systems allocate in blocks and may report data a little around what was written.
+    assert!(stats.bytes_read <= 4 << 20, "read {} bytes of a file holding 2 MiB", stats.bytes_read);
+    let r = dir.path().join("r.raw");
+    restore_raw(&repo, "vm", "b1", "vda", &r).unwrap();
+    assert!(fs::read(&r).unwrap() == fs::read(&path).unwrap());
+}

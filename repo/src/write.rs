@@ -302,8 +302,15 @@ impl BackupWriter<'_> {
                         } else {
                             buf.clear();
                             buf.resize(len, 0);
-                            read(buf, off)?;
-                            built.bytes_read = len as u64;
+                            let hole = source.reads_as_zero(off, len as u64).map_err(|e| Error::SourceRead {
+                                disk: disk.to_owned(),
+                                offset: off,
+                                source: e,
+                            })?;
+                            if !hole {
+                                read(buf, off)?;
+                                built.bytes_read = len as u64;
+                            }
                         }
                         let entry = if chunk::is_zero(buf) {
                             built.zero = true;
@@ -316,7 +323,9 @@ impl BackupWriter<'_> {
                             }
                             Some(hash)
                         };
-                        let d = done.fetch_add(built.bytes_read, Ordering::Relaxed) + built.bytes_read;
+                        // A hole skipped counts as done.
+                        let covered = if built.patched { built.bytes_read } else { len as u64 };
+                        let d = done.fetch_add(covered, Ordering::Relaxed) + covered;
                         if let Some(p) = progress {
                             p(disk, d, total);
                         }

@@ -5,7 +5,6 @@
 //! # repository = "s3://BUCKET/PREFIX"       # an S3-compatible object store, with [s3] below
 //! socket = "/run/livesnap/livesnapd.sock"   # local clients (snapctl), mode 0600, no token
 //! state = "/var/lib/livesnap/livesnapd.redb"
-//! # scratch = "/var/tmp"                    # where qcow2 bases are unpacked for reading
 //! # restore_dir = "/var/lib/livesnap/restore" # restores write only beneath it (created, 0700)
 //! # kek = "/etc/livesnap/kek"              # wraps the VMs' keys (`livesnapd key create-kek`)
 //!
@@ -99,6 +98,9 @@ struct File {
     repository: String,
     socket: PathBuf,
     state: PathBuf,
+    /// Where qcow2 bases were once unpacked for reading; they are read in place now. Still
+    /// accepted, so that an older config loads; ignored.
+    #[allow(dead_code)]
     scratch: Option<PathBuf>,
     s3: Option<S3File>,
     restore_dir: Option<PathBuf>,
@@ -170,8 +172,6 @@ pub struct Config {
     pub repository: RepositoryConfig,
     pub socket: PathBuf,
     pub state: PathBuf,
-    /// Where qcow2 bases are unpacked to raw for reading.
-    pub scratch: PathBuf,
     /// Restores write only beneath it: a client names a path inside it.
     pub restore_dir: PathBuf,
     /// The key-encryption key that wraps the VMs' keys.
@@ -340,13 +340,6 @@ impl Config {
         };
         absolute("socket", &f.socket)?;
         absolute("state", &f.state)?;
-        let scratch = match f.scratch {
-            Some(s) => {
-                absolute("scratch", &s)?;
-                s
-            }
-            None => f.state.parent().map_or_else(|| PathBuf::from("/var/tmp"), Path::to_owned),
-        };
         let restore_dir = f.restore_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RESTORE_DIR));
         absolute("restore_dir", &restore_dir)?;
         if let Some(k) = &f.kek {
@@ -423,7 +416,6 @@ impl Config {
             repository,
             socket: f.socket,
             state: f.state,
-            scratch,
             restore_dir,
             kek: f.kek,
             tcp,
@@ -511,7 +503,6 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.freeze_timeout, Duration::from_secs(5));
-        assert_eq!(c.scratch, PathBuf::from("/var/lib/l"));
         assert_eq!(c.restore_dir, PathBuf::from(DEFAULT_RESTORE_DIR));
         assert_eq!(c.vms.len(), 3);
         assert_eq!(c.vms[0].agent, Some(AgentEndpoint::Hybrid(HybridAddr { path: "/v.sock".into(), port: 7735 })));

@@ -1,25 +1,39 @@
-//! Reading a frozen base: a raw file directly (`pread`, off the guest's I/O path: the backend
-//! never writes the base while the snapshot is active), a qcow2 one through `qemu-img convert -U`
-//! into a raw scratch file first. Optionally at a bounded rate, so a backup does not starve the
-//! host's storage.
+//! Reading a frozen base in place, read-only: a raw file with `pread` (holes skipped), a qcow2
+//! one through [`Qcow2Source`] (only the clusters a read touches; unallocated ones not at all).
+//! Either is off the guest's I/O path: the backend never writes the base while the snapshot is
+//! active, and it published a qcow2 base's metadata at the cut. Optionally at a bounded rate, so
+//! a backup does not starve the host's storage.
 
 use std::io;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use livesnap_repo::{FileSource, Source};
+use livesnap_repo::{FileSource, Qcow2Source, Source};
 
-/// A base ready to be read, and the scratch file behind it (removed when dropped).
+/// A base ready to be read.
 #[derive(Debug)]
 pub struct Base {
-    source: FileSource,
-    _scratch: Option<tempfile::NamedTempFile>,
+    source: Image,
     limit: Option<RateLimit>,
     /// Once set (the job cancelled), every read fails.
     interrupt: Option<Arc<AtomicBool>>,
+}
+
+#[derive(Debug)]
+enum Image {
+    Raw(FileSource),
+    Qcow2(Qcow2Source),
+}
+
+impl Image {
+    fn source(&self) -> &dyn Source {
+        match self {
+            Image::Raw(s) => s,
+            Image::Qcow2(s) => s,
+        }
+    }
 }
 
 /// What a read of a base whose job was cancelled fails with.
@@ -37,56 +51,33 @@ pub enum Error {
     },
     #[error("The base format {0:?} is not raw or qcow2")]
     Format(String),
-    #[error("Cannot create a scratch file in `{}`", dir.display())]
-    Scratch {
-        dir: std::path::PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Cannot run qemu-img")]
-    Spawn(#[source] io::Error),
-    #[error("Qemu-img could not read the qcow2 base ({status}): {stderr}")]
-    Convert { status: String, stderr: String },
     #[error("The base is {actual} bytes, the backend says the disk is {expected}")]
     Size { expected: u64, actual: u64 },
 }
 
 impl Base {
     /// Opens the base at `path` (`format`: "raw" or "qcow2") of a disk of `size` bytes.
-    pub fn open(path: &Path, format: &str, size: u64, scratch_dir: &Path, rate: Option<u64>) -> Result<Base, Error> {
-        let open = |p: &Path| FileSource::open(p).map_err(|source| Error::Open { path: p.to_owned(), source });
-        let (source, scratch) = match format {
-            "raw" => (open(path)?, None),
-            "qcow2" => {
-                let tmp = tempfile::Builder::new()
-                    .prefix(".livesnapd-base-")
-                    .suffix(".raw")
-                    .tempfile_in(scratch_dir)
-                    .map_err(|source| Error::Scratch { dir: scratch_dir.to_owned(), source })?;
-                // The target is made the disk's size first (-n writes into it; holes read as zeros).
-                tmp.as_file().set_len(size).map_err(|source| Error::Open { path: tmp.path().to_owned(), source })?;
-                // -U: the backend holds the image open (and locked) for the guest; the base is
-                // frozen, so reading it without the lock is safe. -n: write into our file.
-                let out = Command::new("qemu-img")
-                    .args(["convert", "-U", "-n", "-f", "qcow2", "-O", "raw"])
-                    .arg(path)
-                    .arg(tmp.path())
-                    .output()
-                    .map_err(Error::Spawn)?;
-                if !out.status.success() {
-                    return Err(Error::Convert {
-                        status: out.status.to_string(),
-                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    });
-                }
-                (open(tmp.path())?, Some(tmp))
-            }
+    pub fn open(path: &Path, format: &str, size: u64, rate: Option<u64>) -> Result<Base, Error> {
+        let opened = match format {
+            "raw" => FileSource::open(path).map(Image::Raw),
+            "qcow2" => Qcow2Source::open(path).map(Image::Qcow2),
             other => return Err(Error::Format(other.to_owned())),
         };
-        if source.size() != size {
-            return Err(Error::Size { expected: size, actual: source.size() });
+        let source = opened.map_err(|source| Error::Open { path: path.to_owned(), source })?;
+        let actual = source.source().size();
+        if actual != size {
+            return Err(Error::Size { expected: size, actual });
         }
-        Ok(Base { source, _scratch: scratch, limit: rate.map(RateLimit::new), interrupt: None })
+        Ok(Base { source, limit: rate.map(RateLimit::new), interrupt: None })
+    }
+
+    /// Bytes read from a qcow2 image file so far (data and metadata); `None` for a raw base,
+    /// whose reads are the disk's own.
+    pub fn image_bytes_read(&self) -> Option<u64> {
+        match &self.source {
+            Image::Raw(_) => None,
+            Image::Qcow2(q) => Some(q.host_bytes_read()),
+        }
     }
 
     /// Makes every read fail with [`Interrupted`] once `flag` is set.
@@ -98,7 +89,7 @@ impl Base {
 
 impl Source for Base {
     fn size(&self) -> u64 {
-        self.source.size()
+        self.source.source().size()
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -108,7 +99,11 @@ impl Source for Base {
         if let Some(l) = &self.limit {
             l.take(buf.len() as u64);
         }
-        self.source.read_at(buf, off)
+        self.source.source().read_at(buf, off)
+    }
+
+    fn reads_as_zero(&self, off: u64, len: u64) -> io::Result<bool> {
+        self.source.source().reads_as_zero(off, len)
     }
 }
 

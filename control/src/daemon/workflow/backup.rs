@@ -37,8 +37,7 @@ impl Job {
             freeze_window: cut.window,
             created_unix_us: None,
         };
-        let (repo, scratch, rate) =
-            (self.d.repo.clone(), self.d.config.scratch.clone(), self.d.config.read_bytes_per_sec);
+        let (repo, rate) = (self.d.repo.clone(), self.d.config.read_bytes_per_sec);
         let (tx, snap_id, backend) = (self.tx.clone(), cut.snapshot.id, backend.clone());
         let vm = self.vm.name.clone();
         let rt = tokio::runtime::Handle::current();
@@ -66,7 +65,7 @@ impl Job {
                 if matches!(p.plan, Plan::Full) {
                     let _ = tx.try_send(Event::BackingUp { disk: p.disk.clone(), bytes_read: 0, bytes_total: p.size });
                 }
-                let base = Base::open(&p.base_path, &p.base_format, p.size, &scratch, rate)
+                let base = Base::open(&p.base_path, &p.base_format, p.size, rate)
                     .map_err(|source| at_backup(Error::Base { disk: p.disk.clone(), source }))?
                     .interrupted_by(interrupt.clone());
                 let stats = match &p.plan {
@@ -75,7 +74,8 @@ impl Job {
                 }
                 .map_err(at_backup)
                 .map_err(&cancelled)?;
-                info!(vm = %vm, disk = %p.disk, bytes_read = stats.bytes_read, bytes_changed = stats.bytes_changed, "disk backed up");
+                info!(vm = %vm, disk = %p.disk, bytes_read = stats.bytes_read, bytes_changed = stats.bytes_changed,
+                    image_bytes_read = base.image_bytes_read(), "disk backed up");
             }
             let st =
                 rt.block_on(backend.status()).map_err(|source| at_backup(Error::Backend { vm: vm.clone(), source }))?;
