@@ -87,3 +87,18 @@ impl ChunkCodec {
         Ok(out)
     }
 }
+
+/// A [`crate::Qcow2Source`] over `bytes`, held in an anonymous memory file.
+pub fn qcow2_source(bytes: &[u8]) -> std::io::Result<crate::Qcow2Source> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create(2) with a NUL-terminated name; the descriptor it returns is ours.
+    let fd = unsafe { libc::memfd_create(c"qcow2-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(bytes)?;
+    crate::Qcow2Source::new(file)
+}

@@ -181,6 +181,47 @@ fn qcow2(seeds: &Seeds, tmp: &Path) -> Result<()> {
         let bytes = std::fs::read(&path)?;
         seeds.put("qcow2_header", name, &bytes[..bytes.len().min(4096)])?;
     }
+    // Small whole images with data for the in-place reader: standard, compressed (deflate,
+    // zstd), zero and discarded clusters.
+    let bases: [(&str, &str, bool); 4] = [
+        ("v3-4k", "cluster_size=4096", false),
+        ("v2-512", "compat=0.10,cluster_size=512", false),
+        ("deflate-4k", "cluster_size=4096", true),
+        ("zstd-4k", "cluster_size=4096,compression_type=zstd", true),
+    ];
+    for (name, opts, compressed) in bases {
+        let path = tmp.join(format!("base-{name}.qcow2"));
+        run(&["-f", "qcow2", "-o", opts], &path, Some("256K"))?;
+        let io = |path: &Path, cmds: &[&str]| -> Result<()> {
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "qcow2"]);
+            for c in cmds {
+                cmd.args(["-c", c]);
+            }
+            if !cmd.arg(path).status().context("running qemu-io")?.success() {
+                bail!("qemu-io {cmds:?} failed");
+            }
+            Ok(())
+        };
+        io(&path, &["write -P 0x11 0 12k", "write -P 0x22 40k 20k", "write -z 64k 8k", "discard 44k 4k"])?;
+        let path = if compressed {
+            let c = tmp.join(format!("c-{name}.qcow2"));
+            let st = Command::new("qemu-img")
+                .args(["convert", "-c", "-f", "qcow2", "-O", "qcow2", "-o", opts])
+                .arg(&path)
+                .arg(&c)
+                .status()
+                .context("running qemu-img")?;
+            if !st.success() {
+                bail!("qemu-img convert -c {opts} failed");
+            }
+            io(&c, &["write -P 0x33 4k 1k"])?;
+            c
+        } else {
+            path
+        };
+        seeds.put("qcow2_base", name, &std::fs::read(&path)?)?;
+    }
     Ok(())
 }
 
