@@ -989,3 +989,42 @@ fn a_full_backup_of_a_sparse_raw_file_does_not_read_its_holes() {
     restore_raw(&repo, "vm", "b1", "vda", &r).unwrap();
     assert!(fs::read(&r).unwrap() == fs::read(&path).unwrap());
 }
+
+#[test]
+fn of_writers_racing_to_store_one_chunk_exactly_one_stores_it() {
+    let (dir, repo) = new_repo(K64);
+    let store = local(&repo);
+    for round in 0..20u8 {
+        let data = vec![round; 4096];
+        let hash = ChunkHash(<sha2::Sha256 as sha2::Digest>::digest(&data).into());
+        let barrier = std::sync::Barrier::new(8);
+        let stored: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        usize::from(store.put_chunk(&hash, &data).unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(stored, 1, "round {round}: {stored} writers were told they stored the chunk");
+    }
+    let leftovers: Vec<_> = walk(&dir.path().join("repo/chunks")).into_iter().filter(|p| p.contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// Every file path under `dir`.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}

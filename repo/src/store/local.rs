@@ -192,8 +192,7 @@ impl Store for LocalStore {
             return Ok(false);
         }
         let tmp = self.chunk_dir(hash).join(format!("{TMP_PREFIX}{hash}-{}", unique()));
-        write_durably(&tmp, &self.chunk_path(hash), data)?;
-        Ok(true)
+        put_new_durably(&tmp, &self.chunk_path(hash), data)
     }
 
     fn get_chunk(&self, hash: &ChunkHash, max_len: u64, out: &mut Vec<u8>) -> Result<Fetched> {
@@ -434,6 +433,31 @@ fn write_durably(tmp: &Path, dest: &Path, data: &[u8]) -> Result<()> {
     if result.is_err() {
         let _ = fs::remove_file(tmp);
     }
+    result
+}
+
+/// Writes `data` to `tmp`, syncs it, and links it as `dest` unless `dest` exists; `tmp` is
+/// removed either way. Whether this call made `dest`: of writers racing to store the same chunk,
+/// exactly one is told it did (a rename would tell each of them so, and each would count the
+/// chunk as new).
+fn put_new_durably(tmp: &Path, dest: &Path, data: &[u8]) -> Result<bool> {
+    let result = (|| {
+        let mut f =
+            OpenOptions::new().write(true).create_new(true).open(tmp).map_err(|e| Error::io("create", tmp, e))?;
+        f.write_all(data).map_err(|e| Error::io("write", tmp, e))?;
+        f.sync_all().map_err(|e| Error::io("sync", tmp, e))?;
+        match fs::hard_link(tmp, dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            // A file system without hard links: the rename replaces an identical file.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) => {
+                fs::rename(tmp, dest).map_err(|e| Error::io("rename", tmp, e))?;
+                Ok(true)
+            }
+            Err(e) => Err(Error::io("link", tmp, e)),
+        }
+    })();
+    let _ = fs::remove_file(tmp);
     result
 }
 
