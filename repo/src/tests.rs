@@ -1028,3 +1028,87 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Full backup and restore against their limits on this machine, same bytes, same run (issue
+/// 15, point 5): the backup against SHA-256 and zstd at the repository's level over the
+/// page-cached source on all cores in-process (no store); the restore against a plain sparse copy
+/// of the same image (4 MiB reads, zero 4 KiB blocks skipped, non-zero ones written, fsync).
+/// Three rounds, alternating; medians.
+#[test]
+#[ignore = "a measurement: prints numbers"]
+fn measure_backup_and_restore_against_their_limits() {
+    use rayon::prelude::*;
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").map_or_else(std::env::temp_dir, PathBuf::from)).unwrap();
+    let size = 512usize << 20;
+    let path = dir.path().join("disk.raw");
+    fs::write(&path, mixed(size, 42)).unwrap();
+    let src = FileSource::open(&path).unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cs = DEFAULT_CHUNK_SIZE as usize;
+    let level = CreateOptions::default().compression_level;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let (mut backup, mut limit, mut restore, mut copy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        // The limit: read (page cache), SHA-256 and zstd of every chunk, all cores.
+        let t = Instant::now();
+        pool.install(|| {
+            (0..size / cs).into_par_iter().for_each_init(
+                || (vec![0u8; cs], zstd::bulk::Compressor::new(level).unwrap(), Vec::with_capacity(cs + cs / 8)),
+                |(buf, z, out), i| {
+                    src.read_at(buf, (i * cs) as u64).unwrap();
+                    if !chunk::is_zero(buf) {
+                        std::hint::black_box(ChunkHash::of(buf));
+                        out.resize(zstd::zstd_safe::compress_bound(cs), 0);
+                        let n = z.compress_to_buffer(buf, out).unwrap();
+                        std::hint::black_box(n);
+                    }
+                },
+            )
+        });
+        limit.push(mib_per_s(size as u64, t));
+        let root = dir.path().join(format!("repo{round}"));
+        let mut repo = Repository::create(&root, CreateOptions::default()).unwrap();
+        repo.set_threads(threads).unwrap();
+        let t = Instant::now();
+        full_backup(&repo, "vm", "b1", "vda", &src);
+        backup.push(mib_per_s(size as u64, t));
+
+        let to = dir.path().join(format!("r{round}.raw"));
+        let t = Instant::now();
+        restore_raw(&repo, "vm", "b1", "vda", &to).unwrap();
+        restore.push(mib_per_s(size as u64, t));
+        fs::remove_file(&to).unwrap();
+        let to = dir.path().join(format!("c{round}.raw"));
+        let t = Instant::now();
+        {
+            let out = fs::File::create(&to).unwrap();
+            out.set_len(size as u64).unwrap();
+            let mut buf = vec![0u8; cs];
+            for i in 0..size / cs {
+                src.read_at(&mut buf, (i * cs) as u64).unwrap();
+                for (k, block) in buf.chunks(4096).enumerate() {
+                    if !chunk::is_zero(block) {
+                        std::os::unix::fs::FileExt::write_all_at(&out, block, (i * cs + k * 4096) as u64).unwrap();
+                    }
+                }
+            }
+            out.sync_all().unwrap();
+        }
+        copy.push(mib_per_s(size as u64, t));
+        fs::remove_file(&to).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+    }
+    let (b, l, r, c) = (median(backup), median(limit), median(restore), median(copy));
+    eprintln!(
+        "{threads} threads, 512 MiB, medians of 3 rounds, MiB/s: full backup {b:.0} against sha256+zstd-{level} {l:.0} \
+         ({:.2}×); restore {r:.0} against a sparse copy {c:.0} ({:.2}×)",
+        b / l,
+        r / c
+    );
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
