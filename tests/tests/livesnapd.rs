@@ -318,14 +318,17 @@ fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() 
         let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b.id.clone() })).unwrap().into_inner();
         assert!(v.ok && v.chunks_checked > 0, "{v:?}");
     }
-    let p = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 1 })).unwrap().into_inner();
+    let p = rig
+        .block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 1, ..Default::default() }))
+        .unwrap()
+        .into_inner();
     assert_eq!(p.deleted, vec![b1.id.clone()]);
     let e = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: b1.id.clone() })).unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
     assert!(v.ok, "the kept backup lost chunks to the prune: {v:?}");
     assert!(rig.restore(&mut c, &b2.id, "r3.raw") == at_cut2);
-    let e = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 0 })).unwrap_err();
+    let e = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 0, ..Default::default() })).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let target = rig.dir.path().join("r3.raw").display().to_string();
     let e = rig

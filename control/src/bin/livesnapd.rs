@@ -99,6 +99,7 @@ fn run() -> Result<()> {
                     .await
                     .context("The task that opens the daemon failed")??;
                 daemon.recover().await?;
+                let scheduler = daemon.start_scheduler();
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("Cannot handle SIGTERM")?;
                 let d = daemon.clone();
@@ -108,6 +109,8 @@ fn run() -> Result<()> {
                         _ = tokio::signal::ctrl_c() => {}
                     }
                     tracing::info!("stopping: running jobs end after their current step");
+                    // No scheduled job starts from here on.
+                    scheduler.stop().await;
                     // Before the server stops: a job's stream ends only with the job.
                     d.stop_jobs();
                 };

@@ -18,16 +18,18 @@
 
 pub mod args;
 pub mod backend;
+pub mod calendar;
 pub mod config;
 pub mod model;
 pub mod ports;
 pub mod reader;
+pub mod retention;
+pub mod schedule;
 pub mod service;
 pub mod state;
 pub mod workflow;
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -409,20 +411,6 @@ impl Daemon {
             store.remove_backups(&vm, std::slice::from_ref(&id))?;
             tracing::info!(vm = %vm, backup = %id, "backup deleted");
             Ok(())
-        })
-        .await
-    }
-
-    /// Keeps the `keep_last` newest backups of `vm`, deletes the others and collects garbage.
-    pub async fn prune(&self, vm: String, keep_last: u32) -> Result<repo::PruneReport> {
-        let keep = usize::try_from(keep_last).ok().and_then(NonZeroUsize::new).ok_or_else(|| {
-            Error::InvalidArgument("The number of backups to keep (keep_last) must be at least 1".into())
-        })?;
-        self.blocking(move |repo, store| {
-            let rep = repo.prune(&vm, keep)?;
-            store.remove_backups(&vm, &rep.deleted)?;
-            tracing::info!(vm = %vm, deleted = rep.deleted.len(), chunks_removed = rep.gc.chunks_removed, "pruned");
-            Ok(rep)
         })
         .await
     }

@@ -53,6 +53,9 @@ impl Job {
                 self.d.unregister_job(&id);
                 info!(vm = %vm, job = %id, secs = started.elapsed().as_secs_f64(), "snapshot job done");
                 drop(claim);
+                // Retention after a success only; before Done, so that the client sees the
+                // backups as retention left them.
+                self.d.retain_after_backup(&vm).await;
                 self.emit_wait(Event::Done(backup)).await;
             }
             Err(f) => {
