@@ -31,14 +31,17 @@ impl FakeClock {
         self.changed.notify_waiters();
     }
 
-    /// Waits until someone sleeps until `t` exactly.
-    async fn sleeper_at(&self, t: i64) {
+    /// Waits until someone sleeps until later than now; the earliest such wake-up time.
+    async fn next_sleep(&self) -> i64 {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.lock().1.contains(&t) {
-                return;
+            {
+                let g = self.lock();
+                if let Some(t) = g.1.iter().copied().filter(|&t| t > g.0).min() {
+                    return t;
+                }
             }
             changed.await;
         }
@@ -52,6 +55,9 @@ impl Clock for FakeClock {
     }
 
     async fn sleep_until(&self, t: i64) {
+        if self.lock().0 >= t {
+            return;
+        }
         self.lock().1.push(t);
         self.changed.notify_waiters();
         loop {
@@ -182,12 +188,12 @@ async fn a_schedule_missed_while_down_runs_once_at_start_then_on_its_calendar() 
     let runner = FakeRunner::new(false);
     let s = start(&r, &[schedule("hourly", "hourly", &["a", "b"], Duration::ZERO)], 4, &clock, 0, &runner);
     // It runs once, now, then sleeps until the next elapse after now.
-    clock.sleeper_at(unix(2026, 3, 4, 3, 0)).await;
+    assert_eq!(clock.next_sleep().await, unix(2026, 3, 4, 3, 0));
     s.idle().await;
     assert_eq!(runner.started(), ["a", "b"], "once, not once per missed hour");
     assert_eq!(r.store.schedule_last_run("hourly").unwrap_or_else(|e| panic!("{e}")), Some(now));
     clock.set(unix(2026, 3, 4, 3, 0));
-    clock.sleeper_at(unix(2026, 3, 4, 4, 0)).await;
+    assert_eq!(clock.next_sleep().await, unix(2026, 3, 4, 4, 0));
     runner.wait_started(4).await;
     s.idle().await;
     assert_eq!(runner.started(), ["a", "b", "a", "b"]);
@@ -201,7 +207,7 @@ async fn a_schedule_seen_for_the_first_time_catches_nothing_up() {
     let clock = FakeClock::new(now);
     let runner = FakeRunner::new(false);
     let s = start(&r, &[schedule("daily", "daily", &["a"], Duration::ZERO)], 1, &clock, 0, &runner);
-    clock.sleeper_at(unix(2026, 3, 5, 0, 0)).await;
+    assert_eq!(clock.next_sleep().await, unix(2026, 3, 5, 0, 0));
     s.idle().await;
     assert!(runner.started().is_empty());
     assert_eq!(r.store.schedule_last_run("daily").unwrap_or_else(|e| panic!("{e}")), Some(now), "counted from now on");
@@ -219,7 +225,7 @@ async fn the_random_delay_is_added_to_the_elapse_and_stays_within_its_bound() {
     // The fake draws the whole bound: the job waits for 22:30 + 30 min, not less.
     let s = start(&r, &[schedule("nightly", "Mon..Fri 22:30", &["a"], delay)], 1, &clock, 100, &runner);
     let due = unix(2026, 3, 4, 22, 30);
-    clock.sleeper_at(due + 1800).await;
+    assert_eq!(clock.next_sleep().await, due + 1800);
     assert!(runner.started().is_empty(), "ran before its delay was over");
     clock.set(due + 1800);
     runner.wait_started(1).await;
@@ -240,7 +246,7 @@ async fn no_more_than_max_jobs_run_at_once_and_the_others_wait_in_order() {
     let runner = FakeRunner::new(true);
     let vms = ["v1", "v2", "v3", "v4", "v5"];
     let s = start(&r, &[schedule("all", "03:00", &vms, Duration::ZERO)], 2, &clock, 0, &runner);
-    clock.sleeper_at(unix(2026, 3, 4, 3, 0)).await;
+    assert_eq!(clock.next_sleep().await, unix(2026, 3, 4, 3, 0));
     clock.set(unix(2026, 3, 4, 3, 0));
     runner.wait_started(2).await;
     let release = runner.release.as_ref().unwrap_or_else(|| panic!("held"));
@@ -265,15 +271,15 @@ async fn a_vm_still_queued_is_not_queued_twice() {
     let clock = FakeClock::new(now);
     let runner = FakeRunner::new(true);
     let s = start(&r, &[schedule("often", "*:*:0/10", &["a"], Duration::ZERO)], 1, &clock, 0, &runner);
-    clock.sleeper_at(now + 10).await;
+    assert_eq!(clock.next_sleep().await, now + 10);
     clock.set(now + 10);
     runner.wait_started(1).await;
     // The job is still running at the next two elapses.
-    clock.sleeper_at(now + 20).await;
+    assert_eq!(clock.next_sleep().await, now + 20);
     clock.set(now + 20);
-    clock.sleeper_at(now + 30).await;
+    assert_eq!(clock.next_sleep().await, now + 30);
     clock.set(now + 30);
-    clock.sleeper_at(now + 40).await;
+    assert_eq!(clock.next_sleep().await, now + 40);
     let release = runner.release.as_ref().unwrap_or_else(|| panic!("held"));
     // Enough for three jobs: a VM queued again would run, and show, rather than hang.
     release.add_permits(3);
