@@ -2,6 +2,10 @@
 //!
 //! - [`args`]: livesnapd's command line.
 //! - [`config`]: the TOML configuration, checked whole at start.
+//! - [`calendar`]: systemd calendar events (the schedules' `calendar`), in UTC.
+//! - [`schedule`]: the `[[schedule]]` tables running: timers on an injectable clock, a random
+//!   delay, the host's FIFO queue bounded by `max_jobs`, missed runs caught up once at start.
+//! - [`retention`]: which backups a prune keeps (PBS's rules), and [`Daemon::prune`].
 //! - [`model`]: the daemon's own types: requests, a job's events, backups, VMs.
 //! - [`ports`]: what the daemon needs of a VM's backend and agent, as traits, and the
 //!   [`ports::Connector`] that reaches them.

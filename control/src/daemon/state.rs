@@ -12,6 +12,8 @@
 //! adds what the repository does not know (the snapshot it was cut from, its kind, the note),
 //! and a backup the repository no longer has is not listed.
 //!
+//! The tables' layout for operators: docs/livesnapd-state.md.
+//!
 //! Every call is a blocking transaction (a commit syncs the file): call it from a blocking
 //! thread.
 

@@ -50,12 +50,12 @@ impl Job {
             Ok(backup) => {
                 self.state.result = Some(JobResult::Ok);
                 self.enter(Stage::Done).await;
-                self.d.unregister_job(&id);
                 info!(vm = %vm, job = %id, secs = started.elapsed().as_secs_f64(), "snapshot job done");
-                drop(claim);
-                // Retention after a success only; before Done, so that the client sees the
-                // backups as retention left them.
+                // Retention after a success only, while the job still holds the VM: a stopping
+                // daemon waits for it, and the client sees the backups as retention left them.
                 self.d.retain_after_backup(&vm).await;
+                self.d.unregister_job(&id);
+                drop(claim);
                 self.emit_wait(Event::Done(backup)).await;
             }
             Err(f) => {
