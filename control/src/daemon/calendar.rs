@@ -509,6 +509,11 @@ mod tests {
             );
         }
         assert_eq!(elapses("2024-02-30", "2020-01-01 00:00:00", 1), Vec::<String>::new(), "never");
+        // The ends of time: no overflow, a clear answer.
+        let daily = Calendar::parse("daily").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(daily.next_after(i64::MAX), None);
+        assert_eq!(daily.next_after(at("2199-12-31 00:00:00")), None, "the search ends with 2199");
+        assert_eq!(daily.next_after(i64::MIN).map(show).as_deref(), Some("1970-01-01 00:00:00"));
     }
 
     #[test]
