@@ -545,6 +545,64 @@ mod tests {
         }
     }
 
+    /// Whether `t` is an elapse: every component matches (the definition, checked by brute
+    /// force against the search).
+    fn matches(c: &Calendar, t: i64) -> bool {
+        let days = t.div_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        let s = t.rem_euclid(86_400) as u32;
+        (MIN_YEAR as i64..=MAX_YEAR as i64).contains(&y)
+            && c.year.matches(y as u32)
+            && c.month.matches(m)
+            && c.day.matches(d)
+            && c.weekday_matches(y, m, d)
+            && c.hour.matches(s / 3600)
+            && c.minute.matches(s / 60 % 60)
+            && c.second.matches(s % 60)
+    }
+
+    /// Random expressions from systemd's pieces: what parses has a next elapse that matches,
+    /// with no elapse before it (brute force over the two hours after the base), and parses
+    /// again from its text to the same event.
+    #[test]
+    fn random_events_find_the_first_matching_second() {
+        let pieces =
+            ["*", "0", "1", "5", "7", "12", "23", "30", "59", "0/5", "1..5", "2/7", "10..20/3", "1,15", "*/2", "60"];
+        let days = ["Mon", "fri", "Sat,Sun", "Mon..Wed", "Tue..Thu,Sun", "Sun..Mon"];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut checked = 0;
+        for _ in 0..3000 {
+            let p = |rng: &mut fastrand::Rng| pieces[rng.usize(..pieces.len())];
+            let mut e = String::new();
+            if rng.bool() {
+                e += days[rng.usize(..days.len())];
+                e += " ";
+            }
+            if rng.u8(..4) == 0 {
+                e += &format!("*-{}-{} ", p(&mut rng), p(&mut rng));
+            }
+            e += &format!("{}:{}", p(&mut rng), p(&mut rng));
+            if rng.bool() {
+                e += &format!(":{}", p(&mut rng));
+            }
+            let Ok(c) = Calendar::parse(&e) else { continue };
+            assert_eq!(Calendar::parse(&c.to_string()).as_ref(), Ok(&c));
+            let base = at("2026-01-01 00:00:00") + rng.i64(0..400 * 86_400);
+            match c.next_after(base) {
+                Some(next) => {
+                    assert!(next > base && matches(&c, next), "{e}: {} from {}", show(next), show(base));
+                    let window = (next - 1).min(base + 7200);
+                    if let Some(early) = (base + 1..=window).find(|&t| matches(&c, t)) {
+                        panic!("{e}: {} matches before {} (from {})", show(early), show(next), show(base));
+                    }
+                    checked += 1;
+                }
+                None => assert!((base + 1..base + 7200).all(|t| !matches(&c, t)), "{e}: none found"),
+            }
+        }
+        assert!(checked > 300, "only {checked} expressions parsed");
+    }
+
     /// Compares the next elapses with `systemd-analyze calendar` for every expression of
     /// [`TABLE`], from several base times. Skipped (with a message) where systemd-analyze is
     /// not installed.
