@@ -318,14 +318,17 @@ fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() 
         let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b.id.clone() })).unwrap().into_inner();
         assert!(v.ok && v.chunks_checked > 0, "{v:?}");
     }
-    let p = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 1 })).unwrap().into_inner();
+    let p = rig
+        .block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 1, ..Default::default() }))
+        .unwrap()
+        .into_inner();
     assert_eq!(p.deleted, vec![b1.id.clone()]);
     let e = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: b1.id.clone() })).unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b2.id.clone() })).unwrap().into_inner();
     assert!(v.ok, "the kept backup lost chunks to the prune: {v:?}");
     assert!(rig.restore(&mut c, &b2.id, "r3.raw") == at_cut2);
-    let e = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 0 })).unwrap_err();
+    let e = rig.block_on(c.prune(pb::PruneRequest { vm: VM.into(), keep_last: 0, ..Default::default() })).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let target = rig.dir.path().join("r3.raw").display().to_string();
     let e = rig
@@ -1084,4 +1087,115 @@ fn metrics_are_scraped_over_tcp_after_a_backup_and_a_failed_job_and_the_last_suc
     let m = scrape(port);
     assert_eq!(get(&m, r#"livesnap_last_success_timestamp_seconds{vm="vm1"}"#), last);
     assert!(!m.keys().any(|k| k.starts_with("livesnap_jobs_total")), "{m:?}");
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a unix time: a calendar event that elapses once.
+fn instant(t: u64) -> String {
+    let out = Command::new("date").args(["-u", "-d", &format!("@{t}"), "+%Y-%m-%d %H:%M:%S"]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Appends a schedule of the rig's VM to its config.
+fn set_schedule(rig: &Rig, calendar: &str) {
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    let base = text.split("[scheduler]").next().unwrap().to_owned();
+    let schedule = format!(
+        "[scheduler]\nmax_jobs = 1\n[[schedule]]\nname = \"nightly\"\ncalendar = \"{calendar}\"\nvms = [\"{VM}\"]\n\
+         keep = {{ last = 2 }}\n"
+    );
+    std::fs::write(&rig.config, base + &schedule).unwrap();
+}
+
+/// Waits until `n` jobs have ended and the VM holds none (retention runs inside the job).
+fn wait_jobs_ended(rig: &Rig, c: &mut LivesnapdClient<Channel>, n: usize) -> Vec<pb::Job> {
+    let deadline = Instant::now() + JOB_WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "{n} jobs did not end: {}", rig.log());
+        let jobs = rig.block_on(c.list_jobs(pb::ListJobsRequest::default())).unwrap().into_inner().jobs;
+        let vms = rig.block_on(c.list_vms(pb::ListVmsRequest {})).unwrap().into_inner().vms;
+        let ended = jobs.iter().filter(|j| j.status != pb::JobStatus::Running as i32).count();
+        if ended >= n && vms[0].running_job.is_empty() {
+            return jobs;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A schedule whose elapse passed while livesnapd was stopped fires once at its start, through
+/// the real workflow, and the VM's retention (keep-last 2) then prunes the oldest of three
+/// backups in the real repository; a dry run shows the rule that keeps each.
+#[test]
+fn a_schedule_missed_while_stopped_fires_at_start_and_retention_prunes_through_the_repository() {
+    let mut rig = Rig::new("", "");
+    // First run: the schedule is new (its last run is recorded as the start) and far off.
+    set_schedule(&rig, "2199-01-01 00:00:00");
+    let d = rig.start();
+    let manual: Vec<pb::Backup> = (0..2)
+        .map(|v| {
+            rig.write(0, &stamp(4096, v));
+            snapshot(&rig, req(pb::BackupMode::Auto, pb::QuiesceMode::Off), |_| {}).result.unwrap()
+        })
+        .collect();
+    let after_first = unix_now();
+    let mut c = rig.client();
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner().backups;
+    assert_eq!(list.len(), 2, "keep-last 2 pruned too early: {list:?}");
+    assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success(), "{}", rig.log());
+
+    // While it is stopped, the schedule's one elapse passes.
+    while unix_now() < after_first + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    set_schedule(&rig, &instant(after_first + 1));
+    rig.write(0, &stamp(4096, 9));
+    let _d = rig.start();
+    let mut c = rig.client();
+    let jobs = wait_jobs_ended(&rig, &mut c, 3);
+    assert_eq!(jobs.len(), 3, "{jobs:?}");
+    assert!(jobs.iter().all(|j| j.status == pb::JobStatus::Ok as i32), "{jobs:?}");
+    let log = rig.log();
+    assert!(log.contains("missed while livesnapd was down"), "{log}");
+
+    let list = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner().backups;
+    let ids: Vec<&str> = list.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{list:?}");
+    assert_eq!(ids[0], manual[1].id, "keep-last 2 after the scheduled backup: {list:?}");
+    assert_eq!(rig.restore(&mut c, ids[1], "scheduled.raw"), rig.model, "the scheduled backup is not the disk");
+    let e = rig.block_on(c.get_backup(pb::BackupRef { vm: VM.into(), id: manual[0].id.clone() })).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    for b in &list {
+        let v = rig.block_on(c.verify_backup(pb::BackupRef { vm: VM.into(), id: b.id.clone() })).unwrap().into_inner();
+        assert!(v.ok && v.chunks_checked > 0, "a kept backup lost chunks to the prune: {v:?}");
+    }
+
+    // The dry run shows the rule that keeps each, and changes nothing.
+    let (code, out) = snapctl(&rig, &["backup", "prune", VM, "--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("keep-last 1/2") && out.contains("keep-last 2/2"), "{out}");
+    assert!(out.contains("dry run (keep-last 2): would keep 2, remove 0"), "{out}");
+    let (code, out) = snapctl(&rig, &["backup", "prune", VM, "--keep-last", "1", "--dry-run", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["backups"][0]["keep"], false, "{v}");
+    assert_eq!(v["backups"][1]["rule"], "keep-last 1/1", "{v}");
+    let again = rig.block_on(c.list_backups(pb::ListBackupsRequest { vm: VM.into() })).unwrap().into_inner().backups;
+    assert_eq!(again, list, "a dry run changed the backups");
+}
+
+/// With the real clock: a schedule every two seconds fires, and its backups succeed (the
+/// retention's result is checked deterministically above).
+#[test]
+fn a_schedule_every_two_seconds_fires_on_the_real_clock() {
+    let rig = Rig::new("", "");
+    set_schedule(&rig, "*:*:0/2");
+    let d = rig.start();
+    let mut c = rig.client();
+    let jobs = wait_jobs_ended(&rig, &mut c, 3);
+    assert!(jobs.iter().all(|j| j.status == pb::JobStatus::Ok as i32), "{jobs:?}");
+    assert!(rig.log().contains("schedule elapsed"), "{}", rig.log());
+    assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success(), "{}", rig.log());
 }

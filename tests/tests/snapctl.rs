@@ -870,7 +870,23 @@ fn backup_restore_stream_without_done_exits_1_and_an_existing_target_exits_5() -
 fn backup_delete_and_prune_report_what_went() -> Result<()> {
     let fake = Fake::start(Script {
         delete: Ok(()),
-        prune: Ok(PruneReply { deleted: vec!["b1".into(), "b2".into()], chunks_removed: 17, bytes_freed: 68 * MIB }),
+        prune: Ok(PruneReply {
+            deleted: vec!["b1".into(), "b2".into()],
+            chunks_removed: 17,
+            bytes_freed: 68 * MIB,
+            backups: vec![
+                PruneDecision { id: "b1".into(), created_unix: 1_780_000_000, keep: false, rule: String::new() },
+                PruneDecision { id: "b2".into(), created_unix: 1_780_086_400, keep: false, rule: String::new() },
+                PruneDecision {
+                    id: "b3".into(),
+                    created_unix: 1_780_172_800,
+                    keep: true,
+                    rule: "keep-last 1/3".into(),
+                },
+            ],
+            keep: "keep-last 3".into(),
+            ..PruneReply::default()
+        }),
         ..Script::default()
     })?;
     let r = fake.run(&["backup", "delete", "web01", "b3"])?;
@@ -878,20 +894,65 @@ fn backup_delete_and_prune_report_what_went() -> Result<()> {
     assert_eq!(r.stdout.trim(), "deleted backup b3 of web01");
     assert_eq!(fake.daemon.seen().deletes[0].id, "b3");
 
+    // --keep is --keep-last.
     let r = fake.run(&["backup", "prune", "web01", "--keep", "3"])?;
     assert_eq!(r.code, 0);
     assert_eq!(fake.daemon.seen().prunes[0].keep_last, 3);
-    assert_eq!(
-        r.stdout.trim(),
-        "kept the newest 3 backup(s) of web01; deleted 2: b1, b2; removed 17 chunks, freed 68.00 MiB"
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", r.stdout);
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("DECISION") && lines[0].contains("KEPT BY"),
+        "{}",
+        lines[0]
     );
+    assert!(lines[1].starts_with("b1") && lines[1].contains("remove"), "{}", lines[1]);
+    assert!(
+        lines[3].starts_with("b3") && lines[3].contains("keep") && lines[3].ends_with("keep-last 1/3"),
+        "{}",
+        lines[3]
+    );
+    assert_eq!(lines[4], "pruned (keep-last 3): kept 1, deleted 2; removed 17 chunks, freed 68.00 MiB");
     let r = fake.run(&["backup", "prune", "web01", "--keep", "3", "--json"])?;
     let v: Value = serde_json::from_str(&r.stdout)?;
     assert_eq!((v["chunks_removed"].as_u64(), v["deleted"][1].as_str()), (Some(17), Some("b2")));
+    assert_eq!(
+        (v["backups"][2]["keep"].as_bool(), v["backups"][2]["rule"].as_str()),
+        (Some(true), Some("keep-last 1/3"))
+    );
+    assert_eq!(v["backups"][0]["rule"], Value::Null);
+
+    // Every rule and the dry run reach the daemon; no rule asks for the VM's configured one.
+    let r = fake.run(&[
+        "backup",
+        "prune",
+        "web01",
+        "--keep-last",
+        "2",
+        "--keep-hourly",
+        "3",
+        "--keep-daily",
+        "7",
+        "--keep-weekly",
+        "4",
+        "--keep-monthly",
+        "6",
+        "--keep-yearly",
+        "1",
+        "--dry-run",
+    ])?;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let p = fake.daemon.seen().prunes[2].clone();
+    assert_eq!(
+        (p.keep_last, p.keep_hourly, p.keep_daily, p.keep_weekly, p.keep_monthly, p.keep_yearly, p.dry_run),
+        (2, 3, 7, 4, 6, 1, true)
+    );
+    assert_eq!(fake.run(&["backup", "prune", "web01"])?.code, 0);
+    let p = fake.daemon.seen().prunes[3].clone();
+    assert_eq!((p.keep_last, p.keep_daily, p.dry_run), (0, 0, false));
 
     assert_eq!(fake.run(&["backup", "prune", "web01", "--keep", "0"])?.code, 2);
-    assert_eq!(fake.run(&["backup", "prune", "web01"])?.code, 2);
-    assert_eq!(fake.daemon.seen().prunes.len(), 2);
+    assert_eq!(fake.run(&["backup", "prune", "web01", "--keep-daily", "0"])?.code, 2);
+    assert_eq!(fake.daemon.seen().prunes.len(), 4);
 
     let fake = Fake::start(Script {
         delete: Err((Code::FailedPrecondition, "backup b3 is being restored")),

@@ -104,6 +104,7 @@ fn run() -> Result<()> {
                     let listener = metrics::bind(m.listen).await?;
                     metrics::serve(daemon.clone(), listener, m.repository_count);
                 }
+                let scheduler = daemon.start_scheduler();
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("Cannot handle SIGTERM")?;
                 let d = daemon.clone();
@@ -113,6 +114,8 @@ fn run() -> Result<()> {
                         _ = tokio::signal::ctrl_c() => {}
                     }
                     tracing::info!("stopping: running jobs end after their current step");
+                    // No scheduled job starts from here on.
+                    scheduler.stop().await;
                     // Before the server stops: a job's stream ends only with the job.
                     d.stop_jobs();
                 };

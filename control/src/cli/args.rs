@@ -134,14 +134,42 @@ pub enum BackupAction {
     },
     /// Delete one backup (chunks other backups use stay).
     Delete { vm: String, id: String },
-    /// Keep a VM's newest N backups, delete the others and their unused chunks.
+    /// Apply retention to a VM's backups as Proxmox Backup Server's prune does: each rule, in
+    /// the order last, hourly, daily, weekly, monthly, yearly, keeps the newest backup of each of
+    /// its N most recent periods (UTC) that no earlier rule covered; the others are deleted,
+    /// then their unused chunks. Without rules: the VM's configured retention. The newest
+    /// backup is always kept.
     Prune {
         vm: String,
-        /// How many of the newest backups to keep (at least 1; `backup delete` removes the
-        /// last ones).
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-        keep: u32,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Show each backup with keep or remove and the rule that keeps it; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
+}
+
+/// A prune's rules; none given: the VM's configured retention.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct KeepArgs {
+    /// Keep the newest N backups (`--keep` is the same).
+    #[arg(long = "keep-last", alias = "keep", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub last: Option<u32>,
+    /// Keep the newest backup of each of the last N hours that have one.
+    #[arg(long = "keep-hourly", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub hourly: Option<u32>,
+    /// Keep the newest backup of each of the last N days that have one.
+    #[arg(long = "keep-daily", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub daily: Option<u32>,
+    /// Keep the newest backup of each of the last N ISO weeks (Monday to Sunday) that have one.
+    #[arg(long = "keep-weekly", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub weekly: Option<u32>,
+    /// Keep the newest backup of each of the last N months that have one.
+    #[arg(long = "keep-monthly", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub monthly: Option<u32>,
+    /// Keep the newest backup of each of the last N years that have one.
+    #[arg(long = "keep-yearly", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub yearly: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

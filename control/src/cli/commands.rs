@@ -11,7 +11,7 @@ use livesnap_proto::daemon::{
 };
 use serde_json::{json, Value};
 
-use super::args::{BackupAction, Format};
+use super::args::{BackupAction, Format, KeepArgs};
 use super::connect::Daemon;
 use super::error::Error;
 use super::render::{self, bytes, clean, micros};
@@ -108,7 +108,7 @@ pub async fn backup(d: &mut Daemon, action: BackupAction, json: bool) -> Result<
         BackupAction::Verify { vm, id } => verify(d, vm, id, json).await,
         BackupAction::Restore { vm, id, disk, to, format } => restore(d, vm, id, disk, to, format, json).await,
         BackupAction::Delete { vm, id } => delete(d, vm, id, json).await,
-        BackupAction::Prune { vm, keep } => prune(d, vm, keep, json).await,
+        BackupAction::Prune { vm, keep, dry_run } => prune(d, vm, keep, dry_run, json).await,
     }
 }
 
@@ -304,28 +304,69 @@ async fn delete(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<()
     Ok(())
 }
 
-async fn prune(d: &mut Daemon, vm: String, keep: u32, json: bool) -> Result<(), Error> {
+async fn prune(d: &mut Daemon, vm: String, keep: KeepArgs, dry_run: bool, json: bool) -> Result<(), Error> {
     let action = format!("Cannot prune the backups of {}", clean(&vm));
-    let r = d
-        .client
-        .prune(PruneRequest { vm: vm.clone(), keep_last: keep })
-        .await
-        .map_err(|s| d.error(&action, &s))?
-        .into_inner();
+    let req = PruneRequest {
+        vm: vm.clone(),
+        keep_last: keep.last.unwrap_or(0),
+        keep_hourly: keep.hourly.unwrap_or(0),
+        keep_daily: keep.daily.unwrap_or(0),
+        keep_weekly: keep.weekly.unwrap_or(0),
+        keep_monthly: keep.monthly.unwrap_or(0),
+        keep_yearly: keep.yearly.unwrap_or(0),
+        dry_run,
+    };
+    let r = d.client.prune(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
     if json {
         print_json(&json!({
-            "vm": vm, "keep": keep, "deleted": r.deleted, "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed,
+            "vm": vm,
+            "keep": r.keep,
+            "dry_run": r.dry_run,
+            "backups": r.backups.iter().map(|b| json!({
+                "id": b.id, "created_unix": b.created_unix, "created": render::time(b.created_unix),
+                "keep": b.keep, "rule": (!b.rule.is_empty()).then_some(&b.rule),
+            })).collect::<Vec<Value>>(),
+            "deleted": r.deleted,
+            "chunks_removed": r.chunks_removed,
+            "bytes_freed": r.bytes_freed,
+            "gc_deferred": (!r.gc_deferred.is_empty()).then_some(&r.gc_deferred),
         }));
-    } else if r.deleted.is_empty() {
-        println!("nothing to prune: {} has at most {keep} backup(s)", clean(&vm));
-    } else {
+        return Ok(());
+    }
+    if r.backups.is_empty() {
+        println!("{} has no backups", clean(&vm));
+        return Ok(());
+    }
+    let mut rows = vec![["ID", "CREATED", "DECISION", "KEPT BY"].map(String::from).to_vec()];
+    for b in &r.backups {
+        rows.push(vec![
+            clean(&b.id),
+            render::time(b.created_unix),
+            if b.keep { "keep".into() } else { "remove".into() },
+            if b.rule.is_empty() { "-".into() } else { clean(&b.rule) },
+        ]);
+    }
+    print!("{}", table(&rows));
+    let removed = r.backups.iter().filter(|b| !b.keep).count();
+    if r.dry_run {
         println!(
-            "kept the newest {keep} backup(s) of {}; deleted {}: {}; removed {} chunks, freed {}",
-            clean(&vm),
-            r.deleted.len(),
-            r.deleted.iter().map(|s| clean(s)).collect::<Vec<_>>().join(", "),
-            r.chunks_removed,
-            bytes(r.bytes_freed)
+            "dry run ({}): would keep {}, remove {removed}; nothing deleted",
+            clean(&r.keep),
+            r.backups.len() - removed
+        );
+    } else if r.deleted.is_empty() {
+        println!("nothing to prune ({}): all {} kept", clean(&r.keep), r.backups.len());
+    } else {
+        let gc = if r.gc_deferred.is_empty() {
+            format!("removed {} chunks, freed {}", r.chunks_removed, bytes(r.bytes_freed))
+        } else {
+            format!("chunks not collected yet: {}", clean(&r.gc_deferred))
+        };
+        println!(
+            "pruned ({}): kept {}, deleted {}; {gc}",
+            clean(&r.keep),
+            r.backups.len() - r.deleted.len(),
+            r.deleted.len()
         );
     }
     Ok(())

@@ -111,6 +111,9 @@ struct File {
     defaults: DefaultsFile,
     #[serde(default)]
     vm: Vec<VmFile>,
+    scheduler: Option<super::schedule::SchedulerFile>,
+    #[serde(default)]
+    schedule: Vec<super::schedule::ScheduleFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +186,10 @@ pub struct Config {
     /// Bound on the rate frozen bases are read at; `None`: as fast as the repository takes.
     pub read_bytes_per_sec: Option<u64>,
     pub vms: Vec<VmConfig>,
+    /// Scheduled jobs that run at once, at most ([`super::schedule`]).
+    pub max_jobs: usize,
+    /// Schedules and retention, per group of VMs.
+    pub schedules: Vec<super::schedule::Schedule>,
 }
 
 /// Where the backup repository is.
@@ -412,6 +419,7 @@ impl Config {
             }
             vms.push(VmConfig { name: v.name, control: v.control, agent, key: v.key });
         }
+        let (max_jobs, schedules) = super::schedule::check(f.scheduler, f.schedule, &vms).map_err(invalid)?;
         Ok(Config {
             repository,
             socket: f.socket,
@@ -423,11 +431,18 @@ impl Config {
             freeze_timeout: Duration::from_millis(freeze_ms),
             read_bytes_per_sec: f.defaults.read_bytes_per_sec.filter(|&r| r > 0),
             vms,
+            max_jobs,
+            schedules,
         })
     }
 
     pub fn vm(&self, name: &str) -> Option<&VmConfig> {
         self.vms.iter().find(|v| v.name == name)
+    }
+
+    /// The schedule `vm` is in, if any (one at most).
+    pub fn schedule_of(&self, vm: &str) -> Option<&super::schedule::Schedule> {
+        self.schedules.iter().find(|s| s.vms.iter().any(|v| v == vm))
     }
 }
 

@@ -2,6 +2,10 @@
 //!
 //! - [`args`]: livesnapd's command line.
 //! - [`config`]: the TOML configuration, checked whole at start.
+//! - [`calendar`]: systemd calendar events (the schedules' `calendar`), in UTC.
+//! - [`schedule`]: the `[[schedule]]` tables running: timers on an injectable clock, a random
+//!   delay, the host's FIFO queue bounded by `max_jobs`, missed runs caught up once at start.
+//! - [`retention`]: which backups a prune keeps (PBS's rules), and [`Daemon::prune`].
 //! - [`model`]: the daemon's own types: requests, a job's events, backups, VMs.
 //! - [`ports`]: what the daemon needs of a VM's backend and agent, as traits, and the
 //!   [`ports::Connector`] that reaches them.
@@ -19,17 +23,19 @@
 
 pub mod args;
 pub mod backend;
+pub mod calendar;
 pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod ports;
 pub mod reader;
+pub mod retention;
+pub mod schedule;
 pub mod service;
 pub mod state;
 pub mod workflow;
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -423,21 +429,6 @@ impl Daemon {
         .await?;
         self.metrics.recount();
         Ok(())
-    }
-
-    /// Keeps the `keep_last` newest backups of `vm`, deletes the others and collects garbage.
-    pub async fn prune(&self, vm: String, keep_last: u32) -> Result<repo::PruneReport> {
-        let keep = usize::try_from(keep_last).ok().and_then(NonZeroUsize::new).ok_or_else(|| {
-            Error::InvalidArgument("The number of backups to keep (keep_last) must be at least 1".into())
-        })?;
-        self.blocking(move |repo, store| {
-            let rep = repo.prune(&vm, keep)?;
-            store.remove_backups(&vm, &rep.deleted)?;
-            tracing::info!(vm = %vm, deleted = rep.deleted.len(), chunks_removed = rep.gc.chunks_removed, "pruned");
-            Ok(rep)
-        })
-        .await
-        .inspect(|_| self.metrics.recount())
     }
 
     /// Restores one disk to a new file beneath the restore directory; progress: one report at

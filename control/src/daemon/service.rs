@@ -22,6 +22,7 @@ use super::model::{
     SnapshotRequest, VmInfo,
 };
 use super::ports::{BackendError, Refusal};
+use super::retention::{Keep, PruneRequest};
 use super::state::JobResult;
 use super::workflow::StopReason;
 use super::{Daemon, Error as DaemonError};
@@ -139,11 +140,33 @@ impl Livesnapd for Service {
 
     async fn prune(&self, r: Request<pb::PruneRequest>) -> Result<Response<pb::PruneReply>, Status> {
         let r = r.into_inner();
-        let rep = self.0.prune(r.vm, r.keep_last).await.map_err(status)?;
+        let keep = Keep {
+            last: r.keep_last,
+            hourly: r.keep_hourly,
+            daily: r.keep_daily,
+            weekly: r.keep_weekly,
+            monthly: r.keep_monthly,
+            yearly: r.keep_yearly,
+        };
+        let req = PruneRequest { vm: r.vm, keep: (!keep.is_empty()).then_some(keep), dry_run: r.dry_run };
+        let rep = self.0.prune(req).await.map_err(status)?;
         Ok(Response::new(pb::PruneReply {
             deleted: rep.deleted,
-            chunks_removed: rep.gc.chunks_removed,
-            bytes_freed: rep.gc.bytes_freed,
+            chunks_removed: rep.gc.as_ref().map_or(0, |g| g.chunks_removed),
+            bytes_freed: rep.gc.as_ref().map_or(0, |g| g.bytes_freed),
+            backups: rep
+                .decisions
+                .into_iter()
+                .map(|d| pb::PruneDecision {
+                    id: d.id,
+                    created_unix: d.created_unix_us / 1_000_000,
+                    keep: d.kept.is_some(),
+                    rule: d.kept.map(|k| k.to_string()).unwrap_or_default(),
+                })
+                .collect(),
+            dry_run: rep.dry_run,
+            keep: rep.keep.to_string(),
+            gc_deferred: rep.gc_deferred.unwrap_or_default(),
         }))
     }
 

@@ -6,10 +6,13 @@
 //! | `jobs` | job id | [`JobState`] as JSON |
 //! | `backups` | `VM/ID` | [`BackupState`] as JSON |
 //! | `meta` | `job_seq` | the last job number handed out |
+//! | `schedules` | schedule name | [`ScheduleState`] as JSON: when it last ran |
 //!
 //! The repository stays the source of truth for what a backup holds: the `backups` table only
 //! adds what the repository does not know (the snapshot it was cut from, its kind, the note),
 //! and a backup the repository no longer has is not listed.
+//!
+//! The tables' layout for operators: docs/livesnapd-state.md.
 //!
 //! Every call is a blocking transaction (a commit syncs the file): call it from a blocking
 //! thread.
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +172,16 @@ impl BackupState {
     }
 }
 
+/// When a schedule last ran ([`super::schedule`]): its next elapse counts from there, so one
+/// missed while the daemon was down runs once at start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    pub version: u32,
+    pub name: String,
+    /// Seconds since the epoch (UTC) of its last run.
+    pub last_run_unix: i64,
+}
+
 #[derive(Debug)]
 pub struct Store {
     db: Database,
@@ -190,6 +204,7 @@ impl Store {
         tx.open_table(JOBS)?;
         tx.open_table(BACKUPS)?;
         tx.open_table(META)?;
+        tx.open_table(SCHEDULES)?;
         tx.commit()?;
         Ok(Store { db })
     }
@@ -251,6 +266,23 @@ impl Store {
         v.map(|v| decode(&key, v.value())).transpose()
     }
 
+    /// When schedule `name` last ran; `None` if it never did.
+    pub fn schedule_last_run(&self, name: &str) -> Result<Option<i64>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SCHEDULES)?;
+        let v = t.get(name)?;
+        Ok(v.map(|v| decode::<ScheduleState>(name, v.value())).transpose()?.map(|s| s.last_run_unix))
+    }
+
+    pub fn put_schedule_run(&self, name: &str, last_run_unix: i64) -> Result<()> {
+        let st = ScheduleState { version: STATE_VERSION, name: name.to_owned(), last_run_unix };
+        let bytes = encode(&st)?;
+        let tx = self.db.begin_write()?;
+        tx.open_table(SCHEDULES)?.insert(name, bytes.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn remove_backups(&self, vm: &str, ids: &[String]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
@@ -302,6 +334,12 @@ mod tests {
         assert_eq!(s.backup("vm1", "b1")?.map(|b| b.note), Some("no agent".into()));
         s.remove_backups("vm1", &["b1".into()])?;
         assert_eq!(s.backup("vm1", "b1")?, None);
+        assert_eq!(s.schedule_last_run("nightly")?, None);
+        s.put_schedule_run("nightly", 1_800_000_000)?;
+        drop(s);
+        let s = Store::open(&path)?;
+        assert_eq!(s.schedule_last_run("nightly")?, Some(1_800_000_000), "a schedule's last run survives a restart");
+        assert_eq!(s.schedule_last_run("other")?, None);
         Ok(())
     }
 

@@ -52,8 +52,11 @@ impl Job {
                 self.state.result = Some(JobResult::Ok);
                 self.enter(Stage::Done).await;
                 self.d.metrics.job_finished(&vm, self.mode, JobResult::Ok, started.elapsed(), ended);
-                self.d.unregister_job(&id);
                 info!(vm = %vm, job = %id, secs = started.elapsed().as_secs_f64(), "snapshot job done");
+                // Retention after a success only, while the job still holds the VM: a stopping
+                // daemon waits for it, and the client sees the backups as retention left them.
+                self.d.retain_after_backup(&vm).await;
+                self.d.unregister_job(&id);
                 drop(claim);
                 self.emit_wait(Event::Done(backup)).await;
             }

@@ -280,6 +280,11 @@ struct Rig {
 
 impl Rig {
     fn new(script: Script, agent: bool) -> Rig {
+        Rig::with_config(script, agent, "")
+    }
+
+    /// With `extra` appended to the configuration (after the VM's table).
+    fn with_config(script: Script, agent: bool, extra: &str) -> Rig {
         // On tmpfs where there is one: the state's and the repository's syncs cost nothing there.
         let shm = Path::new("/dev/shm");
         let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
@@ -289,7 +294,7 @@ impl Rig {
         let agent = if agent { "agent = { unix = \"/fake/agent.sock\" }\n" } else { "" };
         let text = format!(
             "repository = \"{0}/repo\"\nsocket = \"{0}/d.sock\"\nstate = \"{0}/state.redb\"\nrestore_dir = \"{0}/restore\"\n\
-             [[vm]]\nname = \"{VM}\"\ncontrol = \"/fake/control.sock\"\n{agent}",
+             [[vm]]\nname = \"{VM}\"\ncontrol = \"/fake/control.sock\"\n{agent}{extra}",
             dir.path().display()
         );
         let config = Config::parse(Path::new("/test.toml"), &text).unwrap();
@@ -684,4 +689,82 @@ async fn the_metrics_count_a_job_that_succeeds_and_one_that_fails_each_by_its_re
     }
     assert!(!text.contains("result=\"ok\""), "{text}");
     assert!(!text.contains("livesnap_freeze_duration_seconds_count{"), "no freeze, no window: {text}");
+}
+
+// ---- retention after a backup ------------------------------------------------------------
+
+const KEEP_LAST_2: &str = "[[schedule]]\nname = \"keep\"\nvms = [\"vm1\"]\nkeep = { last = 2 }\n";
+
+fn backup_ids(d: &Daemon) -> Vec<String> {
+    d.repo.list(Some(VM)).unwrap().into_iter().map(|b| b.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_backup_applies_its_vms_retention_and_the_next_incremental_still_works() {
+    let rig = Rig::with_config(Script::default(), false, KEEP_LAST_2);
+    let d = rig.daemon();
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        made.push(done(&rig.snapshot(&d, BackupMode::Auto, QuiesceMode::Preferred).await).id.clone());
+    }
+    assert_eq!(backup_ids(&d), made[1..], "keep-last 2 after the third backup");
+    assert_eq!(d.store.backup(VM, &made[0]).unwrap(), None, "the pruned backup's record stays behind");
+    // The newest is the parent of the next incremental: kept.
+    let b = done(&rig.snapshot(&d, BackupMode::Incremental, QuiesceMode::Preferred).await).clone();
+    assert_eq!(b.kind, crate::daemon::model::BackupKind::Incremental);
+    assert_eq!(backup_ids(&d), [made[2].clone(), b.id.clone()]);
+    let v = d.repo.verify(VM, &b.id).unwrap();
+    assert!(v.problems.is_empty() && v.chunks_checked > 0, "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_backup_never_prunes() {
+    // The merge fails after the backup was committed: the job fails, the backups stay.
+    let rig =
+        Rig::with_config(Script { merge_fails: true, ..Script::default() }, false, &KEEP_LAST_2.replace("2", "1"));
+    let d = rig.daemon();
+    for n in 1..=2 {
+        let events = rig.snapshot(&d, BackupMode::Full, QuiesceMode::Off).await;
+        assert_eq!(failed(&events).0, Stage::Merge);
+        assert_eq!(backups(&d), n, "a failed job pruned");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_decides_and_changes_nothing_then_the_prune_deletes_what_it_said() {
+    use crate::daemon::retention::{Keep, PruneRequest, Rule};
+    let rig = Rig::new(Script::default(), false);
+    let d = rig.daemon();
+    for _ in 0..3 {
+        done(&rig.snapshot(&d, BackupMode::Full, QuiesceMode::Off).await);
+    }
+    let before = backup_ids(&d);
+    let records: Vec<_> = before.iter().map(|id| d.store.backup(VM, id).unwrap()).collect();
+    let keep = Keep { last: 1, ..Keep::default() };
+    let dry = d.prune(PruneRequest { vm: VM.into(), keep: Some(keep), dry_run: true }).await.unwrap();
+    assert!(dry.dry_run && dry.deleted.is_empty() && dry.gc.is_none());
+    assert_eq!(dry.decisions.iter().map(|x| x.id.clone()).collect::<Vec<_>>(), before);
+    assert_eq!(
+        dry.decisions.iter().map(|x| x.kept.map(|k| k.to_string())).collect::<Vec<_>>(),
+        [None, None, Some("keep-last 1/1".into())]
+    );
+    assert_eq!(dry.decisions[2].kept.map(|k| k.rule), Some(Rule::Last));
+    assert_eq!(backup_ids(&d), before, "a dry run deleted backups");
+    let after: Vec<_> = before.iter().map(|id| d.store.backup(VM, id).unwrap()).collect();
+    assert_eq!(after, records, "a dry run changed the state");
+    let gc = d.repo.gc().unwrap();
+    assert_eq!(gc.chunks_removed, 0, "a dry run left chunks unreferenced");
+
+    let real = d.prune(PruneRequest { vm: VM.into(), keep: Some(keep), dry_run: false }).await.unwrap();
+    assert_eq!(real.deleted, before[..2]);
+    assert_eq!(backup_ids(&d), before[2..]);
+    assert!(real.gc.is_some() && real.gc_deferred.is_none());
+
+    // No rule, and none configured: refused.
+    for keep in [None, Some(Keep::default())] {
+        let e = d.prune(PruneRequest { vm: VM.into(), keep, dry_run: true }).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    }
+    let e = d.prune(PruneRequest { vm: "nope".into(), keep: Some(keep), dry_run: true }).await.unwrap_err();
+    assert!(matches!(e, Error::UnknownVm(_)), "{e}");
 }
