@@ -38,6 +38,10 @@ impl Weighter<Key, Arc<[u8]>> for ByLength {
 pub struct ReaderStats {
     /// Chunks fetched from the store (and checked).
     pub chunks_fetched: u64,
+    /// Bytes of those chunks as the store held them (compressed, sealed): what was transferred.
+    pub bytes_fetched: u64,
+    /// Bytes of disk those chunks cover (their plain length).
+    pub disk_bytes_fetched: u64,
     /// Chunk reads served from the cache.
     pub cache_hits: u64,
     /// Chunk reads of a chunk of zeros (nothing fetched).
@@ -53,6 +57,8 @@ pub struct DiskReader {
     /// Decoders not in use (one per thread that reads at once).
     decoders: Mutex<Vec<Decoder>>,
     fetched: AtomicU64,
+    fetched_bytes: AtomicU64,
+    fetched_disk_bytes: AtomicU64,
     hits: AtomicU64,
     zeros: AtomicU64,
 }
@@ -99,6 +105,8 @@ impl DiskReader {
             cache: Cache::with_weighter(items, cache_bytes, ByLength),
             decoders: Mutex::new(Vec::new()),
             fetched: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            fetched_disk_bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             zeros: AtomicU64::new(0),
         })
@@ -116,6 +124,8 @@ impl DiskReader {
     pub fn stats(&self) -> ReaderStats {
         ReaderStats {
             chunks_fetched: self.fetched.load(Ordering::Relaxed),
+            bytes_fetched: self.fetched_bytes.load(Ordering::Relaxed),
+            disk_bytes_fetched: self.fetched_disk_bytes.load(Ordering::Relaxed),
             cache_hits: self.hits.load(Ordering::Relaxed),
             zero_reads: self.zeros.load(Ordering::Relaxed),
         }
@@ -176,6 +186,8 @@ impl DiskReader {
         };
         let mut out = Vec::with_capacity(len);
         let result = chunk::fetch(&*self.store, &hash, len, &mut out, &mut decoder, self.key.as_deref());
+        self.fetched_bytes.fetch_add(decoder.file.len() as u64, Ordering::Relaxed);
+        self.fetched_disk_bytes.fetch_add(len as u64, Ordering::Relaxed);
         self.decoders.lock().unwrap_or_else(|p| p.into_inner()).push(decoder);
         self.fetched.fetch_add(1, Ordering::Relaxed);
         result.map_err(|f| f.into_error(hash))?;

@@ -8,6 +8,8 @@
 //! - [`backend`]: the gRPC clients that implement the ports (livesnap-blk's control service,
 //!   the agent).
 //! - [`state`]: jobs and the backup index in an embedded database (redb).
+//! - [`files`]: file-level restore: ListFiles, ReadFile, GetFiles over one disk of a backup
+//!   (userspace ext4 over the repository's disk reader, one blocking thread per call).
 //! - [`reader`]: reading a frozen base (raw directly, qcow2 through `qemu-img convert -U`).
 //! - [`workflow`]: CreateSnapshot, step by step — plan, quiesce + cut + thaw, back up, merge +
 //!   checkpoint, record — and the clean-up of jobs a previous daemon left unfinished.
@@ -19,6 +21,7 @@
 pub mod args;
 pub mod backend;
 pub mod config;
+pub mod files;
 pub mod model;
 pub mod ports;
 pub mod reader;
@@ -85,6 +88,10 @@ pub enum Error {
     Repo(#[from] repo::Error),
     #[error(transparent)]
     Restore(#[from] crate::restore::Error),
+    #[error(transparent)]
+    Files(#[from] crate::files::Error),
+    #[error(transparent)]
+    FilesPanic(#[from] files::ReaderPanic),
     #[error(transparent)]
     State(#[from] state::Error),
     #[error("Cannot open the backup repository {location}")]
