@@ -495,3 +495,6 @@ fn check_path(path: &str) -> Result<Vec<u8>, Error> {
     }
     Ok(p.into_bytes())
 }
+
+#[cfg(test)]
+mod tests;
