@@ -458,6 +458,7 @@ pub fn files_code(e: &crate::files::Error) -> Code {
         F::Path { source, .. } => ext4_code(source, Code::InvalidArgument),
         F::BadPath(..) | F::NotAFile(..) => Code::InvalidArgument,
         F::Gone => Code::Cancelled,
+        F::ReadLimit => Code::ResourceExhausted,
     }
 }
 

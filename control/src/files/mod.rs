@@ -124,6 +124,8 @@ pub enum Error {
     TooDeep { path: String },
     #[error("The receiver went away")]
     Gone,
+    #[error("The bound on the bytes read was reached")]
+    ReadLimit,
 }
 
 fn capitalised(s: &str) -> String {
@@ -240,6 +242,8 @@ impl Ext4Read for RegionRead {
 pub struct Volume {
     fs: Ext4,
     pub region: Region,
+    /// File bytes (holes included) reads may still produce; see [`Volume::limit_reads`].
+    budget: std::cell::Cell<u64>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -300,7 +304,14 @@ impl Volume {
         }
         let read = RegionRead { img, start: region.start, len: region.len };
         let fs = Ext4::load(Box::new(read)).map_err(|source| Error::Ext4 { region: region.name(), source })?;
-        Ok(Volume { fs, region })
+        Ok(Volume { fs, region, budget: std::cell::Cell::new(u64::MAX) })
+    }
+
+    /// Bounds the file bytes (holes included: a hostile inode may claim terabytes of them)
+    /// that `read` and `walk` produce from now on; past it they fail with
+    /// [`Error::ReadLimit`]. Unbounded by default (livesnapd relies on the client going away).
+    pub fn limit_reads(&self, bytes: u64) {
+        self.budget.set(bytes);
     }
 
     /// The entry at `path` (an absolute path in the filesystem), not following a final symlink.
@@ -392,6 +403,11 @@ impl Volume {
             if filled == 0 {
                 break;
             }
+            let left = self.budget.get();
+            if left < filled as u64 {
+                return Err(ReadError::Sink(Error::ReadLimit));
+            }
+            self.budget.set(left - filled as u64);
             sink(offset, &buf[..filled]).map_err(ReadError::Sink)?;
             offset += filled as u64;
         }

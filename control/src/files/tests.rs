@@ -82,8 +82,7 @@ fn gpt_mbr_and_bare_disks_list_and_read_the_same_tree() {
     for table in ["gpt", "dos", "none"] {
         let v = vol(image(src.path(), table, 96 * MIB), None).unwrap();
         assert_eq!(v.region.number, if table == "none" { None } else { Some(2) }, "{table}");
-        let names: Vec<String> =
-            v.list("/").unwrap().into_iter().map(|i| String::from_utf8(i.name).unwrap()).collect();
+        let names: Vec<String> = v.list("/").unwrap().into_iter().map(|i| String::from_utf8(i.name).unwrap()).collect();
         assert_eq!(names, ["data.bin", "etc", "evil", "fifo", "hardlink", "lost+found", "sparse"], "{table}");
         let mut got = Vec::new();
         assert_eq!(v.read("/etc/hostname", |_, d| Ok(got.extend_from_slice(d))).unwrap(), 6);
@@ -113,7 +112,10 @@ fn partitions_that_hold_no_ext4_say_what_they_hold() {
     let p2 = 10240 * 512;
     img[p2 + 1080..p2 + 1082].fill(0);
     img[p2 + 512 + 24..p2 + 512 + 32].copy_from_slice(b"LVM2 001");
-    assert_eq!(vol(img.clone(), Some(2)).unwrap_err().to_string(), "Partition 2 holds an LVM physical volume, not ext4");
+    assert_eq!(
+        vol(img.clone(), Some(2)).unwrap_err().to_string(),
+        "Partition 2 holds an LVM physical volume, not ext4"
+    );
     let e = vol(img, None).unwrap_err();
     assert!(matches!(e, Error::ChoosePartition { count: 2, .. }), "{e}");
     // Random bytes: nothing known.
@@ -200,7 +202,12 @@ fn damaged_images_read_to_errors_never_panics() {
         let Ok(v) = vol(img, None) else { continue };
         opened += 1;
         let mut n = 0u64;
-        if v.walk("/", |_| { n += 1; Ok(()) }).is_ok() {
+        if v.walk("/", |_| {
+            n += 1;
+            Ok(())
+        })
+        .is_ok()
+        {
             walked += 1;
         }
     }
