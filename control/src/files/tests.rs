@@ -214,3 +214,26 @@ fn damaged_images_read_to_errors_never_panics() {
     assert!(opened > 0, "no damaged image opened: the walk was never tried");
     eprintln!("{opened} of 60 damaged images opened, {walked} walked to the end");
 }
+
+#[test]
+fn the_fuzz_seeds_are_images_that_open_and_walk() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/files_volume");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        let (&sel, img) = bytes.split_last().unwrap();
+        let partition = (sel % 4 != 0).then_some(u32::from(sel % 4));
+        let v = vol(img.to_vec(), partition).unwrap();
+        let mut names = Vec::new();
+        v.walk("/", |item| {
+            if let Item::Entry { path, .. } = item {
+                names.push(path.last().cloned().unwrap_or_default());
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(names.iter().any(|n| n == b"hostname"), "{names:?}");
+        seen += 1;
+    }
+    assert_eq!(seen, 4);
+}
