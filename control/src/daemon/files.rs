@@ -155,12 +155,7 @@ fn run(
             None
         }
         Op::Read => {
-            let info = vol.list(&r.path)?;
-            if let [one] = info.as_slice() {
-                if one.kind == files::Kind::Dir {
-                    return Err(files::Error::NotAFile(r.path.clone(), "directory").into());
-                }
-            }
+            vol.check_file(&r.path)?;
             None
         }
     };

@@ -685,6 +685,30 @@ mod tests {
             (DaemonError::Restore(crate::restore::Error::NoSuchDirectory("/r/d".into())), Code::NotFound),
             (DaemonError::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
             (DaemonError::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
+            (
+                DaemonError::Files(crate::files::Error::NotExt4 { region: "partition 1".into(), found: "xfs".into() }),
+                Code::FailedPrecondition,
+            ),
+            (
+                DaemonError::Files(crate::files::Error::Path {
+                    path: "/x".into(),
+                    source: ext4_view::Ext4Error::NotFound,
+                }),
+                Code::NotFound,
+            ),
+            (
+                // A chunk the read needed is missing, seen through ext4-view's I/O error.
+                DaemonError::Files(crate::files::Error::Path {
+                    path: "/x".into(),
+                    source: ext4_view::Ext4Error::Io(Box::new(crate::files::Error::Read {
+                        offset: 0,
+                        len: 1,
+                        source: Box::new(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }),
+                    })),
+                }),
+                Code::DataLoss,
+            ),
+            (DaemonError::Files(crate::files::Error::BadPath("x".into(), "why")), Code::InvalidArgument),
         ];
         for (e, code) in cases {
             let msg = e.to_string();

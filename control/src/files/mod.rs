@@ -369,6 +369,16 @@ impl Volume {
         Ok(out)
     }
 
+    /// Checks that `path` is (or leads through symlinks inside the image to) a regular file.
+    pub fn check_file(&self, path: &str) -> Result<(), Error> {
+        let p = check_path(path)?;
+        let meta = self.fs.metadata(p.as_slice()).map_err(|source| Error::Path { path: path.into(), source })?;
+        match Kind::of(meta.file_type()) {
+            Kind::File => Ok(()),
+            kind => Err(Error::NotAFile(path.into(), kind.as_str())),
+        }
+    }
+
     /// The bytes of the regular file at `path` (following symlinks inside the image), in
     /// pieces of at most [`PIECE`] bytes, each given to `sink` with its offset; returns the
     /// file's size.
