@@ -106,7 +106,7 @@ fn json(out: &[u8]) -> serde_json::Value {
 /// Compares what `get` wrote under `got` with the source under `want`: kinds, contents, modes,
 /// mtimes (seconds: mkfs.ext4 -d keeps no more) and symlink targets, recursively.
 fn same_tree(want: &Path, got: &Path) {
-    let mut names = |d: &Path| {
+    let names = |d: &Path| {
         let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
         v.sort();
         v

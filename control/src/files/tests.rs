@@ -85,13 +85,24 @@ fn gpt_mbr_and_bare_disks_list_and_read_the_same_tree() {
         let names: Vec<String> = v.list("/").unwrap().into_iter().map(|i| String::from_utf8(i.name).unwrap()).collect();
         assert_eq!(names, ["data.bin", "etc", "evil", "fifo", "hardlink", "lost+found", "sparse"], "{table}");
         let mut got = Vec::new();
-        assert_eq!(v.read("/etc/hostname", |_, d| Ok(got.extend_from_slice(d))).unwrap(), 6);
+        assert_eq!(
+            v.read("/etc/hostname", |_, d| {
+                got.extend_from_slice(d);
+                Ok(())
+            })
+            .unwrap(),
+            6
+        );
         assert_eq!(got, b"web01\n");
         let evil = v.stat("/evil").unwrap();
         assert_eq!((evil.kind, evil.target.as_slice()), (Kind::Symlink, &b"/etc"[..]));
         // `cat` follows symlinks inside the image only: /evil/hostname is the image's.
         let mut got = Vec::new();
-        v.read("/evil/hostname", |_, d| Ok(got.extend_from_slice(d))).unwrap();
+        v.read("/evil/hostname", |_, d| {
+            got.extend_from_slice(d);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(got, b"web01\n");
     }
 }
