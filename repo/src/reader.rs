@@ -212,6 +212,8 @@ mod tests {
     struct Counting {
         inner: LocalStore,
         gets: AtomicU64,
+        /// Bytes of the chunk files returned.
+        bytes: AtomicU64,
     }
 
     impl Counting {
@@ -238,7 +240,9 @@ mod tests {
         }
         fn get_chunk(&self, hash: &ChunkHash, max_len: u64, out: &mut Vec<u8>) -> store::Result<Fetched> {
             self.gets.fetch_add(1, Ordering::Relaxed);
-            self.inner.get_chunk(hash, max_len, out)
+            let r = self.inner.get_chunk(hash, max_len, out);
+            self.bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
+            r
         }
         fn flush_chunks(&self, hashes: &[ChunkHash]) -> store::Result<()> {
             self.inner.flush_chunks(hashes)
@@ -303,7 +307,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
         let local = LocalStore::create(&root).unwrap();
-        let store = Arc::new(Counting { inner: local, gets: AtomicU64::new(0) });
+        let store = Arc::new(Counting { inner: local, gets: AtomicU64::new(0), bytes: AtomicU64::new(0) });
         let opts = CreateOptions { chunk_size: K64, ..CreateOptions::default() };
         let repo = Repository::create_in(store.clone(), opts).unwrap();
         let mut data = mixed(CHUNKS * K64 as usize + 777, 5);
@@ -358,6 +362,9 @@ mod tests {
         assert_eq!(store.gets() - before, 4);
         let stats = reader.stats();
         assert_eq!((stats.chunks_fetched, stats.cache_hits, stats.zero_reads), (4, 0, 2));
+        // What was transferred is what the store returned; the disk bytes are the chunks'.
+        assert_eq!(stats.bytes_fetched, store.bytes.load(Ordering::Relaxed));
+        assert_eq!(stats.disk_bytes_fetched, 4 * K64);
         // One byte of a zero chunk fetches nothing.
         let mut one = [7u8];
         reader.read_at(&mut one, 5 * K64 + 3).unwrap();
