@@ -248,3 +248,28 @@ fn the_fuzz_seeds_are_images_that_open_and_walk() {
     }
     assert_eq!(seen, 4);
 }
+
+#[test]
+fn a_tree_deeper_than_the_bound_is_refused_and_one_within_it_walks() {
+    let src = tempfile::tempdir().unwrap();
+    let mut deep = src.path().join("ok");
+    for _ in 0..MAX_DEPTH - 1 {
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let mut deeper = src.path().join("deep");
+    for _ in 0..MAX_DEPTH + 1 {
+        deeper.push("d");
+    }
+    std::fs::create_dir_all(&deeper).unwrap();
+    let v = vol(image(src.path(), "none", 16 * MIB), None).unwrap();
+    let mut n = 0;
+    v.walk("/ok", |_| {
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(n, MAX_DEPTH);
+    let e = v.walk("/deep", |_| Ok(())).unwrap_err();
+    assert!(matches!(e, Error::TooDeep { .. }), "{e}");
+}
