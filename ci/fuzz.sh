@@ -64,6 +64,8 @@ for t in "${targets[@]}"; do
     # (hook output past the host's limit, a request of many descriptors and guest data).
     case $t in
         hook_output | virtio_request) extra=(-max_len=131072) ;;
+        # Whole (small) disk images: the largest seed is 2 MiB.
+        files_volume) extra=(-max_len=2200000) ;;
         *) extra=() ;;
     esac
     # libFuzzer: -timeout flags an input that takes longer than 10 s (a hang) as a crash.

@@ -5,7 +5,8 @@
 # - QEMU 7.2 from bookworm (qemu-system-x86_64, qemu-storage-daemon, qemu-img), pinned to one
 #   version: qemu-utils and qemu-block-extra must match qemu-system-x86, and a newer qemu-utils
 #   from backports would otherwise conflict.
-# - e2fsprogs (mkfs.ext4 -d, e2fsck, debugfs) and coreutils (md5sum) for the host's checks.
+# - e2fsprogs (mkfs.ext4 -d, e2fsck, debugfs) and coreutils (md5sum) for the host's checks; fdisk
+#   (sfdisk) for the partitioned images of the file-restore tests.
 # - busybox-static, cpio, kmod (depmod), xz-utils, zstd for ci/build-guest.sh.
 # - debootstrap and binutils (strip) for ci/package-agent.sh and ci/check-agent-deb.sh.
 # - libvirt-daemon-system and libvirt-clients (virsh) for the libvirt-managed VM's test
@@ -15,7 +16,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 [ "$(id -u)" -eq 0 ] || { echo "install-deps: run as root" >&2; exit 1; }
 
-PLAIN=(e2fsprogs coreutils busybox-static cpio kmod xz-utils zstd debootstrap binutils libvirt-daemon-system libvirt-clients)
+PLAIN=(e2fsprogs fdisk coreutils busybox-static cpio kmod xz-utils zstd debootstrap binutils libvirt-daemon-system libvirt-clients)
 
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | sed -n 's/^install ok installed //p'; }
 

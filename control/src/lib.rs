@@ -5,6 +5,8 @@
 //!   vhost-device-vsock: `CONNECT <port>\n`, `OK <n>\n`, then the stream) and AF_VSOCK.
 //! - [`agent`]: the agent client. The guest belongs to a tenant: every reply is hostile input —
 //!   sizes bounded, a timeout on every call, replies validated, garbage answered with an error.
+//! - [`files`]: file-level restore: partition tables, ext4 read in userspace (ext4-view) over
+//!   the repository's disk reader, and the confined writer of a tree (`snapctl backup files`).
 //! - [`restore`]: restores of a backup's disk to a new raw or qcow2 image (`qemu-img`).
 //! - [`daemon`]: livesnapd, the host daemon (`proto/livesnapd.proto`; binary src/bin/livesnapd.rs).
 //!
@@ -15,6 +17,7 @@
 pub mod agent;
 pub mod cli;
 pub mod daemon;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod restore;

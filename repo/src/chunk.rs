@@ -165,7 +165,7 @@ pub struct Decoder {
     decompressor: zstd::bulk::Decompressor<'static>,
     chunk_size: usize,
     /// The chunk file.
-    file: Vec<u8>,
+    pub(crate) file: Vec<u8>,
 }
 
 impl fmt::Debug for Decoder {

@@ -38,6 +38,10 @@ impl Weighter<Key, Arc<[u8]>> for ByLength {
 pub struct ReaderStats {
     /// Chunks fetched from the store (and checked).
     pub chunks_fetched: u64,
+    /// Bytes of those chunks as the store held them (compressed, sealed): what was transferred.
+    pub bytes_fetched: u64,
+    /// Bytes of disk those chunks cover (their plain length).
+    pub disk_bytes_fetched: u64,
     /// Chunk reads served from the cache.
     pub cache_hits: u64,
     /// Chunk reads of a chunk of zeros (nothing fetched).
@@ -53,6 +57,8 @@ pub struct DiskReader {
     /// Decoders not in use (one per thread that reads at once).
     decoders: Mutex<Vec<Decoder>>,
     fetched: AtomicU64,
+    fetched_bytes: AtomicU64,
+    fetched_disk_bytes: AtomicU64,
     hits: AtomicU64,
     zeros: AtomicU64,
 }
@@ -99,6 +105,8 @@ impl DiskReader {
             cache: Cache::with_weighter(items, cache_bytes, ByLength),
             decoders: Mutex::new(Vec::new()),
             fetched: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            fetched_disk_bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             zeros: AtomicU64::new(0),
         })
@@ -116,6 +124,8 @@ impl DiskReader {
     pub fn stats(&self) -> ReaderStats {
         ReaderStats {
             chunks_fetched: self.fetched.load(Ordering::Relaxed),
+            bytes_fetched: self.fetched_bytes.load(Ordering::Relaxed),
+            disk_bytes_fetched: self.fetched_disk_bytes.load(Ordering::Relaxed),
             cache_hits: self.hits.load(Ordering::Relaxed),
             zero_reads: self.zeros.load(Ordering::Relaxed),
         }
@@ -176,6 +186,8 @@ impl DiskReader {
         };
         let mut out = Vec::with_capacity(len);
         let result = chunk::fetch(&*self.store, &hash, len, &mut out, &mut decoder, self.key.as_deref());
+        self.fetched_bytes.fetch_add(decoder.file.len() as u64, Ordering::Relaxed);
+        self.fetched_disk_bytes.fetch_add(len as u64, Ordering::Relaxed);
         self.decoders.lock().unwrap_or_else(|p| p.into_inner()).push(decoder);
         self.fetched.fetch_add(1, Ordering::Relaxed);
         result.map_err(|f| f.into_error(hash))?;
@@ -200,6 +212,8 @@ mod tests {
     struct Counting {
         inner: LocalStore,
         gets: AtomicU64,
+        /// Bytes of the chunk files returned.
+        bytes: AtomicU64,
     }
 
     impl Counting {
@@ -226,7 +240,9 @@ mod tests {
         }
         fn get_chunk(&self, hash: &ChunkHash, max_len: u64, out: &mut Vec<u8>) -> store::Result<Fetched> {
             self.gets.fetch_add(1, Ordering::Relaxed);
-            self.inner.get_chunk(hash, max_len, out)
+            let r = self.inner.get_chunk(hash, max_len, out);
+            self.bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
+            r
         }
         fn flush_chunks(&self, hashes: &[ChunkHash]) -> store::Result<()> {
             self.inner.flush_chunks(hashes)
@@ -291,7 +307,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
         let local = LocalStore::create(&root).unwrap();
-        let store = Arc::new(Counting { inner: local, gets: AtomicU64::new(0) });
+        let store = Arc::new(Counting { inner: local, gets: AtomicU64::new(0), bytes: AtomicU64::new(0) });
         let opts = CreateOptions { chunk_size: K64, ..CreateOptions::default() };
         let repo = Repository::create_in(store.clone(), opts).unwrap();
         let mut data = mixed(CHUNKS * K64 as usize + 777, 5);
@@ -346,6 +362,9 @@ mod tests {
         assert_eq!(store.gets() - before, 4);
         let stats = reader.stats();
         assert_eq!((stats.chunks_fetched, stats.cache_hits, stats.zero_reads), (4, 0, 2));
+        // What was transferred is what the store returned; the disk bytes are the chunks'.
+        assert_eq!(stats.bytes_fetched, store.bytes.load(Ordering::Relaxed));
+        assert_eq!(stats.disk_bytes_fetched, 4 * K64);
         // One byte of a zero chunk fetches nothing.
         let mut one = [7u8];
         reader.read_at(&mut one, 5 * K64 + 3).unwrap();

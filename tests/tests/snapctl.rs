@@ -55,6 +55,8 @@ struct Script {
     delete: Reply<()>,
     restore: Reply<Vec<Step>>,
     prune: Reply<PruneReply>,
+    /// GetFiles' items, sent in order.
+    files: Reply<Vec<FileItem>>,
 }
 
 impl Default for Script {
@@ -69,6 +71,7 @@ impl Default for Script {
             delete: Err(unimplemented),
             restore: Err(unimplemented),
             prune: Err(unimplemented),
+            files: Err(unimplemented),
         }
     }
 }
@@ -221,6 +224,27 @@ impl Livesnapd for FakeDaemon {
     async fn prune(&self, req: Request<PruneRequest>) -> Result<Response<PruneReply>, Status> {
         self.seen().prunes.push(req.into_inner());
         self.script.prune.clone().map(Response::new).map_err(status)
+    }
+
+    // `backup files ls` and `cat` run against the real daemon (files.rs); GetFiles is scripted
+    // here to play a daemon (or an image) sending what the extractor must refuse.
+    type ListFilesStream = EventStream<FileList>;
+
+    async fn list_files(&self, _: Request<FilesRequest>) -> Result<Response<Self::ListFilesStream>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    type ReadFileStream = EventStream<FileData>;
+
+    async fn read_file(&self, _: Request<FilesRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    type GetFilesStream = EventStream<FileItem>;
+
+    async fn get_files(&self, _: Request<FilesRequest>) -> Result<Response<Self::GetFilesStream>, Status> {
+        let items = self.script.files.clone().map_err(status)?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))))
     }
 
     // The job commands run against the real daemon (livesnapd.rs).
@@ -1262,4 +1286,94 @@ fn tcp_with_tls_sends_the_token_and_a_refused_token_or_a_strange_certificate_exi
         "snapctl: Cannot list VMs: a bearer token is required (livesnapd wants its token: --token-file FILE)"
     );
     Ok(())
+}
+
+fn file_entry(path: &[&str], kind: FileKind, size: u64, target: &str) -> FileItem {
+    let info = FileInfo {
+        name: path.last().map(|n| n.as_bytes().to_vec()).unwrap_or_default(),
+        kind: kind as i32,
+        mode: 0o644,
+        size,
+        mtime_sec: 1_000_000_000,
+        target: target.as_bytes().to_vec(),
+        ..FileInfo::default()
+    };
+    let path = path.iter().map(|c| c.as_bytes().to_vec()).collect();
+    FileItem { item: Some(file_item::Item::Entry(FileEntry { path, info: Some(info) })) }
+}
+
+fn file_data(offset: u64, data: &[u8]) -> FileItem {
+    FileItem { item: Some(file_item::Item::Data(FileData { offset, data: data.to_vec(), done: None })) }
+}
+
+fn files_done() -> FileItem {
+    FileItem { item: Some(file_item::Item::Done(FilesDone { disk_size: 1 << 30, ..FilesDone::default() })) }
+}
+
+/// `backup files ... get` against a daemon that sends what a hostile image holds: the
+/// extractor writes the good tree, and never anything outside the target.
+#[test]
+fn files_get_writes_the_tree_and_never_outside_the_target() {
+    let outside = tempfile::tempdir().unwrap();
+    let out_s = outside.path().to_str().unwrap().to_owned();
+    let cases: Vec<(&str, Vec<FileItem>, i32, &str)> = vec![
+        (
+            "a good tree",
+            vec![
+                file_entry(&["d"], FileKind::Directory, 0, ""),
+                file_entry(&["d", "f"], FileKind::File, 5, ""),
+                file_data(0, b"hello"),
+                file_entry(&["d", "l"], FileKind::Symlink, 0, "/etc/passwd"),
+                file_entry(&["d", "p"], FileKind::Fifo, 0, ""),
+                files_done(),
+            ],
+            0,
+            "a fifo, skipped",
+        ),
+        (
+            "a file through a symlink to a directory outside",
+            vec![
+                file_entry(&["evil"], FileKind::Symlink, 0, &out_s),
+                file_entry(&["evil", "passwd"], FileKind::File, 3, ""),
+                file_data(0, b"pwn"),
+                files_done(),
+            ],
+            1,
+            "Cannot open the directory",
+        ),
+        (
+            "`..` in a path",
+            vec![file_entry(&["..", "x"], FileKind::File, 0, ""), files_done()],
+            1,
+            "`.` and `..` are not names",
+        ),
+        ("`/` in a name", vec![file_entry(&["a/b"], FileKind::File, 0, ""), files_done()], 1, "a name holding `/`"),
+        (
+            "data past the file's size",
+            vec![file_entry(&["f"], FileKind::File, 2, ""), file_data(0, b"abc"), files_done()],
+            1,
+            "is past its size 2",
+        ),
+        (
+            "a stream that ends before done",
+            vec![file_entry(&["f"], FileKind::File, 0, "")],
+            1,
+            "ended before it was done",
+        ),
+    ];
+    for (what, items, code, says) in cases {
+        let fake = Fake::start(Script { files: Ok(items), ..Script::default() }).unwrap();
+        let to = fake.dir.path().join("to");
+        std::fs::create_dir(&to).unwrap();
+        let r = fake
+            .run(&["backup", "files", "vm1", "b1", "--disk", "vda", "get", "/", "--to", to.to_str().unwrap()])
+            .unwrap();
+        assert_eq!(r.code, code, "{what}: {r:?}");
+        assert!(r.stderr.contains(says), "{what}: {r:?}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "{what}: written outside");
+        if code == 0 {
+            assert_eq!(std::fs::read(to.join("d/f")).unwrap(), b"hello");
+            assert_eq!(std::fs::read_link(to.join("d/l")).unwrap(), Path::new("/etc/passwd"));
+        }
+    }
 }

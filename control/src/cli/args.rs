@@ -132,6 +132,23 @@ pub enum BackupAction {
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
+    /// Files of one disk of a backup, read by livesnapd without mounting anything (ext4, on
+    /// the whole disk or a GPT/MBR partition): list a directory, print a file, or copy a file
+    /// or tree here. Only the chunks the reads touch are fetched.
+    Files {
+        vm: String,
+        id: String,
+        /// The disk's id (`snapctl backup show VM ID` lists them).
+        #[arg(long)]
+        disk: String,
+        /// The partition (1-based: GPT entry; MBR 1-4 primary, 5... logical) [default: the
+        /// whole disk if it has no partition table, else its only partition, else its only
+        /// ext4 one].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        partition: Option<u32>,
+        #[command(subcommand)]
+        action: FilesAction,
+    },
     /// Delete one backup (chunks other backups use stay).
     Delete { vm: String, id: String },
     /// Apply retention to a VM's backups as Proxmox Backup Server's prune does: each rule, in
@@ -170,6 +187,29 @@ pub struct KeepArgs {
     /// Keep the newest backup of each of the last N years that have one.
     #[arg(long = "keep-yearly", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub yearly: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FilesAction {
+    /// The entries of a directory (or the entry itself): mode, owner, size, mtime, name.
+    Ls {
+        /// An absolute path in the disk's filesystem.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// A regular file's bytes on stdout.
+    Cat { path: String },
+    /// Copy a file or a directory tree into DIR (here, on the client's host), with modes,
+    /// times, owners when run as root, and symlinks as symlinks; nothing is overwritten and
+    /// nothing is written outside DIR. Fifos, devices and sockets are skipped with a warning;
+    /// set-ID bits are dropped.
+    Get {
+        path: String,
+        /// An existing directory; the entry is created inside it under its own name (the
+        /// root's contents go straight into it).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -107,6 +107,9 @@ pub async fn backup(d: &mut Daemon, action: BackupAction, json: bool) -> Result<
         BackupAction::Show { vm, id } => show(d, vm, id, json).await,
         BackupAction::Verify { vm, id } => verify(d, vm, id, json).await,
         BackupAction::Restore { vm, id, disk, to, format } => restore(d, vm, id, disk, to, format, json).await,
+        BackupAction::Files { vm, id, disk, partition, action } => {
+            super::files::files(d, super::files::Target { vm, id, disk, partition }, action, json).await
+        }
         BackupAction::Delete { vm, id } => delete(d, vm, id, json).await,
         BackupAction::Prune { vm, keep, dry_run } => prune(d, vm, keep, dry_run, json).await,
     }

@@ -9,6 +9,8 @@
 //! - [`snapshot`]: `vm snapshot`: the event stream as a live progress bar, plain lines or JSON
 //!   lines.
 //! - [`commands`]: `vm list` and the `backup` commands.
+//! - [`files`]: `backup files ... ls | cat | get`: a backup's files through livesnapd, `get`
+//!   written here by the confined extractor.
 //! - [`jobs`]: the `job` commands: list, show, cancel.
 //! - [`agent`]: `agent ...`, a guest agent talked to directly.
 
@@ -17,6 +19,7 @@ pub mod args;
 pub mod commands;
 pub mod connect;
 pub mod error;
+pub mod files;
 pub mod jobs;
 pub mod render;
 pub mod snapshot;

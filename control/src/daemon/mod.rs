@@ -12,6 +12,8 @@
 //! - [`backend`]: the gRPC clients that implement the ports (livesnap-blk's control service,
 //!   the agent).
 //! - [`state`]: jobs and the backup index in an embedded database (redb).
+//! - [`files`]: file-level restore: ListFiles, ReadFile, GetFiles over one disk of a backup
+//!   (userspace ext4 over the repository's disk reader, one blocking thread per call).
 //! - [`reader`]: reading a frozen base (raw directly, qcow2 through `qemu-img convert -U`).
 //! - [`workflow`]: CreateSnapshot, step by step — plan, quiesce + cut + thaw, back up, merge +
 //!   checkpoint, record — and the clean-up of jobs a previous daemon left unfinished.
@@ -25,6 +27,7 @@ pub mod args;
 pub mod backend;
 pub mod calendar;
 pub mod config;
+pub mod files;
 pub mod metrics;
 pub mod model;
 pub mod ports;
@@ -93,6 +96,10 @@ pub enum Error {
     Repo(#[from] repo::Error),
     #[error(transparent)]
     Restore(#[from] crate::restore::Error),
+    #[error(transparent)]
+    Files(#[from] crate::files::Error),
+    #[error(transparent)]
+    FilesPanic(#[from] files::ReaderPanic),
     #[error(transparent)]
     State(#[from] state::Error),
     #[error("Cannot open the backup repository {location}")]

@@ -17,6 +17,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::info;
 
 use super::config::read_token;
+use super::files::{FilesDone, FilesMsg, FilesRequest};
 use super::model::{
     AgentState, Backup, BackupKind, BackupMode, Event, ImageFormat, JobView, QuiesceMode, RestoreRequest,
     SnapshotRequest, VmInfo,
@@ -26,6 +27,7 @@ use super::retention::{Keep, PruneRequest};
 use super::state::JobResult;
 use super::workflow::StopReason;
 use super::{Daemon, Error as DaemonError};
+use crate::files::{FileInfo, Item, Kind};
 use livesnap_repo as repo;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +187,99 @@ impl Livesnapd for Service {
     async fn cancel_job(&self, r: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
         Ok(Response::new(job_pb(self.0.cancel_job(&r.into_inner().id).await.map_err(status)?)))
     }
+
+    type ListFilesStream = BoxStream<pb::FileList>;
+
+    async fn list_files(&self, r: Request<pb::FilesRequest>) -> Result<Response<Self::ListFilesStream>, Status> {
+        let rx = self.0.list_files(files_request(r.into_inner())).await.map_err(status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| {
+            Ok(match m.map_err(status)? {
+                FilesMsg::List(entries) => {
+                    pb::FileList { entries: entries.into_iter().map(file_info_pb).collect(), done: None }
+                }
+                FilesMsg::Done(d) => pb::FileList { entries: Vec::new(), done: Some(files_done_pb(d)) },
+                FilesMsg::Data { .. } | FilesMsg::Item(_) => return Err(Status::internal("unexpected files message")),
+            })
+        }))))
+    }
+
+    type ReadFileStream = BoxStream<pb::FileData>;
+
+    async fn read_file(&self, r: Request<pb::FilesRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+        let rx = self.0.read_file(files_request(r.into_inner())).await.map_err(status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| {
+            Ok(match m.map_err(status)? {
+                FilesMsg::Data { offset, data } => pb::FileData { offset, data, done: None },
+                FilesMsg::Done(d) => pb::FileData { offset: 0, data: Vec::new(), done: Some(files_done_pb(d)) },
+                FilesMsg::List(_) | FilesMsg::Item(_) => return Err(Status::internal("unexpected files message")),
+            })
+        }))))
+    }
+
+    type GetFilesStream = BoxStream<pb::FileItem>;
+
+    async fn get_files(&self, r: Request<pb::FilesRequest>) -> Result<Response<Self::GetFilesStream>, Status> {
+        use pb::file_item::Item as I;
+        let rx = self.0.get_files(files_request(r.into_inner())).await.map_err(status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| {
+            let item = match m.map_err(status)? {
+                FilesMsg::Item(Item::Entry { path, info }) => {
+                    I::Entry(pb::FileEntry { path, info: Some(file_info_pb(info)) })
+                }
+                FilesMsg::Item(Item::Data { offset, data }) => I::Data(pb::FileData { offset, data, done: None }),
+                FilesMsg::Done(d) => I::Done(files_done_pb(d)),
+                FilesMsg::List(_) | FilesMsg::Data { .. } => return Err(Status::internal("unexpected files message")),
+            };
+            Ok(pb::FileItem { item: Some(item) })
+        }))))
+    }
+}
+
+fn files_request(r: pb::FilesRequest) -> FilesRequest {
+    FilesRequest {
+        vm: r.vm,
+        id: r.id,
+        disk: r.disk,
+        partition: (r.partition != 0).then_some(r.partition),
+        path: r.path,
+    }
+}
+
+fn files_done_pb(d: FilesDone) -> pb::FilesDone {
+    pb::FilesDone {
+        chunks_fetched: d.stats.chunks_fetched,
+        bytes_fetched: d.stats.bytes_fetched,
+        disk_bytes_fetched: d.stats.disk_bytes_fetched,
+        disk_size: d.disk_size,
+        partition: d.partition.unwrap_or(0),
+        entries: d.entries,
+        data_bytes: d.data_bytes,
+    }
+}
+
+/// A filesystem entry on the wire (see [`crate::files::FileInfo`] and its reverse in snapctl).
+pub fn file_info_pb(i: FileInfo) -> pb::FileInfo {
+    pb::FileInfo {
+        name: i.name,
+        kind: match i.kind {
+            Kind::File => pb::FileKind::File,
+            Kind::Dir => pb::FileKind::Directory,
+            Kind::Symlink => pb::FileKind::Symlink,
+            Kind::Fifo => pb::FileKind::Fifo,
+            Kind::CharDev => pb::FileKind::CharDevice,
+            Kind::BlockDev => pb::FileKind::BlockDevice,
+            Kind::Socket => pb::FileKind::Socket,
+        } as i32,
+        mode: i.mode,
+        uid: i.uid,
+        gid: i.gid,
+        size: i.size,
+        mtime_sec: i.mtime.secs,
+        mtime_nsec: i.mtime.nanos,
+        atime_sec: i.atime.secs,
+        atime_nsec: i.atime.nanos,
+        target: i.target,
+    }
 }
 
 fn job_pb(v: JobView) -> pb::Job {
@@ -324,6 +419,8 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Backend { source, .. } => backend_code(source),
         DaemonError::Repo(e) | DaemonError::RepoOpen { source: e, .. } => repo_code(e),
         DaemonError::Restore(e) => restore_code(e),
+        DaemonError::Files(e) => files_code(e),
+        DaemonError::FilesPanic(_) => Code::Internal,
         DaemonError::Base { .. }
         | DaemonError::State(_)
         | DaemonError::RestoreDir { .. }
@@ -364,6 +461,43 @@ fn restore_code(e: &crate::restore::Error) -> Code {
         R::NoSuchDirectory(_) => Code::NotFound,
         R::NoOpenat2 => Code::FailedPrecondition,
         R::Io { .. } | R::QemuImgSpawn(_) | R::QemuImg { .. } => Code::Internal,
+    }
+}
+
+/// A files call's error: what the disk holds that cannot be read is FAILED_PRECONDITION, a
+/// damaged filesystem DATA_LOSS, a missing path or partition NOT_FOUND; a read of the
+/// repository that failed answers as the repository's error does.
+pub fn files_code(e: &crate::files::Error) -> Code {
+    use crate::files::Error as F;
+    match e {
+        F::Read { source, .. } => match source.downcast_ref::<repo::Error>() {
+            Some(e) => repo_code(e),
+            None => Code::Internal,
+        },
+        F::PastEnd { .. } | F::TooDeep { .. } => Code::DataLoss,
+        F::Table(_) | F::ChoosePartition { .. } | F::NotExt4 { .. } => Code::FailedPrecondition,
+        F::NoTable { .. } | F::NoSuchPartition { .. } => Code::NotFound,
+        F::Ext4 { source, .. } => ext4_code(source, Code::FailedPrecondition),
+        F::Path { source, .. } => ext4_code(source, Code::InvalidArgument),
+        F::BadPath(..) | F::NotAFile(..) => Code::InvalidArgument,
+        F::Gone => Code::Cancelled,
+        F::ReadLimit => Code::ResourceExhausted,
+    }
+}
+
+/// ext4-view's error: `unusable` for what the reader refuses that is not damage (a path
+/// that is not a directory, an incompatible feature, ...).
+fn ext4_code(e: &ext4_view::Ext4Error, unusable: Code) -> Code {
+    use ext4_view::Ext4Error as E;
+    match e {
+        E::NotFound => Code::NotFound,
+        E::Corrupt(_) => Code::DataLoss,
+        E::Io(inner) => match inner.downcast_ref::<crate::files::Error>() {
+            Some(f) => files_code(f),
+            None => Code::Internal,
+        },
+        E::Incompatible(_) | E::Encrypted => Code::FailedPrecondition,
+        _ => unusable,
     }
 }
 
@@ -574,6 +708,30 @@ mod tests {
             (DaemonError::Restore(crate::restore::Error::NoSuchDirectory("/r/d".into())), Code::NotFound),
             (DaemonError::Repo(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }), Code::DataLoss),
             (DaemonError::Repo(repo::Error::InvalidName { what: "VM", name: "..".into() }), Code::InvalidArgument),
+            (
+                DaemonError::Files(crate::files::Error::NotExt4 { region: "partition 1".into(), found: "xfs".into() }),
+                Code::FailedPrecondition,
+            ),
+            (
+                DaemonError::Files(crate::files::Error::Path {
+                    path: "/x".into(),
+                    source: ext4_view::Ext4Error::NotFound,
+                }),
+                Code::NotFound,
+            ),
+            (
+                // A chunk the read needed is missing, seen through ext4-view's I/O error.
+                DaemonError::Files(crate::files::Error::Path {
+                    path: "/x".into(),
+                    source: ext4_view::Ext4Error::Io(Box::new(crate::files::Error::Read {
+                        offset: 0,
+                        len: 1,
+                        source: Box::new(repo::Error::ChunkMissing { hash: repo::ChunkHash([0; 32]) }),
+                    })),
+                }),
+                Code::DataLoss,
+            ),
+            (DaemonError::Files(crate::files::Error::BadPath("x".into(), "why")), Code::InvalidArgument),
         ];
         for (e, code) in cases {
             let msg = e.to_string();

@@ -154,6 +154,69 @@ fn repository(seeds: &Seeds, tmp: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Small disk images for `files_volume`: ext4 made by `mkfs.ext4 -d` (1 KiB blocks) from a
+/// little tree, on a bare disk (with and without a journal), in a GPT partition and in an MBR
+/// partition (`sfdisk`); each followed by the target's partition byte.
+fn files(seeds: &Seeds, tmp: &Path) -> Result<()> {
+    let src = tmp.join("src");
+    std::fs::create_dir_all(src.join("etc/sub"))?;
+    std::fs::write(src.join("etc/hostname"), b"web01\n")?;
+    std::fs::write(src.join("etc/sub/data"), vec![0x5a; 5000])?;
+    std::os::unix::fs::symlink("/etc", src.join("evil"))?;
+    std::os::unix::fs::symlink("../../../x", src.join("etc/sub/up"))?;
+    let f = std::fs::File::create(src.join("sparse"))?;
+    f.set_len(100_000)?;
+    std::os::unix::fs::FileExt::write_all_at(&f, b"end", 99_997)?;
+    let run = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(Command::new("mkfifo").arg(src.join("fifo")))?;
+    // (name, partition table, disk KiB, ext4 offset in sectors, ext4 KiB, journal, selector)
+    let cases: [(&str, &str, u64, u64, u64, bool, u8); 4] = [
+        ("bare", "", 256, 0, 256, false, 0),
+        ("bare-journal", "", 2048, 0, 2048, true, 0),
+        ("gpt", "gpt", 512, 40, 256, false, 2),
+        ("mbr", "dos", 320, 8, 256, false, 1),
+    ];
+    for (name, table, disk_kib, start, fs_kib, journal, sel) in cases {
+        let img = tmp.join(name);
+        std::fs::File::create(&img)?.set_len(disk_kib << 10)?;
+        if !table.is_empty() {
+            // Partition 1: a small one in front (gpt), the ext4 in the last.
+            let script = match table {
+                "gpt" => format!("label: gpt\nstart=34, size=6, type=L\nstart={start}, size={}, type=L\n", fs_kib * 2),
+                _ => format!("label: dos\nstart={start}, size={}, type=83\n", fs_kib * 2),
+            };
+            let mut c = Command::new("sfdisk")
+                .args(["-q", "--no-reread", "--no-tell-kernel"])
+                .arg(&img)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .context("running sfdisk")?;
+            std::io::Write::write_all(&mut c.stdin.take().context("sfdisk's stdin")?, script.as_bytes())?;
+            if !c.wait()?.success() {
+                bail!("sfdisk {name} failed");
+            }
+        }
+        let features = if journal { "^resize_inode" } else { "^has_journal,^resize_inode" };
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "1024", "-N", "32", "-O", features, "-E"])
+            .arg(format!("offset={}", start * 512))
+            .arg("-d")
+            .arg(&src)
+            .arg(&img)
+            .arg(format!("{fs_kib}k")))?;
+        let mut bytes = std::fs::read(&img)?;
+        bytes.push(sel);
+        seeds.put("files_volume", name, &bytes)?;
+    }
+    Ok(())
+}
+
 /// The first 4 KiB of qcow2 images as `qemu-img create` makes them.
 fn qcow2(seeds: &Seeds, tmp: &Path) -> Result<()> {
     let base = tmp.join("base.qcow2");
@@ -330,12 +393,13 @@ fn run() -> Result<()> {
     let seeds = Seeds { root: PathBuf::from(out) };
     let repo_root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("no repository root")?;
     let tmp = tempfile::tempdir()?;
-    for (what, dir) in [("engine", "engine"), ("repository", "repo"), ("qcow2", "qcow2")] {
+    for (what, dir) in [("engine", "engine"), ("repository", "repo"), ("qcow2", "qcow2"), ("files", "files")] {
         let sub = tmp.path().join(dir);
         std::fs::create_dir_all(&sub)?;
         match what {
             "engine" => engine(&seeds, &sub),
             "repository" => repository(&seeds, &sub),
+            "files" => files(&seeds, &sub),
             _ => qcow2(&seeds, &sub),
         }
         .with_context(|| format!("making the {what} seeds"))?;
