@@ -14,7 +14,8 @@
 //! - [`state`]: jobs and the backup index in an embedded database (redb).
 //! - [`files`]: file-level restore: ListFiles, ReadFile, GetFiles over one disk of a backup
 //!   (userspace ext4 over the repository's disk reader, one blocking thread per call).
-//! - [`reader`]: reading a frozen base (raw directly, qcow2 through `qemu-img convert -U`).
+//! - [`reader`]: reading a frozen base in place (raw, holes skipped; qcow2 through the
+//!   repository's read-only `Qcow2Source`).
 //! - [`workflow`]: CreateSnapshot, step by step — plan, quiesce + cut + thaw, back up, merge +
 //!   checkpoint, record — and the clean-up of jobs a previous daemon left unfinished.
 //! - [`metrics`]: the Prometheus metrics the workflow's hooks update, and their HTTP endpoint.
