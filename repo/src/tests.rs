@@ -689,17 +689,24 @@ fn mib_per_s(bytes: u64, since: Instant) -> f64 {
     bytes as f64 / (1 << 20) as f64 / since.elapsed().as_secs_f64()
 }
 
-/// Prints the throughput of a full backup of a 512 MiB file of mixed data, of a second one
-/// (everything deduplicated), of verify and of a restore.
-#[test]
-#[ignore = "measurement: run with --run-ignored only --no-capture"]
-fn measure_throughput_of_a_512_mib_full_backup() {
+/// The measurements' source: 512 MiB of mixed data in a file under `$MEASURE_DIR` (default: the
+/// temporary directory).
+fn measure_source() -> (tempfile::TempDir, usize, FileSource) {
     let dir =
         tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").map_or_else(std::env::temp_dir, PathBuf::from)).unwrap();
     let size = 512usize << 20;
     let path = dir.path().join("disk.raw");
     fs::write(&path, mixed(size, 42)).unwrap();
     let src = FileSource::open(&path).unwrap();
+    (dir, size, src)
+}
+
+/// Prints the throughput of a full backup of a 512 MiB file of mixed data, of a second one
+/// (everything deduplicated), of verify and of a restore.
+#[test]
+#[ignore = "measurement: run with --run-ignored only --no-capture"]
+fn measure_throughput_of_a_512_mib_full_backup() {
+    let (dir, size, src) = measure_source();
     // Out of the page cache as far as possible: the source is a disk, not memory.
     let _ = Command::new("sh").args(["-c", "sync; echo 1 > /proc/sys/vm/drop_caches"]).status();
     // Where a single thread's time goes, per stage, over the same 4 MiB chunks.
@@ -1038,12 +1045,7 @@ fn walk(dir: &Path) -> Vec<String> {
 #[ignore = "a measurement: prints numbers"]
 fn measure_backup_and_restore_against_their_limits() {
     use rayon::prelude::*;
-    let dir =
-        tempfile::tempdir_in(std::env::var_os("MEASURE_DIR").map_or_else(std::env::temp_dir, PathBuf::from)).unwrap();
-    let size = 512usize << 20;
-    let path = dir.path().join("disk.raw");
-    fs::write(&path, mixed(size, 42)).unwrap();
-    let src = FileSource::open(&path).unwrap();
+    let (dir, size, src) = measure_source();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cs = DEFAULT_CHUNK_SIZE as usize;
     let level = CreateOptions::default().compression_level;
