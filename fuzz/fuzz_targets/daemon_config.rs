@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     if let RepositoryConfig::Dir(p) = &c.repository {
         assert!(p.is_absolute(), "{}", p.display());
     }
-    for p in [&c.socket, &c.state, &c.scratch] {
+    for p in [&c.socket, &c.state, &c.restore_dir] {
         assert!(p.is_absolute(), "{}", p.display());
     }
     if let Some(t) = &c.tcp {
