@@ -6,6 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# CI builds each crate once: incremental state would only fill the disk (a CI run once ran out).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# One line per stage: free space where the builds go, and what the build trees hold.
+disk() {
+    echo "disk after $1: $(df -h --output=avail . | tail -n 1 | tr -d ' ') free;" \
+        "$(du -sh target fuzz/target 2>/dev/null | awk '{printf "%s %s; ", $2, $1}')"
+}
+disk start
+
 ci/install-deps.sh
 ci/build-guest.sh
 # Cargo tools: the test runner, the packager, the userspace vsock device the agent's QEMU tests
@@ -18,17 +27,22 @@ done
 # (ci/garage.sh starts it on loopback); ~14 min to build, so only when missing.
 command -v garage >/dev/null || [ -x "$HOME/.cargo/bin/garage" ] || cargo install --locked --quiet --version 2.5.0 garage
 
+disk tools
 cargo fmt --all --check
 cargo fmt --manifest-path fuzz/Cargo.toml --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+disk clippy
 cargo build --workspace --all-targets --locked
+disk build
 ci/package-agent.sh
 ci/build-recwriter.sh
 ci/check-agent-deb.sh
 ci/package-host.sh
 ci/check-host-deb.sh
+disk packages
 # Every fuzz target builds and runs a few seconds from its seeds (ci/fuzz.sh SECONDS for more).
 ci/fuzz.sh 5
+disk fuzz
 # Debian's libvirt at qemu:///system, for the libvirt-managed VM's test.
 ci/libvirt.sh
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast || { disk tests; exit 1; }
