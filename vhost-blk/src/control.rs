@@ -222,6 +222,7 @@ fn status_pb(st: &snap::VmStatus) -> pb::VmStatus {
                 delta_extents: d.delta_extents,
                 merged_bytes: d.merge.map_or(0, |m| m.done_bytes),
                 abandoned: d.abandoned.clone().unwrap_or_default(),
+                restore: None,
             })
             .collect(),
     }
@@ -292,6 +293,7 @@ impl PbService for Service {
     }
 
     type MergeStream = BoxStream<pb::MergeProgress>;
+    type RestoreFeedStream = BoxStream<pb::RestoreWant>;
 
     async fn merge(&self, req: Request<pb::MergeRequest>) -> Result<Response<Self::MergeStream>, Status> {
         let id = req.into_inner().snapshot_id;
@@ -336,6 +338,13 @@ impl PbService for Service {
         let id = req.into_inner().snapshot_id;
         self.run(move |c| c.checkpoint(id)).await??;
         Ok(Response::new(pb::CheckpointReply {}))
+    }
+
+    async fn restore_feed(
+        &self,
+        _req: Request<tonic::Streaming<pb::RestoreData>>,
+    ) -> Result<Response<Self::RestoreFeedStream>, Status> {
+        Err(Status::unimplemented("live restore is not implemented yet"))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsReply>, Status> {
