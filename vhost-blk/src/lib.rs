@@ -7,6 +7,7 @@
 //! - [`inflight`]: inflight I/O tracking, so that a backend restart loses and repeats nothing.
 //! - [`server`]: one listener per disk, a new device per frontend connection, clean shutdown.
 //! - [`snap`]: the snapshot engine: redirect-on-write deltas, the merge, change tracking.
+//! - [`restore`]: live restore: a disk served while its image is filled from a backup.
 //! - [`control`]: the snapshot control service (gRPC on a unix socket); [`ctl`]: its CLI client.
 //! - [`recover`]: `livesnap-blk recover`, folding a delta into its base offline.
 //! - [`confine`]: the confinement once started: no privileges, Landlock, the seccomp allow-list.
@@ -24,6 +25,7 @@ pub mod fuzzing;
 pub mod handler;
 pub mod inflight;
 pub mod recover;
+pub mod restore;
 pub mod server;
 pub mod snap;
 pub mod sys;
