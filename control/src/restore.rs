@@ -207,6 +207,59 @@ pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destinati
     result
 }
 
+/// Creates the target empty, sized `size`: a sparse raw file, or a qcow2 image with nothing
+/// allocated (`qemu-img convert` of the sparse raw file, as [`qcow2`] does). Never overwrites;
+/// the file appears whole (renamed into place) and synced. Mode 0600, owned by livesnapd's
+/// user: livesnap-blk opens its images before it drops its privileges.
+pub fn empty(dest: &Destination, format: crate::daemon::model::ImageFormat, size: u64) -> Result<()> {
+    use crate::daemon::model::ImageFormat;
+    dest.refuse_existing()?;
+    let raw = dest.sibling("raw");
+    let qcow = dest.sibling("qcow2-partial");
+    let result = (|| {
+        let raw_file = dest.create(&raw)?;
+        let io = |op| move |source| Error::Io { op, path: dest.path.clone(), source };
+        raw_file.set_len(size).map_err(io("size"))?;
+        match format {
+            ImageFormat::Raw => {
+                raw_file.sync_all().map_err(io("sync"))?;
+                dest.publish(&raw)
+            }
+            ImageFormat::Qcow2 => {
+                let qcow_file = dest.create(&qcow)?;
+                let out = Command::new("qemu-img")
+                    .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
+                    .arg(fd_path(&raw_file))
+                    .arg(fd_path(&qcow_file))
+                    .output()
+                    .map_err(Error::QemuImgSpawn)?;
+                if !out.status.success() {
+                    return Err(Error::QemuImg {
+                        status: out.status.to_string(),
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                    });
+                }
+                qcow_file.sync_all().map_err(io("sync"))?;
+                dest.publish(&qcow)
+            }
+        }
+    })();
+    if result.is_err() || format == ImageFormat::Qcow2 {
+        dest.remove(&raw);
+    }
+    if result.is_err() {
+        dest.remove(&qcow);
+    }
+    result
+}
+
+impl Destination {
+    /// Removes the target (a live restore whose map could not be created).
+    pub fn remove_target(&self) {
+        self.remove(&self.name.clone());
+    }
+}
+
 /// A path that names `f` itself for a child process (`/proc/PID/fd/N` of this process).
 fn fd_path(f: &impl AsFd) -> PathBuf {
     PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), f.as_fd().as_raw_fd()))

@@ -160,6 +160,7 @@ impl Rig {
             disk: "vda".into(),
             target_path: target.display().to_string(),
             format: 0,
+            live: false,
         };
         let last = self.block_on(async {
             let mut s = c.restore_backup(req).await.unwrap().into_inner();
@@ -338,6 +339,7 @@ fn crash_consistent_full_then_incremental_backup_restore_the_disk_at_each_cut() 
             disk: "vda".into(),
             target_path: target,
             format: 0,
+            live: false,
         }))
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
@@ -709,6 +711,7 @@ fn a_qcow2_disk_backs_up_full_and_incremental_and_restores_to_raw_and_qcow2() {
         disk: "vda".into(),
         target_path: q.display().to_string(),
         format: pb::ImageFormat::Qcow2 as i32,
+        live: false,
     };
     rig.block_on(async {
         let mut s = c.restore_backup(req).await.unwrap().into_inner();
@@ -924,6 +927,7 @@ fn an_encrypted_vm_backs_up_and_restores_identical_and_a_wrong_or_missing_key_is
                 disk: "vda".into(),
                 target_path: q.display().to_string(),
                 format: pb::ImageFormat::Qcow2 as i32,
+                live: false,
             })
             .await
             .unwrap()
@@ -965,6 +969,7 @@ fn an_encrypted_vm_backs_up_and_restores_identical_and_a_wrong_or_missing_key_is
         disk: "vda".into(),
         target_path: rig.dir.path().join("never.raw").display().to_string(),
         format: 0,
+        live: false,
     };
     wrong("restore", rig.block_on(c.restore_backup(restore.clone())).unwrap_err());
     assert!(!rig.dir.path().join("never.raw").exists());

@@ -169,6 +169,7 @@ impl Host {
             disk: "vda".into(),
             target_path: target.display().to_string(),
             format: 0,
+            live: false,
         };
         let done = self.block_on(async {
             let mut s = c.restore_backup(req).await.unwrap().into_inner();

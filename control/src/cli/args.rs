@@ -131,6 +131,12 @@ pub enum BackupAction {
         /// The image format [default: qcow2 if PATH ends in .qcow2, else raw].
         #[arg(long, value_enum)]
         format: Option<Format>,
+        /// Live restore: create PATH empty (with its map PATH.restore) and return at once; start
+        /// the VM with PATH as disk DISK (its livesnap-blk config) and livesnapd feeds it from
+        /// the backup while the guest runs, chunks the guest reads first. Progress follows until
+        /// complete; Ctrl-C leaves the job running (`snapctl job show ID`, `job cancel ID`).
+        #[arg(long)]
+        live: bool,
     },
     /// Files of one disk of a backup, read by livesnapd without mounting anything (ext4, on
     /// the whole disk or a GPT/MBR partition): list a directory, print a file, or copy a file

@@ -106,7 +106,12 @@ pub async fn backup(d: &mut Daemon, action: BackupAction, json: bool) -> Result<
         BackupAction::List { vm } => list(d, vm, json).await,
         BackupAction::Show { vm, id } => show(d, vm, id, json).await,
         BackupAction::Verify { vm, id } => verify(d, vm, id, json).await,
-        BackupAction::Restore { vm, id, disk, to, format } => restore(d, vm, id, disk, to, format, json).await,
+        BackupAction::Restore { vm, id, disk, to, format, live: false } => {
+            restore(d, vm, id, disk, to, format, json).await
+        }
+        BackupAction::Restore { vm, id, disk, to, format, live: true } => {
+            live_restore(d, vm, id, disk, to, format, json).await
+        }
         BackupAction::Files { vm, id, disk, partition, action } => {
             super::files::files(d, super::files::Target { vm, id, disk, partition }, action, json).await
         }
@@ -227,6 +232,7 @@ async fn restore(
             Format::Qcow2 => ImageFormat::Qcow2,
         }
         .into(),
+        live: false,
     };
     let mut stream = d.client.restore_backup(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
     let bar = (!json && std::io::stdout().is_terminal()).then(|| {
@@ -293,6 +299,134 @@ async fn restore(
         );
     }
     Ok(())
+}
+
+/// `backup restore --live`: the target created, then the job's progress until complete.
+async fn live_restore(
+    d: &mut Daemon,
+    vm: String,
+    id: String,
+    disk: String,
+    to: PathBuf,
+    format: Option<Format>,
+    json: bool,
+) -> Result<(), Error> {
+    let format =
+        format.unwrap_or(if to.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
+    let action = format!("Cannot live-restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
+    let target_path = to.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", to.display())))?;
+    let req = RestoreRequest {
+        vm: vm.clone(),
+        id: id.clone(),
+        disk: disk.clone(),
+        target_path: target_path.to_owned(),
+        format: match format {
+            Format::Raw => ImageFormat::Raw,
+            Format::Qcow2 => ImageFormat::Qcow2,
+        }
+        .into(),
+        live: true,
+    };
+    let mut stream = d.client.restore_backup(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
+    let mut job = String::new();
+    let mut bar: Option<ProgressBar> = None;
+    let mut last_state = None;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let next = tokio::select! {
+            m = stream.message() => m,
+            _ = &mut interrupted => {
+                if let Some(pb) = &bar {
+                    pb.abandon();
+                }
+                eprintln!("interrupted: live restore job {} goes on in livesnapd (snapctl job show {0})", clean(&job));
+                return Ok(());
+            }
+        };
+        let p = match next {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err(Error::BadReply {
+                    action,
+                    reason: format!(
+                        "livesnapd's progress stream ended before the restore was complete (job {})",
+                        clean(&job)
+                    ),
+                })
+            }
+            Err(s) => {
+                if let Some(pb) = &bar {
+                    pb.abandon();
+                }
+                return Err(d.error(&action, &s));
+            }
+        };
+        if job.is_empty() {
+            job = p.job_id.clone();
+            if !json {
+                println!(
+                    "live restore job {}: created {} (and its map {}).
+Start VM {} with {} as disk {}: livesnapd feeds it from backup {} while the guest runs.
+Ctrl-C leaves the job running (snapctl job show {}).",
+                    clean(&job),
+                    clean(&p.target_path),
+                    clean(&p.map_path),
+                    clean(&vm),
+                    clean(&p.target_path),
+                    clean(&disk),
+                    clean(&id),
+                    clean(&job),
+                );
+            }
+        }
+        let state = livesnap_proto::daemon::LiveRestoreState::try_from(p.state).ok();
+        if !json && state != last_state {
+            let what = match state {
+                Some(livesnap_proto::daemon::LiveRestoreState::Waiting) => {
+                    "waiting for the VM's livesnap-blk to serve the target"
+                }
+                Some(livesnap_proto::daemon::LiveRestoreState::Feeding) => "feeding the VM's livesnap-blk",
+                Some(livesnap_proto::daemon::LiveRestoreState::Complete) => "complete",
+                _ => "in an unknown state",
+            };
+            if let Some(pb) = &bar {
+                pb.println(format!("   {what}"));
+            } else {
+                println!("   {what}");
+            }
+            last_state = state;
+        }
+        if !json && bar.is_none() && std::io::stdout().is_terminal() {
+            let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+            if let Ok(style) = ProgressStyle::with_template("   chunks [{bar:32.cyan/blue}] {pos}/{len}") {
+                pb.set_style(style.progress_chars("=> "));
+            }
+            bar = Some(pb);
+        }
+        if let Some(pb) = &bar {
+            pb.set_length(p.chunks_total);
+            pb.set_position(p.chunks_done);
+        }
+        if p.done {
+            if let Some(pb) = &bar {
+                pb.finish();
+            }
+            if json {
+                print_json(&json!({
+                    "vm": vm, "id": id, "disk": disk, "job": p.job_id, "path": p.target_path,
+                    "chunks_total": p.chunks_total, "complete": true,
+                }));
+            } else {
+                println!(
+                    "live restore of disk {} complete: {} is a plain image now",
+                    clean(&disk),
+                    clean(&p.target_path)
+                );
+            }
+            return Ok(());
+        }
+    }
 }
 
 async fn delete(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<(), Error> {

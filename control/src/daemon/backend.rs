@@ -13,8 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::config::{AgentEndpoint, VmConfig};
 use super::ports::{
-    Agent, AgentError, AgentStatus, Backend, BackendError, Call, ChangeMap, Connector, DiskState, Frozen,
-    MergeProgress, Phase, Refusal, Snapshot, Thawed, Timeouts, VmStatus,
+    Agent, AgentError, AgentStatus, Answer, AnswerBody, Backend, BackendError, Call, ChangeMap, Connector, DiskState,
+    Feed, Frozen, MergeProgress, Phase, Refusal, RestoreState, Snapshot, Thawed, Timeouts, VmStatus, Want,
 };
 use crate::agent::{self, AgentClient, FsOutcome, Limits, Target};
 
@@ -128,9 +128,25 @@ fn disk(d: pb::DiskState) -> Result<DiskState, BackendError> {
         delta_bytes: d.delta_bytes,
         delta_extents: d.delta_extents,
         merged_bytes: d.merged_bytes,
+        restore: d.restore.map(|r| RestoreState {
+            vm: r.vm,
+            backup_id: r.backup_id,
+            disk: r.disk,
+            chunk_size: r.chunk_size,
+            chunks_total: r.chunks_total,
+            chunks_done: r.chunks_done,
+            complete: r.complete,
+            map_path: PathBuf::from(r.map_path),
+            fed: r.fed,
+        }),
         id: d.id,
     })
 }
+
+/// The largest message of a feed: a chunk (at most 64 MiB, the map's bound) and its framing.
+const FEED_MESSAGE_MAX: usize = (64 << 20) + (64 << 10);
+/// Answers queued toward the backend (each holds a chunk: this bounds the memory).
+const FEED_QUEUE: usize = 8;
 
 #[async_trait]
 impl Backend for GrpcBackend {
@@ -213,6 +229,40 @@ impl Backend for GrpcBackend {
     async fn checkpoint(&self, snapshot_id: u64) -> Result<(), BackendError> {
         let mut c = self.client.clone();
         self.unary(Call::Checkpoint, c.checkpoint(pb::CheckpointRequest { snapshot_id })).await.map(|_| ())
+    }
+
+    async fn restore_feed(&self, disk: &str) -> Result<Feed, BackendError> {
+        let mut c =
+            self.client.clone().max_decoding_message_size(FEED_MESSAGE_MAX).max_encoding_message_size(FEED_MESSAGE_MAX);
+        let (answers, rx) = tokio::sync::mpsc::channel::<Answer>(FEED_QUEUE);
+        let first = pb::RestoreData { disk: disk.to_owned(), ..pb::RestoreData::default() };
+        let name = disk.to_owned();
+        let outgoing = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |a| {
+            let mut m = pb::RestoreData { disk: name.clone(), chunk: a.chunk, ..pb::RestoreData::default() };
+            match a.body {
+                AnswerBody::Data(d) => m.data = d,
+                AnswerBody::Zero => m.zero = true,
+                AnswerBody::Error(e) => m.error = e,
+            }
+            m
+        });
+        let outgoing = tokio_stream::StreamExt::chain(tokio_stream::iter([first]), outgoing);
+        let mut stream = self.unary(Call::RestoreFeed, c.restore_feed(outgoing)).await?;
+        let (tx, wants) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let next = match stream.message().await {
+                    Ok(Some(w)) => Ok(Want { chunks: w.chunks, urgent: w.urgent, complete: w.complete }),
+                    Ok(None) => Err(BackendError::Ended { call: Call::RestoreFeed }),
+                    Err(status) => Err(refused(Call::RestoreFeed, status)),
+                };
+                let end = next.is_err();
+                if tx.send(next).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Feed { wants, answers })
     }
 }
 

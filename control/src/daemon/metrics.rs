@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use super::config::VmConfig;
 use super::model::BackupMode;
 use super::ports::{Connector, Phase, Timeouts, VmStatus};
-use super::state::{JobResult, JobState};
+use super::state::{JobKind, JobResult, JobState};
 use super::Daemon;
 use livesnap_repo::{self as repo, Repository};
 
@@ -250,7 +250,7 @@ impl Metrics {
         for v in vms {
             let last = jobs
                 .iter()
-                .filter(|j| j.vm == v.name && j.result == Some(JobResult::Ok))
+                .filter(|j| j.vm == v.name && j.kind == JobKind::Snapshot && j.result == Some(JobResult::Ok))
                 .filter_map(|j| j.finished_unix_us)
                 .max();
             self.last_success.get_or_create(&vm(&v.name)).set(last.map_or(0.0, |us| us as f64 / 1e6));

@@ -14,6 +14,8 @@
 //! - [`state`]: jobs and the backup index in an embedded database (redb).
 //! - [`files`]: file-level restore: ListFiles, ReadFile, GetFiles over one disk of a backup
 //!   (userspace ext4 over the repository's disk reader, one blocking thread per call).
+//! - [`live`]: live restore: the target and its map created, the job that feeds the VM's
+//!   backend the chunks it asks for (urgent first), reconnecting, resumed after a restart.
 //! - [`reader`]: reading a frozen base in place (raw, holes skipped; qcow2 through the
 //!   repository's read-only `Qcow2Source`).
 //! - [`workflow`]: CreateSnapshot, step by step — plan, quiesce + cut + thaw, back up, merge +
@@ -29,6 +31,7 @@ pub mod backend;
 pub mod calendar;
 pub mod config;
 pub mod files;
+pub mod live;
 pub mod metrics;
 pub mod model;
 pub mod ports;
@@ -133,6 +136,10 @@ pub enum Error {
     UnknownJob(String),
     #[error("Job {job} is not running: it ended {result}")]
     NotRunning { job: String, result: String },
+    #[error("The restore map `{}` is unusable: {why}", path.display())]
+    LiveMap { path: PathBuf, why: String },
+    #[error("The live restore job {job} ended before it was complete (GetJob says why)")]
+    LiveEnded { job: String },
 }
 
 impl Error {
@@ -160,6 +167,20 @@ pub struct Daemon {
     /// Notified whenever a job ends.
     job_ended: Notify,
     metrics: Arc<metrics::Metrics>,
+    /// Tests wrap a live restore's chunk source (to hold or fail reads).
+    #[cfg(test)]
+    live_wrap: std::sync::OnceLock<SourceWrap>,
+}
+
+/// How tests wrap a live restore's chunk source.
+#[cfg(test)]
+pub(crate) struct SourceWrap(pub Box<dyn Fn(Arc<dyn live::ChunkSource>) -> Arc<dyn live::ChunkSource> + Send + Sync>);
+
+#[cfg(test)]
+impl std::fmt::Debug for SourceWrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SourceWrap")
+    }
 }
 
 /// Holds a VM for one job; released when dropped.
@@ -225,6 +246,8 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             job_ended: Notify::new(),
             metrics: Arc::new(metrics),
+            #[cfg(test)]
+            live_wrap: std::sync::OnceLock::new(),
         }))
     }
 
@@ -440,8 +463,11 @@ impl Daemon {
     }
 
     /// Restores one disk to a new file beneath the restore directory; progress: one report at
-    /// the start, one at the end.
-    pub async fn restore(&self, r: RestoreRequest) -> Result<mpsc::Receiver<Result<RestoreProgress>>> {
+    /// the start, one at the end. With `live`: [`Daemon::live_restore`].
+    pub async fn restore(self: &Arc<Self>, r: RestoreRequest) -> Result<mpsc::Receiver<Result<RestoreProgress>>> {
+        if r.live {
+            return self.live_restore(r).await;
+        }
         let dest = crate::restore::Destination::resolve(&self.config.restore_dir, &r.target)?;
         let total = {
             let (vm, id, disk) = (r.vm.clone(), r.id.clone(), r.disk.clone());
@@ -453,7 +479,7 @@ impl Daemon {
             .await?
         };
         let (tx, rx) = mpsc::channel(4);
-        let _ = tx.try_send(Ok(RestoreProgress { bytes_written: 0, bytes_total: total, done: false }));
+        let _ = tx.try_send(Ok(RestoreProgress { bytes_written: 0, bytes_total: total, done: false, live: None }));
         let repo = self.repo.clone();
         tokio::spawn(async move {
             let res = tokio::task::spawn_blocking(move || match r.format {
@@ -462,7 +488,9 @@ impl Daemon {
             })
             .await;
             let msg = match res {
-                Ok(Ok(st)) => Ok(RestoreProgress { bytes_written: st.size, bytes_total: total, done: true }),
+                Ok(Ok(st)) => {
+                    Ok(RestoreProgress { bytes_written: st.size, bytes_total: total, done: true, live: None })
+                }
                 Ok(Err(e)) => Err(Error::Restore(e)),
                 Err(e) => Err(Error::Task(e)),
             };

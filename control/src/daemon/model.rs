@@ -166,13 +166,37 @@ pub struct RestoreRequest {
     /// A new file; must be absolute.
     pub target: PathBuf,
     pub format: ImageFormat,
+    /// Live restore ([`super::live`]): the target created empty, fed to the VM's backend.
+    pub live: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoreProgress {
     pub bytes_written: u64,
     pub bytes_total: u64,
     pub done: bool,
+    /// A live restore's job and where it is.
+    pub live: Option<LiveProgress>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LivePhase {
+    /// No backend serves the target yet.
+    Waiting,
+    /// A backend serves it: its wants are answered.
+    Feeding,
+    /// Every chunk in, the map removed.
+    Complete,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveProgress {
+    pub job: String,
+    pub phase: LivePhase,
+    pub chunks_done: u64,
+    pub chunks_total: u64,
+    pub target: PathBuf,
+    pub map: PathBuf,
 }
 
 /// A job as recorded, and what this daemon knows of it now.

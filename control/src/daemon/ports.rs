@@ -46,6 +46,51 @@ pub trait Backend: Send + Sync {
     async fn abandon(&self, snapshot: u64, reason: &str) -> Result<(), BackendError>;
     /// Restarts the change maps at `snapshot`'s cut.
     async fn checkpoint(&self, snapshot: u64) -> Result<(), BackendError>;
+    /// Opens the live-restore feed of `disk` (a disk whose [`DiskState::restore`] is set): the
+    /// backend's wants come on [`Feed::wants`], the answers go on [`Feed::answers`]. A backend
+    /// without the call refuses it.
+    async fn restore_feed(&self, disk: &str) -> Result<Feed, BackendError> {
+        let _ = disk;
+        Err(BackendError::Refused {
+            call: Call::RestoreFeed,
+            refusal: Refusal::Failed,
+            source: "this backend has no live restore".into(),
+        })
+    }
+}
+
+/// One open live-restore feed. Dropping it closes the stream.
+#[derive(Debug)]
+pub struct Feed {
+    /// The backend's wants, in order; an error, or the end, when the stream breaks.
+    pub wants: tokio::sync::mpsc::Receiver<Result<Want, BackendError>>,
+    /// The answers to send (the first message, naming the disk, is sent by the opener).
+    pub answers: tokio::sync::mpsc::Sender<Answer>,
+}
+
+/// Chunks the backend wants (`RestoreWant`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Want {
+    pub chunks: Vec<u64>,
+    /// A guest request waits for them.
+    pub urgent: bool,
+    /// Every chunk is in: the last message of the stream.
+    pub complete: bool,
+}
+
+/// The answer for one chunk (`RestoreData`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub chunk: u64,
+    pub body: AnswerBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerBody {
+    Data(Vec<u8>),
+    Zero,
+    /// The chunk could not be read; the backend asks again later.
+    Error(String),
 }
 
 /// A VM's guest agent.
@@ -67,6 +112,7 @@ pub enum Call {
     Merge,
     Abandon,
     Checkpoint,
+    RestoreFeed,
 }
 
 impl fmt::Display for Call {
@@ -78,6 +124,7 @@ impl fmt::Display for Call {
             Call::Merge => "Merge",
             Call::Abandon => "Abandon",
             Call::Checkpoint => "Checkpoint",
+            Call::RestoreFeed => "RestoreFeed",
         })
     }
 }
@@ -178,6 +225,24 @@ pub struct DiskState {
     pub delta_extents: u64,
     /// While merging: bytes copied into the base so far.
     pub merged_bytes: u64,
+    /// Set while the disk's image is being filled from a backup (live restore).
+    pub restore: Option<RestoreState>,
+}
+
+/// A disk under live restore, as its backend reports it (`LiveRestore`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreState {
+    /// The backup being restored: its VM, id and disk.
+    pub vm: String,
+    pub backup_id: String,
+    pub disk: String,
+    pub chunk_size: u64,
+    pub chunks_total: u64,
+    pub chunks_done: u64,
+    pub complete: bool,
+    pub map_path: PathBuf,
+    /// A feed is attached.
+    pub fed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

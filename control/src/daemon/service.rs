@@ -19,8 +19,8 @@ use tracing::info;
 use super::config::read_token;
 use super::files::{FilesDone, FilesMsg, FilesRequest};
 use super::model::{
-    AgentState, Backup, BackupKind, BackupMode, Event, ImageFormat, JobView, QuiesceMode, RestoreRequest,
-    SnapshotRequest, VmInfo,
+    AgentState, Backup, BackupKind, BackupMode, Event, ImageFormat, JobView, LivePhase, QuiesceMode, RestoreProgress,
+    RestoreRequest, SnapshotRequest, VmInfo,
 };
 use super::ports::{BackendError, Refusal};
 use super::retention::{Keep, PruneRequest};
@@ -131,12 +131,16 @@ impl Livesnapd for Service {
             Ok(pb::ImageFormat::Qcow2) => ImageFormat::Qcow2,
             Err(_) => return Err(Status::invalid_argument(format!("Unknown image format {}", r.format))),
         };
-        let req = RestoreRequest { vm: r.vm, id: r.id, disk: r.disk, target: PathBuf::from(r.target_path), format };
+        let req = RestoreRequest {
+            vm: r.vm,
+            id: r.id,
+            disk: r.disk,
+            target: PathBuf::from(r.target_path),
+            format,
+            live: r.live,
+        };
         let rx = self.0.restore(req).await.map_err(status)?;
-        let progress = ReceiverStream::new(rx).map(|r| {
-            r.map(|p| pb::RestoreProgress { bytes_written: p.bytes_written, bytes_total: p.bytes_total, done: p.done })
-                .map_err(status)
-        });
+        let progress = ReceiverStream::new(rx).map(|r| r.map(restore_progress_pb).map_err(status));
         Ok(Response::new(Box::pin(progress)))
     }
 
@@ -282,6 +286,28 @@ pub fn file_info_pb(i: FileInfo) -> pb::FileInfo {
     }
 }
 
+fn restore_progress_pb(p: RestoreProgress) -> pb::RestoreProgress {
+    let mut out = pb::RestoreProgress {
+        bytes_written: p.bytes_written,
+        bytes_total: p.bytes_total,
+        done: p.done,
+        ..pb::RestoreProgress::default()
+    };
+    if let Some(l) = p.live {
+        out.job_id = l.job;
+        out.state = match l.phase {
+            LivePhase::Waiting => pb::LiveRestoreState::Waiting,
+            LivePhase::Feeding => pb::LiveRestoreState::Feeding,
+            LivePhase::Complete => pb::LiveRestoreState::Complete,
+        } as i32;
+        out.chunks_done = l.chunks_done;
+        out.chunks_total = l.chunks_total;
+        out.target_path = l.target.to_string_lossy().into_owned();
+        out.map_path = l.map.to_string_lossy().into_owned();
+    }
+    out
+}
+
 fn job_pb(v: JobView) -> pb::Job {
     let j = v.job;
     let status = match (j.result, v.running) {
@@ -305,6 +331,7 @@ fn job_pb(v: JobView) -> pb::Job {
             Some(StopReason::Cancel) => pb::StopReason::Cancel,
             Some(StopReason::Shutdown) => pb::StopReason::Shutdown,
         } as i32,
+        kind: j.kind.as_str().to_owned(),
     }
 }
 
@@ -431,6 +458,8 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::Stopping => Code::Unavailable,
         DaemonError::UnknownJob(_) => Code::NotFound,
         DaemonError::NotRunning { .. } => Code::FailedPrecondition,
+        DaemonError::LiveMap { .. } => Code::FailedPrecondition,
+        DaemonError::LiveEnded { .. } => Code::Aborted,
     }
 }
 

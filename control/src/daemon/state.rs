@@ -3,7 +3,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `jobs` | job id | [`JobState`] as JSON |
+//! | `jobs` | job id | [`JobState`] as JSON (a live restore's with its [`LiveRestoreState`]) |
 //! | `backups` | `VM/ID` | [`BackupState`] as JSON |
 //! | `meta` | `job_seq` | the last job number handed out |
 //! | `schedules` | schedule name | [`ScheduleState`] as JSON: when it last ran |
@@ -93,6 +93,10 @@ pub enum Stage {
     Merge,
     /// Recording the backup's outcome.
     Record,
+    /// A live restore: its target and map exist, no backend serves them yet.
+    Waiting,
+    /// A live restore: a backend serves the target, the chunks it asks for are fed to it.
+    Feeding,
     Done,
 }
 
@@ -106,6 +110,8 @@ impl Stage {
             Stage::Backup => "backup",
             Stage::Merge => "merge",
             Stage::Record => "record",
+            Stage::Waiting => "waiting",
+            Stage::Feeding => "feeding",
             Stage::Done => "done",
         }
     }
@@ -117,7 +123,47 @@ impl std::fmt::Display for Stage {
     }
 }
 
-/// One CreateSnapshot job, from its start to its end.
+/// What a job does. Records written before live restore existed have no `kind`: snapshots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// CreateSnapshot.
+    #[default]
+    Snapshot,
+    /// RestoreBackup with `live`: feeding a backend that serves the target ([`super::live`]).
+    LiveRestore,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Snapshot => "snapshot",
+            JobKind::LiveRestore => "live-restore",
+        }
+    }
+
+    fn is_snapshot(&self) -> bool {
+        *self == JobKind::Snapshot
+    }
+}
+
+/// What a live-restore job restores, and where: enough to resume it after a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveRestoreState {
+    /// The backup (of the job's VM) and its disk.
+    pub backup_id: String,
+    pub disk: String,
+    /// The target image as created, and its restore map (the target's path + `.restore`).
+    pub target: std::path::PathBuf,
+    pub map: std::path::PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub chunks_total: u64,
+}
+
+/// One job (CreateSnapshot, or a live restore), from its start to its end.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobState {
     pub version: u32,
@@ -132,6 +178,11 @@ pub struct JobState {
     pub reason: String,
     /// The backend's snapshot, once cut.
     pub snapshot_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "JobKind::is_snapshot")]
+    pub kind: JobKind,
+    /// A live restore's target; `None` for a snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveRestoreState>,
 }
 
 impl JobState {
@@ -146,6 +197,8 @@ impl JobState {
             result: None,
             reason: String::new(),
             snapshot_id: None,
+            kind: JobKind::Snapshot,
+            live: None,
         }
     }
 }

@@ -107,6 +107,7 @@ fn backends_set_their_gauges_and_a_vm_or_disk_gone_loses_its_series() {
         delta_bytes,
         delta_extents: 3,
         merged_bytes,
+        restore: None,
     };
     let merging = VmStatus {
         snapshot: Some(Snapshot { id: 4, disks: vec!["vda".into(), "vdb".into()], pause_us: 1 }),

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::{now_unix_us, AGENT_TIMEOUTS, BACKEND_TIMEOUTS};
 use crate::daemon::config::VmConfig;
-use crate::daemon::state::{JobResult, JobState, Stage};
+use crate::daemon::state::{JobKind, JobResult, JobState, Stage};
 use crate::daemon::{Daemon, Error, Result};
 
 /// Retries of the clean-up of a job left unfinished, while its backend does not answer.
@@ -23,7 +23,8 @@ impl Daemon {
     /// (no new job) until it is clean.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let jobs = self.blocking(|_, s| Ok(s.jobs()?)).await?;
-        for job in jobs.into_iter().filter(|j| j.result.is_none()) {
+        // Live restores are not cleaned up but resumed ([`Daemon::resume_live_restores`]).
+        for job in jobs.into_iter().filter(|j| j.result.is_none() && j.kind == JobKind::Snapshot) {
             warn!(job = %job.id, vm = %job.vm, stage = %job.stage, "a job was left unfinished by a previous daemon: cleaning up");
             let Some(vm) = self.config.vm(&job.vm).cloned() else {
                 self.finish_recovered(
@@ -69,7 +70,7 @@ impl Daemon {
                 }
             }
         }
-        Ok(())
+        self.resume_live_restores().await
     }
 
     async fn finish_recovered(&self, mut job: JobState, reason: String) {

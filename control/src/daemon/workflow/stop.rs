@@ -64,6 +64,20 @@ impl Stop {
         self.interrupt.clone()
     }
 
+    /// Resolves once the job is asked to stop, for either reason (a live restore stops feeding
+    /// at once on both).
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.requested().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Resolves once the job is cancelled (not on a shutdown, which lets a step finish).
     pub async fn cancelled(&self) {
         loop {

@@ -188,6 +188,7 @@ impl Backend for Fake {
                 delta_bytes: 0,
                 delta_extents: 0,
                 merged_bytes: 0,
+                restore: None,
             }],
         })
     }
