@@ -174,7 +174,10 @@ pub struct Daemon {
 
 /// How tests wrap a live restore's chunk source.
 #[cfg(test)]
-pub(crate) struct SourceWrap(pub Box<dyn Fn(Arc<dyn live::ChunkSource>) -> Arc<dyn live::ChunkSource> + Send + Sync>);
+pub(crate) struct SourceWrap(pub Box<WrapFn>);
+
+#[cfg(test)]
+type WrapFn = dyn Fn(Arc<dyn live::ChunkSource>) -> Arc<dyn live::ChunkSource> + Send + Sync;
 
 #[cfg(test)]
 impl std::fmt::Debug for SourceWrap {
