@@ -380,6 +380,23 @@ fn set_gate(r: &Reads, closed: bool) {
     r.released.notify_all();
 }
 
+/// Holds the reads until dropped (a failing test too: the runtime waits for its blocking
+/// threads when it shuts down).
+struct Held(Arc<Reads>);
+
+impl Held {
+    fn new(r: &Arc<Reads>) -> Held {
+        set_gate(r, true);
+        Held(r.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        set_gate(&self.0, false);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_restore_feeds_every_chunk_and_removes_the_map_only_once_complete() {
     let rig = Rig::new();
@@ -456,7 +473,7 @@ async fn urgent_wants_are_read_before_queued_background_ones_and_never_wait_for_
     let rig = Rig::new();
     let d = rig.daemon();
     let (_, _progress) = rig.start(&d).await;
-    set_gate(&rig.reads, true);
+    let held = Held::new(&rig.reads);
     rig.serve();
     let mut f = rig.feed().await;
     // Background chunks fill every background slot; the reads are held.
@@ -477,7 +494,7 @@ async fn urgent_wants_are_read_before_queued_background_ones_and_never_wait_for_
         "{started:?}"
     );
     assert!(!started.contains(&6), "no background read starts while urgent ones are queued: {started:?}");
-    set_gate(&rig.reads, false);
+    drop(held);
     let mut got = HashSet::new();
     while got.len() < 10 {
         let a = answer(&mut f).await;
