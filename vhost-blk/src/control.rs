@@ -2,6 +2,7 @@
 //! tonic to [`SnapshotControl`]. Engine calls block (they sync files), so each runs on tokio's
 //! blocking pool; the service has its own thread and runtime, apart from the queue threads.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -17,6 +18,9 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, info, warn};
 
+use crate::disk::DiskFile;
+use crate::restore::disk::{warn_refused, AnswerError, RestoreStatus};
+use crate::restore::{Answer, FeedMsg, RestoreDisk};
 use crate::snap::{self, BeginOptions, ControlError, Phase, SnapshotControl};
 
 /// Extents per [`pb::ChangesPage`]: about 1 MiB of message at most.
@@ -25,6 +29,13 @@ const EXTENTS_PER_PAGE: usize = 32 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often a merge stream reports progress.
 const MERGE_REPORT_EVERY: Duration = Duration::from_millis(200);
+/// A feed idle this long gets its pending fills committed.
+const FEED_IDLE_COMMIT: Duration = Duration::from_millis(100);
+/// The largest message the service decodes: a 64 MiB chunk (the map's limit) and its framing.
+const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
+
+/// The disks under live restore, by id.
+pub type Restores = Arc<HashMap<String, Arc<RestoreDisk>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -111,6 +122,7 @@ pub struct Bound {
     rt: tokio::runtime::Runtime,
     listener: tokio::net::UnixListener,
     ctl: Arc<dyn SnapshotControl>,
+    restores: Restores,
 }
 
 impl std::fmt::Debug for Bound {
@@ -133,14 +145,20 @@ impl Bound {
             tokio::net::UnixListener::bind(path).map_err(listen_err)?
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
-        Ok(Bound { path: path.to_owned(), rt, listener, ctl })
+        Ok(Bound { path: path.to_owned(), rt, listener, ctl, restores: Restores::default() })
+    }
+
+    /// Serves the live-restore feeds of `restores` as well.
+    pub fn with_restores(mut self, restores: Restores) -> Bound {
+        self.restores = restores;
+        self
     }
 
     /// Serves the control service on its own thread.
     pub fn start(self) -> Result<ControlServer, Error> {
-        let Bound { path, rt, listener, ctl } = self;
+        let Bound { path, rt, listener, ctl, restores } = self;
         let (tx, rx) = watch::channel(false);
-        let service = SnapshotControlServer::new(Service { ctl });
+        let service = SnapshotControlServer::new(Service { ctl, restores }).max_decoding_message_size(MAX_MESSAGE);
         let shown = path.display().to_string();
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -175,6 +193,7 @@ impl Bound {
 
 struct Service {
     ctl: Arc<dyn SnapshotControl>,
+    restores: Restores,
 }
 
 impl Service {
@@ -199,33 +218,60 @@ fn snapshot_pb(s: &snap::SnapshotInfo) -> pb::Snapshot {
     }
 }
 
-fn status_pb(st: &snap::VmStatus) -> pb::VmStatus {
-    pb::VmStatus {
-        vm: st.vm.clone(),
-        snapshot: st.snapshot.as_ref().map(snapshot_pb),
-        disks: st
-            .disks
-            .iter()
-            .map(|d| pb::DiskState {
-                id: d.id.clone(),
-                phase: match d.phase {
-                    Phase::Direct => pb::Phase::Direct,
-                    Phase::Active => pb::Phase::Active,
-                    Phase::Merging => pb::Phase::Merging,
-                } as i32,
-                snapshot: d.snapshot,
-                size: d.size,
-                base_path: d.base_path.display().to_string(),
-                base_format: d.base_format.to_string(),
-                delta_path: d.delta_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                delta_bytes: d.delta_bytes,
-                delta_extents: d.delta_extents,
-                merged_bytes: d.merge.map_or(0, |m| m.done_bytes),
-                abandoned: d.abandoned.clone().unwrap_or_default(),
-                restore: None,
-            })
-            .collect(),
+fn restore_pb(r: &RestoreStatus) -> pb::LiveRestore {
+    pb::LiveRestore {
+        vm: r.info.id.vm.clone(),
+        backup_id: r.info.id.backup_id.clone(),
+        disk: r.info.id.disk.clone(),
+        chunk_size: r.info.chunk_size,
+        chunks_total: r.info.chunks_total,
+        chunks_done: r.info.chunks_done,
+        complete: r.info.complete,
+        map_path: r.map_path.display().to_string(),
+        fed: r.fed,
     }
+}
+
+fn status_pb(st: &snap::VmStatus, restores: &Restores) -> pb::VmStatus {
+    let mut disks: Vec<pb::DiskState> = st
+        .disks
+        .iter()
+        .map(|d| pb::DiskState {
+            id: d.id.clone(),
+            phase: match d.phase {
+                Phase::Direct => pb::Phase::Direct,
+                Phase::Active => pb::Phase::Active,
+                Phase::Merging => pb::Phase::Merging,
+            } as i32,
+            snapshot: d.snapshot,
+            size: d.size,
+            base_path: d.base_path.display().to_string(),
+            base_format: d.base_format.to_string(),
+            delta_path: d.delta_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            delta_bytes: d.delta_bytes,
+            delta_extents: d.delta_extents,
+            merged_bytes: d.merge.map_or(0, |m| m.done_bytes),
+            abandoned: d.abandoned.clone().unwrap_or_default(),
+            restore: restores.get(&d.id).map(|r| restore_pb(&r.status())),
+        })
+        .collect();
+    // An engine that does not list a disk (the tests' stand-ins): its restore still shows.
+    let mut restored: Vec<_> = restores.iter().filter(|(id, _)| !disks.iter().any(|d| &d.id == *id)).collect();
+    restored.sort_by(|a, b| a.0.cmp(b.0));
+    for (id, r) in restored {
+        let status = r.status();
+        let image = status.map_path.with_extension("");
+        disks.push(pb::DiskState {
+            id: id.clone(),
+            phase: pb::Phase::Direct as i32,
+            size: r.size(),
+            base_path: image.display().to_string(),
+            base_format: r.format().to_string(),
+            restore: Some(restore_pb(&status)),
+            ..pb::DiskState::default()
+        });
+    }
+    pb::VmStatus { vm: st.vm.clone(), snapshot: st.snapshot.as_ref().map(snapshot_pb), disks }
 }
 
 /// One report of a merge: the disks cut with snapshot `id`, each done once it left the delta.
@@ -257,6 +303,18 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl PbService for Service {
     async fn begin(&self, req: Request<pb::BeginRequest>) -> Result<Response<pb::BeginReply>, Status> {
         let req = req.into_inner();
+        // The backup reads a frozen base from its file: one still being filled would be read
+        // as zeros where the backup's chunks have not arrived.
+        let mut restoring: Vec<_> = self
+            .restores
+            .iter()
+            .filter(|(id, r)| !r.is_complete() && (req.disks.is_empty() || req.disks.contains(id)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        restoring.sort();
+        if let Some(id) = restoring.first() {
+            return Err(Status::failed_precondition(format!("disk {id} is being live-restored")));
+        }
         let opts = BeginOptions { disks: req.disks, delta_limit: (req.delta_limit > 0).then_some(req.delta_limit) };
         let info = self.run(move |c| c.begin(opts)).await??;
         Ok(Response::new(pb::BeginReply { snapshot: Some(snapshot_pb(&info)) }))
@@ -264,7 +322,7 @@ impl PbService for Service {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::VmStatus>, Status> {
         let st = self.run(|c| c.status()).await?;
-        Ok(Response::new(status_pb(&st)))
+        Ok(Response::new(status_pb(&st, &self.restores)))
     }
 
     type ChangesStream = BoxStream<pb::ChangesPage>;
@@ -342,9 +400,93 @@ impl PbService for Service {
 
     async fn restore_feed(
         &self,
-        _req: Request<tonic::Streaming<pb::RestoreData>>,
+        req: Request<tonic::Streaming<pb::RestoreData>>,
     ) -> Result<Response<Self::RestoreFeedStream>, Status> {
-        Err(Status::unimplemented("live restore is not implemented yet"))
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the feed ended before naming its disk"))?;
+        if first.chunk != 0 || !first.data.is_empty() || first.zero || !first.error.is_empty() {
+            return Err(Status::invalid_argument(
+                "the first message of a feed names its disk and carries nothing else",
+            ));
+        }
+        let name = first.disk;
+        let disk = match self.restores.get(&name) {
+            Some(d) if !d.is_complete() => d.clone(),
+            Some(_) => return Err(Status::failed_precondition(format!("disk {name} is restored completely"))),
+            None => return Err(Status::failed_precondition(format!("disk {name} is not being live-restored"))),
+        };
+        let (gen, mut wants) = disk.attach();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let blocking = |f: Box<dyn FnOnce() -> Result<(), AnswerError> + Send>| async move {
+                tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+                    Err(AnswerError::Commit(crate::disk::Error::Io(std::io::Error::other(e.to_string()))))
+                })
+            };
+            loop {
+                tokio::select! {
+                    want = wants.recv() => {
+                        let msg = match want {
+                            Some(FeedMsg::Want { chunks, urgent }) =>
+                                pb::RestoreWant { disk: name.clone(), chunks, urgent, complete: false },
+                            Some(FeedMsg::Complete) =>
+                                pb::RestoreWant { disk: name.clone(), complete: true, ..Default::default() },
+                            // Replaced by a newer feed.
+                            None => break,
+                        };
+                        let last = msg.complete;
+                        if tx.send(Ok(msg)).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    data = tokio::time::timeout(FEED_IDLE_COMMIT, inbound.message()) => {
+                        let d = match data {
+                            Err(_idle) => {
+                                let disk = disk.clone();
+                                let r = blocking(Box::new(move || disk.commit().map_err(AnswerError::Commit))).await;
+                                if let Err(e) = r {
+                                    let _ = tx.send(Err(Status::internal(livesnap_proto::error::chain(&e)))).await;
+                                    break;
+                                }
+                                continue;
+                            }
+                            Ok(Ok(Some(d))) => d,
+                            Ok(Ok(None)) => break,
+                            Ok(Err(e)) => {
+                                info!(disk = %name, status = %e, "restore feed failed");
+                                break;
+                            }
+                        };
+                        if d.disk != name {
+                            warn!(disk = %name, other = %d.disk, "restore feed answer for another disk ignored");
+                            continue;
+                        }
+                        let answer = if !d.error.is_empty() {
+                            Answer::Error(d.error)
+                        } else if d.zero {
+                            Answer::Zero
+                        } else {
+                            Answer::Data(d.data.into())
+                        };
+                        let (disk2, chunk) = (disk.clone(), d.chunk);
+                        match blocking(Box::new(move || disk2.answer(gen, chunk, answer))).await {
+                            Ok(()) => {}
+                            Err(e @ (AnswerError::Fill { .. } | AnswerError::Commit(_))) => {
+                                error!(disk = %name, error = %livesnap_proto::error::chain(&e), "live restore cannot write its image");
+                                let _ = tx.send(Err(livesnap_proto::error::status(Code::Internal, &e))).await;
+                                break;
+                            }
+                            Err(e) => warn_refused(&name, &e),
+                        }
+                    }
+                }
+            }
+            disk.detach(gen);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsReply>, Status> {

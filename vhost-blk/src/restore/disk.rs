@@ -53,7 +53,10 @@ pub enum Answer {
 /// What the backend sends to its feed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FeedMsg {
-    Want { chunks: Vec<u64>, urgent: bool },
+    Want {
+        chunks: Vec<u64>,
+        urgent: bool,
+    },
     /// Every chunk is in; the feed ends.
     Complete,
 }
