@@ -29,7 +29,7 @@ const EXTENTS_PER_PAGE: usize = 32 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often a merge stream reports progress.
 const MERGE_REPORT_EVERY: Duration = Duration::from_millis(200);
-/// A feed idle this long gets its pending fills committed.
+/// A feed idle this long gets its pending fills committed and failed chunks asked again.
 const FEED_IDLE_COMMIT: Duration = Duration::from_millis(100);
 /// The largest message the service decodes: a 64 MiB chunk (the map's limit) and its framing.
 const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
@@ -446,7 +446,7 @@ impl PbService for Service {
                         let d = match data {
                             Err(_idle) => {
                                 let disk = disk.clone();
-                                let r = blocking(Box::new(move || disk.commit().map_err(AnswerError::Commit))).await;
+                                let r = blocking(Box::new(move || disk.tick().map_err(AnswerError::Commit))).await;
                                 if let Err(e) = r {
                                     let _ = tx.send(Err(Status::internal(livesnap_proto::error::chain(&e)))).await;
                                     break;

@@ -9,7 +9,7 @@
 //! (a striped lock), so the backup's bytes never land over a guest write: the fill writes only
 //! the blocks the guest has not written.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,11 +34,13 @@ pub struct Options {
     pub window: usize,
     /// Background fills covered by one sync.
     pub batch: usize,
+    /// How long the background leaves a chunk the feed could not provide before asking again.
+    pub retry: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { wait: Duration::from_secs(10), window: 8, batch: 8 }
+        Options { wait: Duration::from_secs(10), window: 8, batch: 8, retry: Duration::from_secs(2) }
     }
 }
 
@@ -131,8 +133,9 @@ struct State {
     waiting: HashMap<u64, usize>,
     /// Error answers received, per chunk: a waiter that sees the count change fails.
     errors: HashMap<u64, u64>,
-    /// Chunks the background leaves alone until the next feed (they were answered with an error).
-    skip: BTreeSet<u64>,
+    /// Chunks the feed could not provide, and when: the background leaves them alone for a
+    /// while (a new feed asks at once).
+    skip: HashMap<u64, Instant>,
     /// Where the background looks for the next chunk to want.
     cursor: u64,
 }
@@ -197,7 +200,7 @@ impl RestoreDisk {
             wanted: HashMap::new(),
             waiting: HashMap::new(),
             errors: HashMap::new(),
-            skip: BTreeSet::new(),
+            skip: HashMap::new(),
             cursor: 0,
         };
         let complete = h.complete() || map.chunks.ones() == map.chunks.len();
@@ -317,6 +320,8 @@ impl RestoreDisk {
         if st.feed.is_none() {
             return;
         }
+        let retry = self.opts.retry;
+        st.skip.retain(|_, at| at.elapsed() < retry);
         let outstanding = st.wanted.values().filter(|u| !**u).count();
         let mut more = Vec::new();
         let start = st.cursor.min(st.restored.len());
@@ -331,7 +336,7 @@ impl RestoreDisk {
                 }
             };
             from = c + 1;
-            if !st.wanted.contains_key(&c) && !st.skip.contains(&c) {
+            if !st.wanted.contains_key(&c) && !st.skip.contains_key(&c) {
                 more.push(c);
             }
         }
@@ -371,7 +376,7 @@ impl RestoreDisk {
             debug!(chunk, error = %e, "the feed could not provide a chunk");
             st.wanted.remove(&chunk);
             *st.errors.entry(chunk).or_insert(0) += 1;
-            st.skip.insert(chunk);
+            st.skip.insert(chunk, Instant::now());
             self.changed.notify_all();
             self.top_up(&mut st);
             return Ok(());
@@ -385,6 +390,15 @@ impl RestoreDisk {
         if pending >= self.opts.batch || self.all_visible() {
             self.commit().map_err(AnswerError::Commit)?;
         }
+        Ok(())
+    }
+
+    /// Called when the feed is idle: commits the fills not yet durable, and asks again for the
+    /// chunks whose retry delay passed.
+    pub fn tick(&self) -> disk::Result<()> {
+        self.commit()?;
+        let mut st = lock(&self.state);
+        self.top_up(&mut st);
         Ok(())
     }
 
