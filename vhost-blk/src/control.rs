@@ -710,4 +710,214 @@ mod tests {
         // The first generation of a disk cannot know what was written before tracking began.
         assert!(!pages[0].trusted && !pages[0].untrusted_reason.is_empty());
     }
+
+    mod restore_feed {
+        use super::*;
+        use crate::restore::{self, disk::Options, map::Identity};
+        use std::os::unix::fs::FileExt;
+
+        const CHUNK: u64 = 64 << 10;
+        const SIZE: u64 = 32 * CHUNK;
+
+        struct Rig {
+            dir: tempfile::TempDir,
+            disk: Arc<RestoreDisk>,
+            vm: Vm,
+            reference: Vec<u8>,
+            _server: ControlServer,
+        }
+
+        impl Rig {
+            fn new(wait: Duration) -> Rig {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("vda.raw");
+                std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+                let id = Identity { vm: "web01".into(), backup_id: "b7".into(), disk: "vda".into() };
+                restore::create_map(&path, &id, SIZE, CHUNK).unwrap();
+                let image = disk::open(&path, Some(Format::Raw), false).unwrap();
+                let opts = Options { wait, ..Options::default() };
+                let disk = Arc::new(restore::disk::open(&path, image, opts).unwrap().unwrap());
+                let spec = DiskSpec { id: "vda".into(), base: disk.clone(), base_path: path };
+                let store = Arc::new(FsDir::new(&dir.path().join("state")).unwrap());
+                let vm = Vm::open("web01", store, vec![spec], crate::snap::Options::default()).unwrap();
+                let restores: Restores = Arc::new([("vda".to_string(), disk.clone())].into_iter().collect());
+                let server = Bound::bind(&dir.path().join("ctl.sock"), Arc::new(vm.clone()))
+                    .unwrap()
+                    .with_restores(restores)
+                    .start()
+                    .unwrap();
+                let mut reference = vec![0u8; SIZE as usize];
+                fastrand::Rng::with_seed(5).fill(&mut reference);
+                Rig { dir, disk, vm, reference, _server: server }
+            }
+
+            async fn client(&self) -> SnapshotControlClient<Channel> {
+                let ch = livesnap_proto::unix_channel(
+                    Endpoint::from_static("http://t.invalid"),
+                    self.dir.path().join("ctl.sock"),
+                )
+                .await
+                .unwrap();
+                SnapshotControlClient::new(ch)
+            }
+
+            /// Opens a feed of `disk`: the sender for answers, the stream of wants.
+            async fn feed(
+                &self,
+                disk: &str,
+            ) -> Result<(tokio::sync::mpsc::Sender<pb::RestoreData>, tonic::Streaming<pb::RestoreWant>), Status>
+            {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                tx.send(pb::RestoreData { disk: disk.into(), ..Default::default() }).await.unwrap();
+                let wants = self
+                    .client()
+                    .await
+                    .restore_feed(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                Ok((tx, wants))
+            }
+
+            fn data(&self, chunk: u64) -> pb::RestoreData {
+                let s = (chunk * CHUNK) as usize;
+                pb::RestoreData {
+                    disk: "vda".into(),
+                    chunk,
+                    data: self.reference[s..s + CHUNK as usize].to_vec().into(),
+                    ..Default::default()
+                }
+            }
+
+            /// A guest read of one block of `chunk`, on its own thread (it may wait).
+            fn read(&self, chunk: u64) -> std::thread::JoinHandle<crate::disk::Result<Vec<u8>>> {
+                let disk = self.vm.disk("vda").unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 4096];
+                    disk.read_vectored_at(&[Buf::from(&mut buf[..])], chunk * CHUNK + 8192)?;
+                    Ok(buf)
+                })
+            }
+
+            fn image(&self, offset: u64, len: usize) -> Vec<u8> {
+                let f = std::fs::File::open(self.dir.path().join("vda.raw")).unwrap();
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset).unwrap();
+                buf
+            }
+        }
+
+        /// The next want for `chunk`, skipping background wants for others.
+        async fn want_of(wants: &mut tonic::Streaming<pb::RestoreWant>, chunk: u64) -> pb::RestoreWant {
+            loop {
+                let w = wants.message().await.unwrap().unwrap();
+                if w.chunks.contains(&chunk) {
+                    return w;
+                }
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn hostile_answers_are_ignored_and_an_error_answer_fails_the_waiting_read() {
+            let rig = Rig::new(Duration::from_secs(600));
+            assert_eq!(code(rig.feed("vdb").await), tonic::Code::FailedPrecondition);
+            let (tx, mut wants) = rig.feed("vda").await.unwrap();
+            let first = wants.message().await.unwrap().unwrap();
+            assert_eq!((first.chunks.clone(), first.urgent), ((0..8).collect::<Vec<_>>(), false));
+
+            let reader = rig.read(20);
+            let w = want_of(&mut wants, 20).await;
+            assert!(w.urgent && w.disk == "vda", "{w:?}");
+            // Another disk, a short chunk, a chunk outside the disk, a chunk nobody asked for.
+            let mut other = rig.data(20);
+            other.disk = "vdb".into();
+            tx.send(other).await.unwrap();
+            let mut short = rig.data(20);
+            short.data.truncate(4096);
+            tx.send(short).await.unwrap();
+            tx.send(pb::RestoreData { chunk: 32, ..rig.data(0) }).await.unwrap();
+            tx.send(rig.data(25)).await.unwrap();
+            // The error answer fails the waiting read at once (its bound is ten minutes).
+            tx.send(pb::RestoreData {
+                disk: "vda".into(),
+                chunk: 20,
+                error: "repository gone".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let err = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap().unwrap_err();
+            assert_ne!(err.io().map(std::io::Error::kind), Some(std::io::ErrorKind::TimedOut), "{err}");
+            assert_eq!(rig.image(20 * CHUNK, CHUNK as usize), vec![0; CHUNK as usize]);
+            assert_eq!(rig.image(25 * CHUNK, CHUNK as usize), vec![0; CHUNK as usize]);
+
+            // The guest asks again: the chunk is wanted again, and served.
+            let reader = rig.read(20);
+            want_of(&mut wants, 20).await;
+            tx.send(rig.data(20)).await.unwrap();
+            let got = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap().unwrap();
+            let at = (20 * CHUNK + 8192) as usize;
+            assert_eq!(got, rig.reference[at..at + 4096]);
+            let st = rig.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+            let r = st.disks[0].restore.clone().unwrap();
+            assert!(r.fed && !r.complete && r.chunks_total == 32 && r.backup_id == "b7", "{r:?}");
+            // No snapshot of a disk still being filled.
+            let begin = rig.client().await.begin(pb::BeginRequest::default()).await;
+            assert_eq!(code(begin), tonic::Code::FailedPrecondition);
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn without_a_feed_reads_fail_in_bound_and_a_new_feed_completes_the_restore() {
+            let rig = Rig::new(Duration::from_millis(300));
+            // Chunk 0 arrives, then the feed goes away.
+            let (tx, mut wants) = rig.feed("vda").await.unwrap();
+            want_of(&mut wants, 0).await;
+            tx.send(rig.data(0)).await.unwrap();
+            while rig.disk.status().info.chunks_done == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop((tx, wants));
+            while rig.disk.status().fed {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let err = tokio::task::spawn_blocking({
+                let r = rig.read(3);
+                move || r.join().unwrap()
+            })
+            .await
+            .unwrap()
+            .unwrap_err();
+            assert_eq!(err.io().map(std::io::Error::kind), Some(std::io::ErrorKind::TimedOut), "{err}");
+            // What is restored keeps being served.
+            let got = tokio::task::spawn_blocking({
+                let r = rig.read(0);
+                move || r.join().unwrap()
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(got, rig.reference[8192..8192 + 4096]);
+
+            // A feed, replaced by another: the first one's stream ends.
+            let (_old_tx, mut old) = rig.feed("vda").await.unwrap();
+            old.message().await.unwrap().unwrap();
+            let (tx, mut wants) = rig.feed("vda").await.unwrap();
+            while old.message().await.ok().flatten().is_some() {}
+            let mut last = None;
+            while let Some(w) = wants.message().await.unwrap() {
+                for c in &w.chunks {
+                    tx.send(rig.data(*c)).await.unwrap();
+                }
+                last = Some(w);
+            }
+            assert!(last.is_some_and(|w| w.complete));
+            assert!(rig.disk.is_complete());
+            assert_eq!(rig.image(0, SIZE as usize), rig.reference);
+            let st = rig.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+            assert!(st.disks[0].restore.as_ref().is_some_and(|r| r.complete && r.chunks_done == 32));
+            assert!(restore::read_map(&rig.dir.path().join("vda.raw.restore")).unwrap().complete);
+            // A complete disk takes no feed, and can be snapshotted.
+            assert_eq!(code(rig.feed("vda").await), tonic::Code::FailedPrecondition);
+            assert!(rig.client().await.begin(pb::BeginRequest::default()).await.is_ok());
+        }
+    }
 }
