@@ -469,7 +469,7 @@ impl PbService for Service {
                         } else if d.zero {
                             Answer::Zero
                         } else {
-                            Answer::Data(d.data.into())
+                            Answer::Data(d.data)
                         };
                         let (disk2, chunk) = (disk.clone(), d.chunk);
                         match blocking(Box::new(move || disk2.answer(gen, chunk, answer))).await {
@@ -783,7 +783,7 @@ mod tests {
                 pb::RestoreData {
                     disk: "vda".into(),
                     chunk,
-                    data: self.reference[s..s + CHUNK as usize].to_vec().into(),
+                    data: self.reference[s..s + CHUNK as usize].to_vec(),
                     ..Default::default()
                 }
             }
