@@ -731,7 +731,11 @@ pub fn open_on(
     RestoreDisk::new(image, map, map_path, opts).map(Some)
 }
 
-/// Logs an answer the backend refused.
+/// Logs an answer the backend refused: a chunk answered twice (wanted in the background, then
+/// urgently) or by a replaced feed is routine; anything else is the feeder's bug.
 pub fn warn_refused(disk: &str, e: &AnswerError) {
-    warn!(disk, error = %e, "restore feed answer ignored");
+    match e {
+        AnswerError::NotWanted(_) | AnswerError::Stale => debug!(disk, error = %e, "restore feed answer ignored"),
+        _ => warn!(disk, error = %e, "restore feed answer ignored"),
+    }
 }
