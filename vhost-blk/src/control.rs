@@ -2,6 +2,7 @@
 //! tonic to [`SnapshotControl`]. Engine calls block (they sync files), so each runs on tokio's
 //! blocking pool; the service has its own thread and runtime, apart from the queue threads.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -17,6 +18,9 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, info, warn};
 
+use crate::disk::DiskFile;
+use crate::restore::disk::{warn_refused, AnswerError, RestoreStatus};
+use crate::restore::{Answer, FeedMsg, RestoreDisk};
 use crate::snap::{self, BeginOptions, ControlError, Phase, SnapshotControl};
 
 /// Extents per [`pb::ChangesPage`]: about 1 MiB of message at most.
@@ -25,6 +29,13 @@ const EXTENTS_PER_PAGE: usize = 32 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often a merge stream reports progress.
 const MERGE_REPORT_EVERY: Duration = Duration::from_millis(200);
+/// A feed idle this long gets its pending fills committed and failed chunks asked again.
+const FEED_IDLE_COMMIT: Duration = Duration::from_millis(100);
+/// The largest message the service decodes: a 64 MiB chunk (the map's limit) and its framing.
+const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
+
+/// The disks under live restore, by id.
+pub type Restores = Arc<HashMap<String, Arc<RestoreDisk>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -111,6 +122,7 @@ pub struct Bound {
     rt: tokio::runtime::Runtime,
     listener: tokio::net::UnixListener,
     ctl: Arc<dyn SnapshotControl>,
+    restores: Restores,
 }
 
 impl std::fmt::Debug for Bound {
@@ -133,14 +145,20 @@ impl Bound {
             tokio::net::UnixListener::bind(path).map_err(listen_err)?
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
-        Ok(Bound { path: path.to_owned(), rt, listener, ctl })
+        Ok(Bound { path: path.to_owned(), rt, listener, ctl, restores: Restores::default() })
+    }
+
+    /// Serves the live-restore feeds of `restores` as well.
+    pub fn with_restores(mut self, restores: Restores) -> Bound {
+        self.restores = restores;
+        self
     }
 
     /// Serves the control service on its own thread.
     pub fn start(self) -> Result<ControlServer, Error> {
-        let Bound { path, rt, listener, ctl } = self;
+        let Bound { path, rt, listener, ctl, restores } = self;
         let (tx, rx) = watch::channel(false);
-        let service = SnapshotControlServer::new(Service { ctl });
+        let service = SnapshotControlServer::new(Service { ctl, restores }).max_decoding_message_size(MAX_MESSAGE);
         let shown = path.display().to_string();
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -175,6 +193,7 @@ impl Bound {
 
 struct Service {
     ctl: Arc<dyn SnapshotControl>,
+    restores: Restores,
 }
 
 impl Service {
@@ -199,33 +218,60 @@ fn snapshot_pb(s: &snap::SnapshotInfo) -> pb::Snapshot {
     }
 }
 
-fn status_pb(st: &snap::VmStatus) -> pb::VmStatus {
-    pb::VmStatus {
-        vm: st.vm.clone(),
-        snapshot: st.snapshot.as_ref().map(snapshot_pb),
-        disks: st
-            .disks
-            .iter()
-            .map(|d| pb::DiskState {
-                id: d.id.clone(),
-                phase: match d.phase {
-                    Phase::Direct => pb::Phase::Direct,
-                    Phase::Active => pb::Phase::Active,
-                    Phase::Merging => pb::Phase::Merging,
-                } as i32,
-                snapshot: d.snapshot,
-                size: d.size,
-                base_path: d.base_path.display().to_string(),
-                base_format: d.base_format.to_string(),
-                delta_path: d.delta_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                delta_bytes: d.delta_bytes,
-                delta_extents: d.delta_extents,
-                merged_bytes: d.merge.map_or(0, |m| m.done_bytes),
-                abandoned: d.abandoned.clone().unwrap_or_default(),
-                restore: None,
-            })
-            .collect(),
+fn restore_pb(r: &RestoreStatus) -> pb::LiveRestore {
+    pb::LiveRestore {
+        vm: r.info.id.vm.clone(),
+        backup_id: r.info.id.backup_id.clone(),
+        disk: r.info.id.disk.clone(),
+        chunk_size: r.info.chunk_size,
+        chunks_total: r.info.chunks_total,
+        chunks_done: r.info.chunks_done,
+        complete: r.info.complete,
+        map_path: r.map_path.display().to_string(),
+        fed: r.fed,
     }
+}
+
+fn status_pb(st: &snap::VmStatus, restores: &Restores) -> pb::VmStatus {
+    let mut disks: Vec<pb::DiskState> = st
+        .disks
+        .iter()
+        .map(|d| pb::DiskState {
+            id: d.id.clone(),
+            phase: match d.phase {
+                Phase::Direct => pb::Phase::Direct,
+                Phase::Active => pb::Phase::Active,
+                Phase::Merging => pb::Phase::Merging,
+            } as i32,
+            snapshot: d.snapshot,
+            size: d.size,
+            base_path: d.base_path.display().to_string(),
+            base_format: d.base_format.to_string(),
+            delta_path: d.delta_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            delta_bytes: d.delta_bytes,
+            delta_extents: d.delta_extents,
+            merged_bytes: d.merge.map_or(0, |m| m.done_bytes),
+            abandoned: d.abandoned.clone().unwrap_or_default(),
+            restore: restores.get(&d.id).map(|r| restore_pb(&r.status())),
+        })
+        .collect();
+    // An engine that does not list a disk (the tests' stand-ins): its restore still shows.
+    let mut restored: Vec<_> = restores.iter().filter(|(id, _)| !disks.iter().any(|d| &d.id == *id)).collect();
+    restored.sort_by(|a, b| a.0.cmp(b.0));
+    for (id, r) in restored {
+        let status = r.status();
+        let image = status.map_path.with_extension("");
+        disks.push(pb::DiskState {
+            id: id.clone(),
+            phase: pb::Phase::Direct as i32,
+            size: r.size(),
+            base_path: image.display().to_string(),
+            base_format: r.format().to_string(),
+            restore: Some(restore_pb(&status)),
+            ..pb::DiskState::default()
+        });
+    }
+    pb::VmStatus { vm: st.vm.clone(), snapshot: st.snapshot.as_ref().map(snapshot_pb), disks }
 }
 
 /// One report of a merge: the disks cut with snapshot `id`, each done once it left the delta.
@@ -257,6 +303,18 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl PbService for Service {
     async fn begin(&self, req: Request<pb::BeginRequest>) -> Result<Response<pb::BeginReply>, Status> {
         let req = req.into_inner();
+        // The backup reads a frozen base from its file: one still being filled would be read
+        // as zeros where the backup's chunks have not arrived.
+        let mut restoring: Vec<_> = self
+            .restores
+            .iter()
+            .filter(|(id, r)| !r.is_complete() && (req.disks.is_empty() || req.disks.contains(id)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        restoring.sort();
+        if let Some(id) = restoring.first() {
+            return Err(Status::failed_precondition(format!("disk {id} is being live-restored")));
+        }
         let opts = BeginOptions { disks: req.disks, delta_limit: (req.delta_limit > 0).then_some(req.delta_limit) };
         let info = self.run(move |c| c.begin(opts)).await??;
         Ok(Response::new(pb::BeginReply { snapshot: Some(snapshot_pb(&info)) }))
@@ -264,7 +322,7 @@ impl PbService for Service {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::VmStatus>, Status> {
         let st = self.run(|c| c.status()).await?;
-        Ok(Response::new(status_pb(&st)))
+        Ok(Response::new(status_pb(&st, &self.restores)))
     }
 
     type ChangesStream = BoxStream<pb::ChangesPage>;
@@ -342,9 +400,93 @@ impl PbService for Service {
 
     async fn restore_feed(
         &self,
-        _req: Request<tonic::Streaming<pb::RestoreData>>,
+        req: Request<tonic::Streaming<pb::RestoreData>>,
     ) -> Result<Response<Self::RestoreFeedStream>, Status> {
-        Err(Status::unimplemented("live restore is not implemented yet"))
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the feed ended before naming its disk"))?;
+        if first.chunk != 0 || !first.data.is_empty() || first.zero || !first.error.is_empty() {
+            return Err(Status::invalid_argument(
+                "the first message of a feed names its disk and carries nothing else",
+            ));
+        }
+        let name = first.disk;
+        let disk = match self.restores.get(&name) {
+            Some(d) if !d.is_complete() => d.clone(),
+            Some(_) => return Err(Status::failed_precondition(format!("disk {name} is restored completely"))),
+            None => return Err(Status::failed_precondition(format!("disk {name} is not being live-restored"))),
+        };
+        let (gen, mut wants) = disk.attach();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let blocking = |f: Box<dyn FnOnce() -> Result<(), AnswerError> + Send>| async move {
+                tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+                    Err(AnswerError::Commit(crate::disk::Error::Io(std::io::Error::other(e.to_string()))))
+                })
+            };
+            loop {
+                tokio::select! {
+                    want = wants.recv() => {
+                        let msg = match want {
+                            Some(FeedMsg::Want { chunks, urgent }) =>
+                                pb::RestoreWant { disk: name.clone(), chunks, urgent, complete: false },
+                            Some(FeedMsg::Complete) =>
+                                pb::RestoreWant { disk: name.clone(), complete: true, ..Default::default() },
+                            // Replaced by a newer feed.
+                            None => break,
+                        };
+                        let last = msg.complete;
+                        if tx.send(Ok(msg)).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    data = tokio::time::timeout(FEED_IDLE_COMMIT, inbound.message()) => {
+                        let d = match data {
+                            Err(_idle) => {
+                                let disk = disk.clone();
+                                let r = blocking(Box::new(move || disk.tick().map_err(AnswerError::Commit))).await;
+                                if let Err(e) = r {
+                                    let _ = tx.send(Err(Status::internal(livesnap_proto::error::chain(&e)))).await;
+                                    break;
+                                }
+                                continue;
+                            }
+                            Ok(Ok(Some(d))) => d,
+                            Ok(Ok(None)) => break,
+                            Ok(Err(e)) => {
+                                info!(disk = %name, status = %e, "restore feed failed");
+                                break;
+                            }
+                        };
+                        if d.disk != name {
+                            warn!(disk = %name, other = %d.disk, "restore feed answer for another disk ignored");
+                            continue;
+                        }
+                        let answer = if !d.error.is_empty() {
+                            Answer::Error(d.error)
+                        } else if d.zero {
+                            Answer::Zero
+                        } else {
+                            Answer::Data(d.data)
+                        };
+                        let (disk2, chunk) = (disk.clone(), d.chunk);
+                        match blocking(Box::new(move || disk2.answer(gen, chunk, answer))).await {
+                            Ok(()) => {}
+                            Err(e @ (AnswerError::Fill { .. } | AnswerError::Commit(_))) => {
+                                error!(disk = %name, error = %livesnap_proto::error::chain(&e), "live restore cannot write its image");
+                                let _ = tx.send(Err(livesnap_proto::error::status(Code::Internal, &e))).await;
+                                break;
+                            }
+                            Err(e) => warn_refused(&name, &e),
+                        }
+                    }
+                }
+            }
+            disk.detach(gen);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsReply>, Status> {
@@ -567,5 +709,215 @@ mod tests {
             .all(|p| p.changed_bytes == written.len() as u64 * granularity && p.granularity == granularity));
         // The first generation of a disk cannot know what was written before tracking began.
         assert!(!pages[0].trusted && !pages[0].untrusted_reason.is_empty());
+    }
+
+    mod restore_feed {
+        use super::*;
+        use crate::restore::{self, disk::Options, map::Identity};
+        use std::os::unix::fs::FileExt;
+
+        const CHUNK: u64 = 64 << 10;
+        const SIZE: u64 = 32 * CHUNK;
+
+        struct Rig {
+            dir: tempfile::TempDir,
+            disk: Arc<RestoreDisk>,
+            vm: Vm,
+            reference: Vec<u8>,
+            _server: ControlServer,
+        }
+
+        impl Rig {
+            fn new(wait: Duration) -> Rig {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("vda.raw");
+                std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+                let id = Identity { vm: "web01".into(), backup_id: "b7".into(), disk: "vda".into() };
+                restore::create_map(&path, &id, SIZE, CHUNK).unwrap();
+                let image = disk::open(&path, Some(Format::Raw), false).unwrap();
+                let opts = Options { wait, ..Options::default() };
+                let disk = Arc::new(restore::disk::open(&path, image, opts).unwrap().unwrap());
+                let spec = DiskSpec { id: "vda".into(), base: disk.clone(), base_path: path };
+                let store = Arc::new(FsDir::new(&dir.path().join("state")).unwrap());
+                let vm = Vm::open("web01", store, vec![spec], crate::snap::Options::default()).unwrap();
+                let restores: Restores = Arc::new([("vda".to_string(), disk.clone())].into_iter().collect());
+                let server = Bound::bind(&dir.path().join("ctl.sock"), Arc::new(vm.clone()))
+                    .unwrap()
+                    .with_restores(restores)
+                    .start()
+                    .unwrap();
+                let mut reference = vec![0u8; SIZE as usize];
+                fastrand::Rng::with_seed(5).fill(&mut reference);
+                Rig { dir, disk, vm, reference, _server: server }
+            }
+
+            async fn client(&self) -> SnapshotControlClient<Channel> {
+                let ch = livesnap_proto::unix_channel(
+                    Endpoint::from_static("http://t.invalid"),
+                    self.dir.path().join("ctl.sock"),
+                )
+                .await
+                .unwrap();
+                SnapshotControlClient::new(ch)
+            }
+
+            /// Opens a feed of `disk`: the sender for answers, the stream of wants.
+            async fn feed(
+                &self,
+                disk: &str,
+            ) -> Result<(tokio::sync::mpsc::Sender<pb::RestoreData>, tonic::Streaming<pb::RestoreWant>), Status>
+            {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                tx.send(pb::RestoreData { disk: disk.into(), ..Default::default() }).await.unwrap();
+                let wants = self
+                    .client()
+                    .await
+                    .restore_feed(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                Ok((tx, wants))
+            }
+
+            fn data(&self, chunk: u64) -> pb::RestoreData {
+                let s = (chunk * CHUNK) as usize;
+                pb::RestoreData {
+                    disk: "vda".into(),
+                    chunk,
+                    data: self.reference[s..s + CHUNK as usize].to_vec(),
+                    ..Default::default()
+                }
+            }
+
+            /// A guest read of one block of `chunk`, on its own thread (it may wait).
+            fn read(&self, chunk: u64) -> std::thread::JoinHandle<crate::disk::Result<Vec<u8>>> {
+                let disk = self.vm.disk("vda").unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 4096];
+                    disk.read_vectored_at(&[Buf::from(&mut buf[..])], chunk * CHUNK + 8192)?;
+                    Ok(buf)
+                })
+            }
+
+            fn image(&self, offset: u64, len: usize) -> Vec<u8> {
+                let f = std::fs::File::open(self.dir.path().join("vda.raw")).unwrap();
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset).unwrap();
+                buf
+            }
+        }
+
+        /// The next want for `chunk`, skipping background wants for others.
+        async fn want_of(wants: &mut tonic::Streaming<pb::RestoreWant>, chunk: u64) -> pb::RestoreWant {
+            loop {
+                let w = wants.message().await.unwrap().unwrap();
+                if w.chunks.contains(&chunk) {
+                    return w;
+                }
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn hostile_answers_are_ignored_and_an_error_answer_fails_the_waiting_read() {
+            let rig = Rig::new(Duration::from_secs(600));
+            assert_eq!(code(rig.feed("vdb").await), tonic::Code::FailedPrecondition);
+            let (tx, mut wants) = rig.feed("vda").await.unwrap();
+            let first = wants.message().await.unwrap().unwrap();
+            assert_eq!((first.chunks.clone(), first.urgent), ((0..8).collect::<Vec<_>>(), false));
+
+            let reader = rig.read(20);
+            let w = want_of(&mut wants, 20).await;
+            assert!(w.urgent && w.disk == "vda", "{w:?}");
+            // Another disk, a short chunk, a chunk outside the disk, a chunk nobody asked for.
+            let mut other = rig.data(20);
+            other.disk = "vdb".into();
+            tx.send(other).await.unwrap();
+            let mut short = rig.data(20);
+            short.data.truncate(4096);
+            tx.send(short).await.unwrap();
+            tx.send(pb::RestoreData { chunk: 32, ..rig.data(0) }).await.unwrap();
+            tx.send(rig.data(25)).await.unwrap();
+            // The error answer fails the waiting read at once (its bound is ten minutes).
+            tx.send(pb::RestoreData {
+                disk: "vda".into(),
+                chunk: 20,
+                error: "repository gone".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let err = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap().unwrap_err();
+            assert_ne!(err.io().map(std::io::Error::kind), Some(std::io::ErrorKind::TimedOut), "{err}");
+            assert_eq!(rig.image(20 * CHUNK, CHUNK as usize), vec![0; CHUNK as usize]);
+            assert_eq!(rig.image(25 * CHUNK, CHUNK as usize), vec![0; CHUNK as usize]);
+
+            // The guest asks again: the chunk is wanted again, and served.
+            let reader = rig.read(20);
+            want_of(&mut wants, 20).await;
+            tx.send(rig.data(20)).await.unwrap();
+            let got = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap().unwrap();
+            let at = (20 * CHUNK + 8192) as usize;
+            assert_eq!(got, rig.reference[at..at + 4096]);
+            let st = rig.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+            let r = st.disks[0].restore.clone().unwrap();
+            assert!(r.fed && !r.complete && r.chunks_total == 32 && r.backup_id == "b7", "{r:?}");
+            // No snapshot of a disk still being filled.
+            let begin = rig.client().await.begin(pb::BeginRequest::default()).await;
+            assert_eq!(code(begin), tonic::Code::FailedPrecondition);
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn without_a_feed_reads_fail_in_bound_and_a_new_feed_completes_the_restore() {
+            let rig = Rig::new(Duration::from_millis(300));
+            // Chunk 0 arrives, then the feed goes away.
+            let (tx, mut wants) = rig.feed("vda").await.unwrap();
+            want_of(&mut wants, 0).await;
+            tx.send(rig.data(0)).await.unwrap();
+            while rig.disk.status().info.chunks_done == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            drop((tx, wants));
+            while rig.disk.status().fed {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let err = tokio::task::spawn_blocking({
+                let r = rig.read(3);
+                move || r.join().unwrap()
+            })
+            .await
+            .unwrap()
+            .unwrap_err();
+            assert_eq!(err.io().map(std::io::Error::kind), Some(std::io::ErrorKind::TimedOut), "{err}");
+            // What is restored keeps being served.
+            let got = tokio::task::spawn_blocking({
+                let r = rig.read(0);
+                move || r.join().unwrap()
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(got, rig.reference[8192..8192 + 4096]);
+
+            // A feed, replaced by another: the first one's stream ends.
+            let (_old_tx, mut old) = rig.feed("vda").await.unwrap();
+            old.message().await.unwrap().unwrap();
+            let (tx, mut wants) = rig.feed("vda").await.unwrap();
+            while old.message().await.ok().flatten().is_some() {}
+            let mut last = None;
+            while let Some(w) = wants.message().await.unwrap() {
+                for c in &w.chunks {
+                    tx.send(rig.data(*c)).await.unwrap();
+                }
+                last = Some(w);
+            }
+            assert!(last.is_some_and(|w| w.complete));
+            assert!(rig.disk.is_complete());
+            assert_eq!(rig.image(0, SIZE as usize), rig.reference);
+            let st = rig.client().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+            assert!(st.disks[0].restore.as_ref().is_some_and(|r| r.complete && r.chunks_done == 32));
+            assert!(restore::read_map(&rig.dir.path().join("vda.raw.restore")).unwrap().complete);
+            // A complete disk takes no feed, and can be snapshotted.
+            assert_eq!(code(rig.feed("vda").await), tonic::Code::FailedPrecondition);
+            assert!(rig.client().await.begin(pb::BeginRequest::default()).await.is_ok());
+        }
     }
 }

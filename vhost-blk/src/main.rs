@@ -1,5 +1,6 @@
 //! livesnap-blk: serves one VM's disks over vhost-user-blk until SIGTERM.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use livesnap_blk::disk::{self, DiskFile};
 use livesnap_blk::server::DiskServer;
 use livesnap_blk::snap::{self, store::FsDir};
 use livesnap_blk::virtio::BlkDevice;
-use livesnap_blk::{confine, control, sys};
+use livesnap_blk::{confine, control, restore, sys};
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
@@ -35,8 +36,22 @@ fn run() -> Result<()> {
     // before the confinement, so that each one inherits it.
     let num_queues = args.num_queues();
     let mut opened = Vec::new();
+    let mut restores = HashMap::new();
     for spec in &args.disks {
-        let disk = disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("Disk {}", spec.id))?;
+        let mut disk =
+            disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("Disk {}", spec.id))?;
+        // A live restore's map is opened here, before the confinement, like the image.
+        let restoring = restore::disk::open(&spec.image, disk.clone(), restore::Options::default())
+            .with_context(|| format!("Disk {}: cannot resume its live restore", spec.id))?;
+        if let Some(r) = restoring {
+            anyhow::ensure!(!spec.readonly, "Disk {} is being live-restored and cannot be read-only", spec.id);
+            let r = Arc::new(r);
+            let st = r.status();
+            info!(disk = %spec.id, map = %st.map_path.display(), chunks = st.info.chunks_total,
+                  done = st.info.chunks_done, "disk is being live-restored");
+            restores.insert(spec.id.clone(), r.clone());
+            disk = r;
+        }
         info!(vm = %args.vm, disk = %spec.id, image = %spec.image.display(), format = %disk.format(),
               size = disk.size(), readonly = spec.readonly, "serving disk");
         opened.push(snap::DiskSpec { id: spec.id.clone(), base: disk, base_path: spec.image.clone() });
@@ -61,10 +76,15 @@ fn run() -> Result<()> {
                 .with_context(|| format!("Disk {}", spec.id))?,
         );
     }
+    let restores: control::Restores = Arc::new(restores);
+    if let Some(id) = restores.keys().next().filter(|_| args.control.is_none()) {
+        anyhow::bail!("Disk {id} is being live-restored: it is fed through --control (which needs --state-dir)");
+    }
     let control = match (&args.control, &engine) {
         (Some(path), Some(vm)) => Some(
             control::Bound::bind(path, Arc::new(vm.clone()))
-                .with_context(|| format!("Cannot serve control socket {}", path.display()))?,
+                .with_context(|| format!("Cannot serve control socket {}", path.display()))?
+                .with_restores(restores.clone()),
         ),
         _ => None,
     };
@@ -91,7 +111,7 @@ fn run() -> Result<()> {
         vm.resume_merges();
     }
     info!(vm = %args.vm, disks = ?devices, queues = num_queues, snapshots = engine.is_some(),
-          sandbox = args.sandbox, uid, "ready");
+          restoring = restores.len(), sandbox = args.sandbox, uid, "ready");
 
     let sig = sys::wait_signal(&STOP_SIGNALS).context("Cannot wait for signals")?;
     info!(signal = sig, "stopping: finishing in-flight requests");

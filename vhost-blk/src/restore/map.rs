@@ -272,7 +272,7 @@ pub fn read_map(path: &Path) -> Result<MapInfo, Error> {
 }
 
 /// A bitmap in memory, with the pages changed since it was last written.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Bits {
     words: Vec<u64>,
     len: u64,
@@ -281,6 +281,11 @@ pub struct Bits {
 }
 
 impl Bits {
+    /// `len` clear bits.
+    pub fn new(len: u64) -> Bits {
+        Bits { words: vec![0; len.div_ceil(64) as usize], len, ones: 0, dirty: BTreeSet::new() }
+    }
+
     fn from_bytes(bytes: &[u8], len: u64) -> Bits {
         let mut words = vec![0u64; len.div_ceil(64) as usize];
         let mut ones = 0;
