@@ -1204,3 +1204,98 @@ fn a_schedule_every_two_seconds_fires_on_the_real_clock() {
     assert!(rig.log().contains("schedule elapsed"), "{}", rig.log());
     assert!(d.stop(libc::SIGTERM, WAIT).unwrap().success(), "{}", rig.log());
 }
+
+/// The backend's disk as the test VMM reads it, in 1 MiB requests from `from` on, wrapping.
+fn read_disk(q: &mut BlkQueue, from: u64) -> Vec<u8> {
+    let mut out = vec![0u8; DISK as usize];
+    for i in 0..DISK / MIB {
+        let off = (from + i * MIB) % DISK;
+        let data = q.read(off / 512, MIB as u32).unwrap();
+        out[off as usize..(off + MIB) as usize].copy_from_slice(&data);
+    }
+    out
+}
+
+#[test]
+fn a_live_restore_fed_by_livesnapd_serves_the_backup_at_once_and_ends_a_plain_identical_image() {
+    let mut rig = Rig::new("", "");
+    // A whole chunk of zeros (the repository's 4 MiB chunks): answered without a read.
+    rig.write(8 * MIB, &vec![0u8; (4 * MIB) as usize]);
+    rig.write(MIB + 4096, &stamp(8192, 3));
+    let d = rig.start();
+    let backup = snapshot(&rig, req(pb::BackupMode::Full, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+    let expected = rig.model.clone();
+    // The VM moves to a new backend (its own control socket) whose disk is the live target:
+    // livesnapd restarted with the VM's new control socket.
+    d.stop(libc::SIGTERM, WAIT).unwrap();
+    let control2 = rig.dir.path().join("control2.sock");
+    let config = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(&rig.config, config.replace(&rig.control.display().to_string(), &control2.display().to_string()))
+        .unwrap();
+    let _d = rig.start();
+    let mut c = rig.client();
+    let target = rig.dir.path().join("live.raw");
+    let req = pb::RestoreRequest {
+        vm: VM.into(),
+        id: backup.id.clone(),
+        disk: "vda".into(),
+        target_path: target.display().to_string(),
+        format: pb::ImageFormat::Raw as i32,
+        live: true,
+    };
+    let mut stream = rig.block_on(c.restore_backup(req)).unwrap().into_inner();
+    let first = rig.block_on(stream.message()).unwrap().unwrap();
+    assert_eq!(first.state, pb::LiveRestoreState::Waiting as i32, "{first:?}");
+    assert_eq!(first.chunks_total, DISK / (4 * MIB));
+    assert_eq!(PathBuf::from(&first.target_path), target);
+    let map = PathBuf::from(&first.map_path);
+    assert!(map.exists(), "the map is created beside the target");
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), DISK);
+    // The new backend starts on the target; the guest reads all of it at once, from the middle.
+    let vhost2 = rig.dir.path().join("vda2.sock");
+    let log = std::fs::File::create(rig.dir.path().join("livesnap-blk2.log")).unwrap();
+    let mut cmd = Command::new(programs::livesnap_blk().unwrap());
+    cmd.args(["--vm", VM, "--queues", "1", "--disk"])
+        .arg(format!("id=vda,image={},socket={},format=raw", target.display(), vhost2.display()))
+        .arg("--state-dir")
+        .arg(rig.dir.path().join("blk2-state"))
+        .arg("--control")
+        .arg(&control2)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let _blk2 = Daemon::spawn("livesnap-blk", cmd, &[&vhost2, &control2]).unwrap();
+    let mut f = Frontend::connect(&vhost2, &Options { queues: 1, timeout: WAIT, ..Options::default() }).unwrap();
+    let mut q = f.take_queues().into_iter().next().map(|v| BlkQueue::new(v, 8, MIB as u32).unwrap()).unwrap();
+    let read = read_disk(&mut q, DISK / 2);
+    let first_bad = read.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(first_bad.is_none(), "the guest read differs from the backup at byte {first_bad:?}");
+    // livesnapd's progress until complete.
+    let last = rig.block_on(async {
+        let mut last = first;
+        while let Some(p) = stream.message().await.unwrap() {
+            last = p;
+        }
+        last
+    });
+    assert!(last.done, "{last:?}");
+    assert_eq!(last.state, pb::LiveRestoreState::Complete as i32);
+    assert_eq!(last.chunks_done, last.chunks_total);
+    let job = rig.block_on(c.get_job(pb::JobRef { id: last.job_id.clone() })).unwrap().into_inner();
+    assert_eq!((job.kind.as_str(), job.status), ("live-restore", pb::JobStatus::Ok as i32), "{job:?}");
+    assert!(!map.exists(), "the map is removed once complete");
+    let reference = rig.dir.path().join("expected.raw");
+    std::fs::write(&reference, &expected).unwrap();
+    qemu_img(&["compare", "-q", "-f", "raw", "-F", "raw", reference.to_str().unwrap(), target.to_str().unwrap()]);
+    // The disk keeps working as a plain image.
+    assert_eq!(read_disk(&mut q, 0), expected);
+    let st = {
+        let ch = rig
+            .rt
+            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://blk.invalid"), control2.clone()))
+            .unwrap();
+        let mut b = SnapshotControlClient::new(ch);
+        rig.rt.block_on(b.status(spb::StatusRequest {})).unwrap().into_inner()
+    };
+    let r = st.disks[0].restore.as_ref();
+    assert!(r.is_none_or(|r| r.complete), "{r:?}");
+}
