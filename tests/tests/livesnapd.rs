@@ -1220,7 +1220,9 @@ fn read_disk(q: &mut BlkQueue, from: u64) -> Vec<u8> {
 fn a_live_restore_fed_by_livesnapd_serves_the_backup_at_once_and_ends_a_plain_identical_image() {
     let mut rig = Rig::new("", "");
     // A whole chunk of zeros (the repository's 4 MiB chunks): answered without a read.
-    rig.write(8 * MIB, &vec![0u8; (4 * MIB) as usize]);
+    for i in 0..4 {
+        rig.write(8 * MIB + i * MIB, &vec![0u8; MIB as usize]);
+    }
     rig.write(MIB + 4096, &stamp(8192, 3));
     let d = rig.start();
     let backup = snapshot(&rig, req(pb::BackupMode::Full, pb::QuiesceMode::Off), |_| {}).result.unwrap();
