@@ -1300,4 +1300,39 @@ fn a_live_restore_fed_by_livesnapd_serves_the_backup_at_once_and_ends_a_plain_id
     };
     let r = st.disks[0].restore.as_ref();
     assert!(r.is_none_or(|r| r.complete), "{r:?}");
+
+    // snapctl: a second live restore, whose backend never starts. It says what to do and
+    // follows; Ctrl-C leaves the job running; `job cancel` stops it, target and map left.
+    let mut child = Command::new(programs::snapctl().unwrap())
+        .arg("--socket")
+        .arg(&rig.socket)
+        .args(["backup", "restore", VM, &backup.id, "--disk", "vda", "--to", "second.raw", "--live"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("waiting for") {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "snapctl said only: {said}");
+        said.push_str(&line);
+    }
+    assert!(said.contains("as disk vda"), "{said}");
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{:?}: {err}", done.status);
+    assert!(err.contains("goes on"), "{err}");
+    let jobs = rig.block_on(c.list_jobs(pb::ListJobsRequest { vm: VM.into(), last: 1 })).unwrap().into_inner().jobs;
+    let job = &jobs[0];
+    assert_eq!((job.kind.as_str(), job.status), ("live-restore", pb::JobStatus::Running as i32), "{job:?}");
+    let (code, _) = snapctl(&rig, &["job", "cancel", &job.id]);
+    assert_eq!(code, 0);
+    let job = rig.block_on(c.get_job(pb::JobRef { id: job.id.clone() })).unwrap().into_inner();
+    assert_eq!(job.status, pb::JobStatus::Cancelled as i32, "{job:?}");
+    let second = rig.dir.path().join("second.raw");
+    assert!(second.exists() && second.with_extension("raw.restore").exists(), "target and map left in place");
 }

@@ -819,8 +819,18 @@ fn backup_verify_exits_0_when_clean_and_1_on_damage_or_data_loss() -> Result<()>
 fn backup_restore_sends_the_path_as_typed_and_infers_qcow2() -> Result<()> {
     let fake = Fake::start(Script {
         restore: Ok(vec![
-            Step::Restore(RestoreProgress { bytes_written: 0, bytes_total: 100 * MIB, done: false }),
-            Step::Restore(RestoreProgress { bytes_written: 100 * MIB, bytes_total: 100 * MIB, done: true }),
+            Step::Restore(RestoreProgress {
+                bytes_written: 0,
+                bytes_total: 100 * MIB,
+                done: false,
+                ..Default::default()
+            }),
+            Step::Restore(RestoreProgress {
+                bytes_written: 100 * MIB,
+                bytes_total: 100 * MIB,
+                done: true,
+                ..Default::default()
+            }),
         ]),
         ..Script::default()
     })?;
@@ -869,7 +879,12 @@ fn backup_restore_sends_the_path_as_typed_and_infers_qcow2() -> Result<()> {
 #[test]
 fn backup_restore_stream_without_done_exits_1_and_an_existing_target_exits_5() -> Result<()> {
     let fake = Fake::start(Script {
-        restore: Ok(vec![Step::Restore(RestoreProgress { bytes_written: MIB, bytes_total: 100 * MIB, done: false })]),
+        restore: Ok(vec![Step::Restore(RestoreProgress {
+            bytes_written: MIB,
+            bytes_total: 100 * MIB,
+            done: false,
+            ..Default::default()
+        })]),
         ..Script::default()
     })?;
     let r = fake.run(&["backup", "restore", "web01", "b1", "--disk", "vda", "--to", "/tmp/vda.raw"])?;

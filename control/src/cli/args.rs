@@ -15,7 +15,7 @@ const HEADING: &str = "Reaching livesnapd";
 const EXIT_CODES: &str = "Exit codes: 0 done; 1 the operation failed (a snapshot failed, verify found damage); \
 2 usage error; 3 cannot reach livesnapd (or the token was refused); 4 no such VM, backup or disk; \
 5 refused in the current state (a job is running, the target exists...); 130 Ctrl-C while following a \
-snapshot (the job goes on).";
+snapshot or a live restore (the job goes on).";
 
 /// livesnap's command line: snapshots and backups of the host's VMs through livesnapd.
 #[derive(Debug, Parser)]

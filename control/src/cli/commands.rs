@@ -327,21 +327,21 @@ async fn live_restore(
         .into(),
         live: true,
     };
+    // Registered before the call (not at a first poll): from here a Ctrl-C detaches.
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Signal)?;
     let mut stream = d.client.restore_backup(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
     let mut job = String::new();
     let mut bar: Option<ProgressBar> = None;
     let mut last_state = None;
-    let interrupted = tokio::signal::ctrl_c();
-    tokio::pin!(interrupted);
     loop {
         let next = tokio::select! {
             m = stream.message() => m,
-            _ = &mut interrupted => {
+            _ = interrupt.recv() => {
                 if let Some(pb) = &bar {
                     pb.abandon();
                 }
-                eprintln!("interrupted: live restore job {} goes on in livesnapd (snapctl job show {0})", clean(&job));
-                return Ok(());
+                return Err(Error::LiveDetached { job: clean(&job), target: clean(target_path) });
             }
         };
         let p = match next {

@@ -83,6 +83,11 @@ pub enum Error {
          and `snapctl backup list {vm}`"
     )]
     Detached { job: String, vm: String },
+    /// Ctrl-C while following a live restore: the job goes on.
+    #[error(
+        "Stopped following live restore job {job}; livesnapd goes on feeding {target}: see `snapctl job show {job}`"
+    )]
+    LiveDetached { job: String, target: String },
     /// Ctrl-C cannot be watched for.
     #[error("Cannot handle Ctrl-C")]
     Signal(#[source] std::io::Error),
@@ -104,7 +109,7 @@ impl Error {
             Error::Usage(_) | Error::ReadFile { .. } => Exit::Usage,
             Error::Status { code, .. } => exit_for_code(*code),
             Error::BadReply { .. } | Error::Failed(_) | Error::Signal(_) | Error::Runtime(_) => Exit::Failed,
-            Error::Detached { .. } => Exit::Interrupted,
+            Error::Detached { .. } | Error::LiveDetached { .. } => Exit::Interrupted,
             // A refusal found during the job (quiesce required, the agent unreachable) exits
             // like the same refusal before the stream; any other failure is a failure.
             Error::SnapshotFailed { code, .. } => match exit_for_code(Code::from_i32(*code)) {
