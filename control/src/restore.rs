@@ -424,4 +424,38 @@ mod tests {
         assert!(same.unwrap().success());
         assert_eq!(names(&out_dir), ["r.qcow2"]);
     }
+
+    #[test]
+    fn an_empty_target_is_sized_like_the_disk_allocates_nothing_and_never_overwrites() {
+        use crate::daemon::model::ImageFormat;
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64 * K64 as u64;
+        empty(&dest(dir.path(), "e.raw"), ImageFormat::Raw, size).unwrap();
+        let m = fs::metadata(dir.path().join("e.raw")).unwrap();
+        assert_eq!((m.len(), m.blocks()), (size, 0), "sparse, sized like the disk");
+        assert_eq!(m.mode() & 0o777, 0o600);
+        let late = dest(dir.path(), "late.raw");
+        fs::write(dir.path().join("late.raw"), b"mine").unwrap();
+        assert!(matches!(empty(&late, ImageFormat::Raw, size), Err(Error::DestinationExists(_))));
+        assert_eq!(fs::read(dir.path().join("late.raw")).unwrap(), b"mine");
+        if !Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success()) {
+            eprintln!("qemu-img is not installed: the empty qcow2 target not tested");
+            return;
+        }
+        empty(&dest(dir.path(), "e.qcow2"), ImageFormat::Qcow2, size).unwrap();
+        let out = Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "qcow2"])
+            .arg(dir.path().join("e.qcow2"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && !text.contains("\"data\": true"), "nothing allocated: {text}");
+        let out = Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2"])
+            .arg(dir.path().join("e.qcow2"))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("\"virtual-size\": {size}")));
+        assert_eq!(names(dir.path()), ["e.qcow2", "e.raw", "late.raw"], "no partial file left");
+    }
 }
