@@ -36,9 +36,10 @@ fn run() -> Result<()> {
     let num_queues = args.num_queues();
     let mut opened = Vec::new();
     for spec in &args.disks {
-        let disk = disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("Disk {}", spec.id))?;
+        let disk = disk::open_with(&spec.image, spec.format, spec.readonly, spec.cache)
+            .with_context(|| format!("Disk {}", spec.id))?;
         info!(vm = %args.vm, disk = %spec.id, image = %spec.image.display(), format = %disk.format(),
-              size = disk.size(), readonly = spec.readonly, "serving disk");
+              size = disk.size(), readonly = spec.readonly, cache = %spec.cache, "serving disk");
         opened.push(snap::DiskSpec { id: spec.id.clone(), base: disk, base_path: spec.image.clone() });
     }
     let (engine, disks): (_, Vec<Arc<dyn DiskFile>>) = match &args.state_dir {
