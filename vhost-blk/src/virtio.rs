@@ -287,7 +287,7 @@ impl BlkDevice {
                     }
                 }
                 Ok(req) => {
-                    let status = req.status.clone();
+                    let status = req.status;
                     others.push((i, req));
                     (Some(status), Ok(0))
                 }

@@ -677,7 +677,7 @@ mod tests {
         let (direct, bounced) = disk.bounce_stats();
         assert_eq!((direct, bounced), (3, 2));
         // A request off the file's direct-I/O alignment goes the buffered way, coherently.
-        let mut tiny = vec![0xcdu8; 100];
+        let mut tiny = [0xcdu8; 100];
         disk.write_vectored_at(&[Buf::from(&mut tiny[..])], 3).unwrap();
         assert_eq!(disk.bounce_stats(), (3, 2));
         let mut back = Skewed::new(16384, 0, 0);
