@@ -448,7 +448,7 @@ impl DiskFile for RawDisk {
 
     fn flush(&self) -> Result<()> {
         // One inode: the buffered descriptor's fdatasync also covers what direct I/O wrote
-        // (the device's cache is flushed) .
+        // (the device's cache is flushed).
         Ok(self.file.sync_data()?)
     }
 
