@@ -49,12 +49,22 @@ impl Daemon {
 
     /// `qemu-storage-daemon` exporting `image` (format `raw` or `qcow2`) as vhost-user-blk.
     pub fn qemu_storage_daemon(image: &Path, format: &str, socket: &Path, num_queues: u16) -> Result<Self> {
+        Self::qemu_storage_daemon_cache(image, format, socket, num_queues, false)
+    }
+
+    /// [`Self::qemu_storage_daemon`], with `direct`: `cache.direct=on,aio=io_uring` (QEMU's
+    /// `cache=none` done asynchronously), else through the page cache with its thread pool.
+    pub fn qemu_storage_daemon_cache(
+        image: &Path,
+        format: &str,
+        socket: &Path,
+        num_queues: u16,
+        direct: bool,
+    ) -> Result<Self> {
+        let cache = if direct { "cache.direct=on,aio=io_uring" } else { "cache.direct=off,aio=threads" };
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={},cache.direct=off,aio=threads",
-                image.display()
-            ))
+            .arg(format!("driver=file,node-name=file0,filename={},{cache}", image.display()))
             .arg("--blockdev")
             .arg(format!("driver={format},node-name=disk0,file=file0"))
             .arg("--export")

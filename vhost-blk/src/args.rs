@@ -7,7 +7,7 @@ use std::str::FromStr;
 use clap::{CommandFactory, Parser};
 use serde::Deserialize;
 
-use crate::disk::Format;
+use crate::disk::{Cache, Format};
 
 /// vhost-user block backend of livesnap: serves the disks of one VM, one socket per disk.
 ///
@@ -18,7 +18,7 @@ use crate::disk::Format;
 struct Cli {
     /// Read the options from this TOML file (`vm`, `queues`, `state_dir`, `control`,
     /// `delta_limit`, `user`, `sandbox` and one `[[disk]]` table per disk with `id`, `image`,
-    /// `socket`, `format`, `readonly`); the command line's options win over the file's.
+    /// `socket`, `format`, `readonly`, `cache`); the command line's options win over the file's.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -26,8 +26,10 @@ struct Cli {
     #[arg(long)]
     vm: Option<String>,
 
-    /// A disk: id=ID,image=PATH,socket=PATH[,format=raw|qcow2][,readonly=on|off].
-    /// The format is detected from the image when not given. Repeat for each disk.
+    /// A disk: id=ID,image=PATH,socket=PATH[,format=raw|qcow2][,readonly=on|off]
+    /// [,cache=writeback|none]. The format is detected from the image when not given;
+    /// cache=none (raw images only) bypasses the host's page cache (O_DIRECT), writeback is the
+    /// default. Repeat for each disk.
     #[arg(long = "disk")]
     disks: Vec<DiskSpec>,
 
@@ -126,6 +128,7 @@ struct FileDisk {
     socket: PathBuf,
     format: Option<String>,
     readonly: Option<bool>,
+    cache: Option<String>,
 }
 
 impl Args {
@@ -255,7 +258,11 @@ pub(crate) fn parse_file(path: &Path, text: &str) -> Result<FileOptions, Error> 
         absolute(&format!("disk {}: socket", d.id), &d.socket)?;
         let format =
             d.format.map(|s| s.parse::<Format>()).transpose().map_err(|e| invalid(format!("disk {}: {e}", d.id)))?;
-        let spec = DiskSpec::new(d.id, d.image, d.socket, format, d.readonly.unwrap_or(false)).map_err(invalid)?;
+        let cache =
+            d.cache.map(|s| s.parse::<Cache>()).transpose().map_err(|e| invalid(format!("disk {}: {e}", d.id)))?;
+        let spec =
+            DiskSpec::new(d.id, d.image, d.socket, format, d.readonly.unwrap_or(false), cache.unwrap_or_default())
+                .map_err(invalid)?;
         disks.push(spec);
     }
     Ok(FileOptions {
@@ -307,13 +314,15 @@ pub struct DiskSpec {
     pub socket: PathBuf,
     pub format: Option<Format>,
     pub readonly: bool,
+    /// How the host caches the image.
+    pub cache: Cache,
 }
 
 impl FromStr for DiskSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut id, mut image, mut socket, mut format, mut readonly) = (None, None, None, None, None);
+        let (mut id, mut image, mut socket, mut format, mut readonly, mut cache) = (None, None, None, None, None, None);
         for part in s.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("expected key=value, got {part:?}"))?;
             let dup = match key {
@@ -322,6 +331,7 @@ impl FromStr for DiskSpec {
                 "socket" => socket.replace(PathBuf::from(value)).is_some(),
                 "format" => format.replace(value.parse::<Format>()?).is_some(),
                 "readonly" => readonly.replace(parse_bool(value)?).is_some(),
+                "cache" => cache.replace(value.parse::<Cache>()?).is_some(),
                 _ => return Err(format!("unknown disk option {key:?}")),
             };
             if dup {
@@ -331,7 +341,7 @@ impl FromStr for DiskSpec {
         let id = id.ok_or("disk needs id=")?;
         let image = image.ok_or("disk needs image=")?;
         let socket = socket.ok_or("disk needs socket=")?;
-        DiskSpec::new(id, image, socket, format, readonly.unwrap_or(false))
+        DiskSpec::new(id, image, socket, format, readonly.unwrap_or(false), cache.unwrap_or_default())
     }
 }
 
@@ -343,11 +353,15 @@ impl DiskSpec {
         socket: PathBuf,
         format: Option<Format>,
         readonly: bool,
+        cache: Cache,
     ) -> Result<Self, String> {
         if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(format!("disk id {id:?} must be 1 to 20 of [A-Za-z0-9_-] (it is the guest's serial)"));
         }
-        Ok(DiskSpec { id, image, socket, format, readonly })
+        if cache == Cache::None && format == Some(Format::Qcow2) {
+            return Err(format!("disk {id}: cache=none is for raw images; a qcow2 image needs cache=writeback"));
+        }
+        Ok(DiskSpec { id, image, socket, format, readonly, cache })
     }
 }
 
@@ -401,7 +415,11 @@ mod tests {
         assert_eq!(d.format, Some(Format::Raw));
         assert!(d.readonly);
         let d: DiskSpec = "id=vda,image=a.qcow2,socket=s".parse().unwrap();
-        assert_eq!((d.format, d.readonly), (None, false));
+        assert_eq!((d.format, d.readonly, d.cache), (None, false, Cache::Writeback));
+        let d: DiskSpec = "id=vda,image=a,socket=s,cache=none".parse().unwrap();
+        assert_eq!(d.cache, Cache::None);
+        let d: DiskSpec = "id=vda,image=a,socket=s,cache=writeback".parse().unwrap();
+        assert_eq!(d.cache, Cache::Writeback);
     }
 
     #[test]
@@ -414,6 +432,9 @@ mod tests {
             ("id=a,id=b,image=a,socket=s", "given twice"),
             ("id=a,image=a,socket=s,format=vmdk", "unknown image format"),
             ("id=a,image=a,socket=s,readonly=maybe", "expected on or off"),
+            ("id=a,image=a,socket=s,cache=directsync", "unknown cache mode"),
+            ("id=a,image=a,socket=s,cache=none,cache=none", "given twice"),
+            ("id=a,image=a,socket=s,format=qcow2,cache=none", "cache=none is for raw images"),
             ("id=this-id-is-longer-than-twenty,image=a,socket=s", "1 to 20"),
             ("id=a,image", "key=value"),
         ] {
@@ -468,7 +489,7 @@ mod tests {
         control = \"/run/livesnap/vms/web01/control.sock\"\ndelta_limit = 4096\nuser = \"livesnap\"\n\
         [[disk]]\nid = \"vda\"\nimage = \"/images/web01.qcow2\"\nsocket = \"/run/livesnap/vms/web01/vda.sock\"\n\
         format = \"qcow2\"\n[[disk]]\nid = \"vdb\"\nimage = \"/dev/vg0/web01-data\"\n\
-        socket = \"/run/livesnap/vms/web01/vdb.sock\"\nreadonly = true\n";
+        socket = \"/run/livesnap/vms/web01/vdb.sock\"\nreadonly = true\ncache = \"none\"\n";
 
     #[test]
     fn a_config_file_gives_every_option() {
@@ -484,12 +505,12 @@ mod tests {
         assert!(a.overridden.is_empty());
         assert_eq!(a.disks.len(), 2);
         assert_eq!(
-            (a.disks[0].id.as_str(), a.disks[0].format, a.disks[0].readonly),
-            ("vda", Some(Format::Qcow2), false)
+            (a.disks[0].id.as_str(), a.disks[0].format, a.disks[0].readonly, a.disks[0].cache),
+            ("vda", Some(Format::Qcow2), false, Cache::Writeback)
         );
         assert_eq!(
-            (a.disks[1].image.as_path(), a.disks[1].format, a.disks[1].readonly),
-            (Path::new("/dev/vg0/web01-data"), None, true)
+            (a.disks[1].image.as_path(), a.disks[1].format, a.disks[1].readonly, a.disks[1].cache),
+            (Path::new("/dev/vg0/web01-data"), None, true, Cache::None)
         );
     }
 
@@ -538,6 +559,7 @@ mod tests {
             ),
             ("vm = \"v\"\n[[disk]]\nid = \"a/b\"\nimage = \"/a\"\nsocket = \"/a.sock\"\n".into(), "1 to 20"),
             (format!("vm = \"v\"\n{disk}format = \"vmdk\"\n"), "unknown image format"),
+            (format!("vm = \"v\"\n{disk}cache = \"unsafe\"\n"), "unknown cache mode"),
             (format!("vm = \"v\"\n{disk}{disk}"), "share the id"),
             (disk.to_owned(), "No VM name"),
             ("vm = \"v\"\n".into(), "No disk"),

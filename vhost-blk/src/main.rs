@@ -38,8 +38,8 @@ fn run() -> Result<()> {
     let mut opened = Vec::new();
     let mut restores = HashMap::new();
     for spec in &args.disks {
-        let mut disk =
-            disk::open(&spec.image, spec.format, spec.readonly).with_context(|| format!("Disk {}", spec.id))?;
+        let mut disk = disk::open_with(&spec.image, spec.format, spec.readonly, spec.cache)
+            .with_context(|| format!("Disk {}", spec.id))?;
         // A live restore's map is opened here, before the confinement, like the image.
         let restoring = restore::disk::open(&spec.image, disk.clone(), restore::Options::default())
             .with_context(|| format!("Disk {}: cannot resume its live restore", spec.id))?;
@@ -53,7 +53,7 @@ fn run() -> Result<()> {
             disk = r;
         }
         info!(vm = %args.vm, disk = %spec.id, image = %spec.image.display(), format = %disk.format(),
-              size = disk.size(), readonly = spec.readonly, "serving disk");
+              size = disk.size(), readonly = spec.readonly, cache = %spec.cache, "serving disk");
         opened.push(snap::DiskSpec { id: spec.id.clone(), base: disk, base_path: spec.image.clone() });
     }
     let (engine, disks): (_, Vec<Arc<dyn DiskFile>>) = match &args.state_dir {

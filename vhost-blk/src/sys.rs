@@ -1,5 +1,6 @@
 //! The few system calls that std does not wrap: file locks, block-device ioctls, fallocate,
-//! signal masks, and the privilege calls of the confinement (prctl, capabilities, ids).
+//! direct-I/O alignment (statx), signal masks, and the privilege calls of the confinement
+//! (prctl, capabilities, ids).
 
 use std::fs::File;
 use std::io;
@@ -39,6 +40,18 @@ pub fn blk_range_ioctl(file: &File, zero: bool, offset: u64, len: u64) -> io::Re
     // SAFETY: both ioctls read a `u64[2]` range from the pointer, which points to `range`, alive
     // for the duration of the call.
     check(unsafe { libc::ioctl(file.as_raw_fd(), req, range.as_ptr()) })
+}
+
+/// Alignment that direct I/O on `file` needs: (memory, file offset and length), from
+/// `statx(STATX_DIOALIGN)`; `None` where the kernel or the filesystem does not say.
+pub fn dio_alignment(file: &File) -> io::Result<Option<(u32, u32)>> {
+    // SAFETY: an all-zero statx is a valid value of this plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx(2) with AT_EMPTY_PATH on a descriptor we own and an empty C string; it
+    // writes only into `stx`, which lives for the call.
+    check(unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) })?;
+    Ok((stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align != 0 && stx.stx_dio_offset_align != 0)
+        .then_some((stx.stx_dio_mem_align, stx.stx_dio_offset_align)))
 }
 
 fn to_off(offset: u64, len: u64) -> io::Result<(libc::off_t, libc::off_t)> {

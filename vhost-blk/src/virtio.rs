@@ -55,6 +55,8 @@ pub enum Error {
     BadSegments(u64),
     #[error("Disk I/O failed")]
     Disk(#[source] disk::Error),
+    #[error("Cannot make the write durable (write-through mode)")]
+    FlushFailed(#[source] Arc<disk::Error>),
 }
 
 impl Error {
@@ -244,10 +246,18 @@ impl BlkDevice {
     }
 
     /// Parses and runs the chains taken from a queue in one go; returns each one's used length,
-    /// in order. Reads are handed to the disk together ([`DiskFile::read_batch`]), so that
-    /// those the page cache cannot serve wait for the device at the same time; the other
-    /// requests run one after the other. The driver ordered none of them against each other:
-    /// it submitted them all before any completed.
+    /// in order. The driver ordered none of them against each other: it submitted them all
+    /// before any completed. Writes go to the disk together first ([`DiskFile::write_batch`]),
+    /// then the other requests one after the other, then the reads together
+    /// ([`DiskFile::read_batch`]), so that those the page cache cannot serve wait for the device
+    /// at the same time.
+    ///
+    /// FLUSH: it must cover every write the guest saw complete before submitting it. Those were
+    /// all completed by an earlier call (on this queue or another), and a write is put in the
+    /// used ring only after the disk returned it, so the flush covers them wherever it runs in
+    /// this batch; running it after the batch's own writes covers those too, at no extra cost.
+    /// In write-through mode one flush after the writes makes all of them durable before any
+    /// completes; if it fails, they all fail.
     pub fn process_batch<I: Iterator<Item = Descriptor>>(
         &self,
         chains: impl Iterator<Item = I>,
@@ -255,6 +265,8 @@ impl BlkDevice {
     ) -> Vec<u32> {
         let mut outcomes: Vec<(Option<Buf<'_>>, Result<u32, Error>)> = Vec::new();
         let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        let mut others = Vec::new();
         for (i, parsed) in chains.map(|c| parse(c, mem)).enumerate() {
             outcomes.push(match parsed {
                 Ok(req) if req.kind == RequestType::In => match self.data_offset(req.sector, &req.writable) {
@@ -265,9 +277,41 @@ impl BlkDevice {
                     }
                     Err(e) => (Some(req.status), Err(e)),
                 },
-                Ok(req) => (Some(req.status), self.execute(&req)),
+                Ok(req) if req.kind == RequestType::Out => {
+                    match self.check_writable().and_then(|()| self.data_offset(req.sector, &req.readable)) {
+                        Ok(offset) => {
+                            writes.push((i, offset, req.readable));
+                            (Some(req.status), Ok(0))
+                        }
+                        Err(e) => (Some(req.status), Err(e)),
+                    }
+                }
+                Ok(req) => {
+                    let status = req.status;
+                    others.push((i, req));
+                    (Some(status), Ok(0))
+                }
                 Err(ParseError { error, status }) => (status, Err(error)),
             });
+        }
+        if !writes.is_empty() {
+            let batch: Vec<(u64, &[Buf<'_>])> = writes.iter().map(|(_, offset, bufs)| (*offset, &bufs[..])).collect();
+            let results = self.disk.write_batch(&batch);
+            let flushed = if !self.writeback() && results.iter().any(Result::is_ok) {
+                self.disk.flush().map_err(Arc::new)
+            } else {
+                Ok(())
+            };
+            for ((i, ..), res) in writes.iter().zip(results) {
+                outcomes[*i].1 = match (res, &flushed) {
+                    (Err(e), _) => Err(e.into()),
+                    (Ok(()), Err(e)) => Err(Error::FlushFailed(e.clone())),
+                    (Ok(()), Ok(())) => Ok(0),
+                };
+            }
+        }
+        for (i, req) in others {
+            outcomes[i].1 = self.execute(&req);
         }
         if !reads.is_empty() {
             let batch: Vec<(u64, &[Buf<'_>])> = reads.iter().map(|(_, offset, bufs)| (*offset, &bufs[..])).collect();
@@ -618,5 +662,110 @@ mod tests {
         f.dev.set_writeback(false);
         f.header(VIRTIO_BLK_T_OUT, 0);
         assert_eq!(f.run(&[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)]), (1, OK));
+    }
+
+    /// A disk that records what the device asks of it; its flush can be made to fail.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: std::sync::Mutex<Vec<String>>,
+        fail_flush: AtomicBool,
+    }
+
+    impl Recorder {
+        fn log(&self, what: String) {
+            self.calls.lock().unwrap().push(what);
+        }
+    }
+
+    impl DiskFile for Recorder {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn format(&self) -> disk::Format {
+            disk::Format::Raw
+        }
+        fn read_vectored_at(&self, _: &[Buf<'_>], offset: u64) -> disk::Result<()> {
+            self.log(format!("read {offset}"));
+            Ok(())
+        }
+        fn write_vectored_at(&self, _: &[Buf<'_>], offset: u64) -> disk::Result<()> {
+            self.log(format!("write {offset}"));
+            Ok(())
+        }
+        fn write_batch(&self, writes: &[(u64, &[Buf<'_>])]) -> Vec<disk::Result<()>> {
+            let offsets: Vec<u64> = writes.iter().map(|w| w.0).collect();
+            self.log(format!("write_batch {offsets:?}"));
+            writes.iter().map(|_| Ok(())).collect()
+        }
+        fn read_batch(&self, reads: &[(u64, &[Buf<'_>])]) -> Vec<disk::Result<()>> {
+            let offsets: Vec<u64> = reads.iter().map(|r| r.0).collect();
+            self.log(format!("read_batch {offsets:?}"));
+            reads.iter().map(|_| Ok(())).collect()
+        }
+        fn flush(&self) -> disk::Result<()> {
+            self.log("flush".into());
+            if self.fail_flush.load(Ordering::Relaxed) {
+                return Err(disk::Error::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+            }
+            Ok(())
+        }
+        fn discard(&self, offset: u64, _: u64) -> disk::Result<()> {
+            self.log(format!("discard {offset}"));
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, _: u64, _: bool) -> disk::Result<()> {
+            self.log(format!("zeroes {offset}"));
+            Ok(())
+        }
+    }
+
+    /// Runs one batch of chains (write sector 0, FLUSH, write sector 8, read sector 16, each
+    /// with its own header and status byte) on a device over `disk`; returns the statuses.
+    fn run_mixed_batch(dev: &BlkDevice, mem: &GuestMemoryMmap) -> Vec<u8> {
+        use virtio_queue::desc::split::Descriptor as D;
+        let kinds = [(VIRTIO_BLK_T_OUT, 0u64), (VIRTIO_BLK_T_FLUSH, 0), (VIRTIO_BLK_T_OUT, 8), (VIRTIO_BLK_T_IN, 16)];
+        let mut chains = Vec::new();
+        for (i, &(kind, sector)) in kinds.iter().enumerate() {
+            let (hdr, data, status) = (HDR + 16 * i as u64, DATA + 4096 * i as u64, STATUS + i as u64);
+            mem.write_obj(kind.to_le(), GuestAddress(hdr)).unwrap();
+            mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
+            mem.write_obj(sector.to_le(), GuestAddress(hdr + 8)).unwrap();
+            mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+            let mut c = vec![D::new(hdr, 16, 0, 0)];
+            match kind {
+                VIRTIO_BLK_T_OUT => c.push(D::new(data, 512, 0, 0)),
+                VIRTIO_BLK_T_IN => c.push(D::new(data, 512, W, 0)),
+                _ => {}
+            }
+            c.push(D::new(status, 1, W, 0));
+            chains.push(c);
+        }
+        let used = dev.process_batch(chains.into_iter().map(Vec::into_iter), mem);
+        assert_eq!(used, vec![1, 1, 1, 513]);
+        (0..kinds.len() as u64).map(|i| mem.read_obj(GuestAddress(STATUS + i)).unwrap()).collect()
+    }
+
+    #[test]
+    fn writes_of_a_batch_go_to_the_disk_together_before_its_flush() {
+        let disk = Arc::new(Recorder::default());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let dev = BlkDevice::new(disk.clone(), "s".into(), false);
+        assert_eq!(run_mixed_batch(&dev, &mem), vec![OK; 4]);
+        // The FLUSH runs after the batch's writes have completed, so it covers them too.
+        assert_eq!(*disk.calls.lock().unwrap(), ["write_batch [0, 4096]", "flush", "read_batch [8192]"]);
+    }
+
+    #[test]
+    fn write_through_makes_a_batch_durable_with_one_flush_and_fails_it_whole() {
+        let disk = Arc::new(Recorder::default());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let dev = BlkDevice::new(disk.clone(), "s".into(), false);
+        dev.set_writeback(false);
+        assert_eq!(run_mixed_batch(&dev, &mem), vec![OK; 4]);
+        assert_eq!(*disk.calls.lock().unwrap(), ["write_batch [0, 4096]", "flush", "flush", "read_batch [8192]"]);
+        // A write is not complete until it is durable: a failed flush fails every write of
+        // the batch (and the FLUSH request), never the read.
+        disk.fail_flush.store(true, Ordering::Relaxed);
+        assert_eq!(run_mixed_batch(&dev, &mem), vec![IOERR, IOERR, IOERR, OK]);
     }
 }

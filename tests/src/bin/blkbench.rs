@@ -1,22 +1,29 @@
 //! blkbench: the same block workloads against qemu-storage-daemon, livesnap-blk and the limit
-//! (pread/pwrite from the benchmark itself), on the same preallocated, page-cached raw file.
-//! (livesnap-blk's snapshots are measured by `snapbench`.)
+//! (pread/pwrite from the benchmark itself), on the same preallocated raw file, page-cached
+//! (`--cache writeback`, the default) or not (`--cache none`: both backends and the limit use
+//! `O_DIRECT`; qemu-storage-daemon with `cache.direct=on,aio=io_uring`, livesnap-blk with
+//! `cache=none`). (livesnap-blk's snapshots are measured by `snapbench`.)
 //!
 //! ```text
-//! cargo run --release -p livesnap-tests --bin blkbench -- [--size 1G] [--seconds 3] [--only qsd|livesnap|limit] [--dir DIR] [--json]
+//! cargo run --release -p livesnap-tests --bin blkbench -- [--size 1G] [--seconds 3] [--cache writeback|none] [--limit-threads N] [--only qsd|livesnap|limit] [--dir DIR] [--json]
 //! ```
 //!
 //! Workloads, each over 2 queues driven by one thread per queue:
 //! - 4 KiB random read / write, 16 requests in flight per queue (queue depth 32 in all), offsets
 //!   uniformly random over the whole file;
-//! - 1 MiB sequential read / write, 4 in flight per queue, each queue sweeping its half of the file.
+//! - 1 MiB sequential read, 4 in flight per queue, and 1 MiB sequential write, 8 in flight per
+//!   queue, each queue sweeping its half of the file.
 //!
 //! The backends are reached through the test VMM ([`livesnap_tests::frontend`]) and loaded by
 //! [`livesnap_tests::load`]; write payloads are placed in guest memory once, before the cell, as
 //! a guest's data already sits in its memory: the driver copies nothing per request, for either
-//! backend. The limit uses 2 threads doing synchronous `pread`/`pwrite` on the file with the same
-//! offsets, one request at a time per thread (queue depth 1 per thread: a synchronous syscall on
-//! a page-cached file has nothing to overlap with).
+//! backend. The limit does synchronous `pread`/`pwrite` on the file from the benchmark itself,
+//! one request at a time per thread. Page-cached 4 KiB requests and 1 MiB reads: one thread per
+//! queue with the queue's offsets (a synchronous syscall on a page-cached file has nothing to
+//! overlap with). 1 MiB writes, and every workload with `--cache none`: as many threads as the
+//! backends have requests in flight (queue depth × queues), each one sweeping its own part of
+//! the queue's share or drawing its own random offsets, so that the limit runs at the same
+//! concurrency.
 //!
 //! Both backends are started and connected at once, on the same file. For each workload the
 //! targets take turns, `--rounds` times, so that load from elsewhere on the machine hits all of
@@ -25,7 +32,8 @@
 //! cell so that dirty pages do not carry over. Numbers are printed, never judged.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -57,6 +65,13 @@ struct Args {
     /// back in random order, as a guest's random reads would, leaving 4 KiB folios.
     #[arg(long, value_enum, default_value_t = PageCache::Large)]
     page_cache: PageCache,
+    /// Host cache of the file: `writeback` (the page cache), or `none` (`O_DIRECT` for both
+    /// backends and the limit; the page cache is dropped before each cell).
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    cache: CacheMode,
+    /// Threads of the limit per queue, for every workload (default: see above).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    limit_threads: Option<u32>,
     /// Run only this target.
     #[arg(long)]
     only: Option<Target>,
@@ -73,6 +88,12 @@ enum Target {
     Qsd,
     Livesnap,
     Limit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CacheMode {
+    Writeback,
+    None,
 }
 
 const TARGETS: [Target; 3] = [Target::Qsd, Target::Livesnap, Target::Limit];
@@ -92,7 +113,7 @@ const WORKLOADS: [Workload; 4] = [
     Workload { name: "4k-randread", block: 4096, random: true, write: false, depth: 16 },
     Workload { name: "4k-randwrite", block: 4096, random: true, write: true, depth: 16 },
     Workload { name: "1m-seqread", block: 1 << 20, random: false, write: false, depth: 4 },
-    Workload { name: "1m-seqwrite", block: 1 << 20, random: false, write: true, depth: 4 },
+    Workload { name: "1m-seqwrite", block: 1 << 20, random: false, write: true, depth: 8 },
 ];
 
 impl Workload {
@@ -124,6 +145,32 @@ impl Workload {
         Box::new(load::sweep(start..start + share, self.block, self.write).cycle())
     }
 
+    /// Threads of the limit per queue: see the module's documentation.
+    fn limit_threads(&self, cache: CacheMode) -> usize {
+        if cache == CacheMode::None || (self.write && self.block >= 1 << 20) {
+            self.depth
+        } else {
+            1
+        }
+    }
+
+    /// The limit's requests: thread `k` of `n` of queue `worker`'s share, or its own random
+    /// stream (as [`Workload::source`] with one thread per queue).
+    fn limit_source(&self, worker: usize, k: usize, n: usize, size: u64) -> Source {
+        if n == 1 {
+            return self.source(worker, size);
+        }
+        if self.random {
+            let seed = 1000 * (worker as u64 + 1) + k as u64;
+            return Box::new(load::random(seed, size, self.block, if self.write { 256 } else { 0 }));
+        }
+        let block = u64::from(self.block);
+        let share = size / QUEUES as u64 / block * block;
+        let part = share / n as u64 / block * block;
+        let start = worker as u64 * share + k as u64 * part;
+        Box::new(load::sweep(start..start + part, self.block, self.write).cycle())
+    }
+
     /// Warm-up (a third of `run`, at most 1 s), then `run` counted; returns operations per second.
     fn steer(run: Duration) -> impl FnOnce(&Gate) -> Result<f64> {
         move |gate| Ok(gate.measure((run / 3).min(Duration::from_secs(1)), run).as_secs_f64())
@@ -132,7 +179,10 @@ impl Workload {
 
 /// One synchronous pread/pwrite at a time until the gate stops it; returns the counted ones.
 fn pio_worker(file: &File, w: &Workload, source: &mut Source, gate: &Gate) -> Result<u64> {
-    let mut buf = vec![0x5a; w.block as usize];
+    // Aligned for O_DIRECT: a page-aligned slice of a larger vector.
+    let mut backing = vec![0x5a; w.block as usize + 4096];
+    let skip = backing.as_ptr().align_offset(4096);
+    let buf = &mut backing[skip..skip + w.block as usize];
     let mut ops = 0;
     while !gate.stopped() {
         let Some(req) = source.next() else { break };
@@ -159,16 +209,41 @@ enum Runner {
     /// A backend behind the test VMM; the daemon and frontend live as long as the queues.
     Vhost { queues: Vec<BlkQueue>, _frontend: Box<Frontend>, _daemon: Daemon },
     /// pread/pwrite on the file itself, one descriptor shared by the workers.
-    Limit { file: File },
+    Limit { file: File, cache: CacheMode, threads: Option<u32> },
 }
 
 impl Runner {
-    fn new(t: Target, dir: &Path, image: &Path, size: u64) -> Result<Self> {
+    fn new(t: Target, dir: &Path, image: &Path, size: u64, args: &Args) -> Result<Self> {
+        let cache = args.cache;
         let socket = dir.join(format!("{t:?}.sock").to_lowercase());
+        let direct = cache == CacheMode::None;
         let daemon = match t {
-            Target::Qsd => Daemon::qemu_storage_daemon(image, "raw", &socket, QUEUES as u16)?,
-            Target::Livesnap => bench::livesnap_blk(image, &socket, &[], &[])?,
-            Target::Limit => return Ok(Runner::Limit { file: OpenOptions::new().read(true).write(true).open(image)? }),
+            Target::Qsd => Daemon::qemu_storage_daemon_cache(image, "raw", &socket, QUEUES as u16, direct)?,
+            Target::Livesnap => {
+                let args = [
+                    "--vm".to_string(),
+                    "bench".to_string(),
+                    "--disk".to_string(),
+                    // cache= only when it is not the default, so that older builds run too.
+                    format!(
+                        "id=vda,image={},socket={},format=raw{}",
+                        image.display(),
+                        socket.display(),
+                        if direct { ",cache=none" } else { "" }
+                    ),
+                    "--queues".to_string(),
+                    QUEUES.to_string(),
+                ];
+                Daemon::livesnap_blk(&args, &[&socket]).context("livesnap-blk did not start")?
+            }
+            Target::Limit => {
+                let mut opts = OpenOptions::new();
+                opts.read(true).write(true);
+                if direct {
+                    opts.custom_flags(libc::O_DIRECT);
+                }
+                return Ok(Runner::Limit { file: opts.open(image)?, cache, threads: args.limit_threads });
+            }
         };
         let depth = WORKLOADS.iter().map(|w| w.depth).max().unwrap_or(1) as u16;
         let block = WORKLOADS.iter().map(|w| w.block).max().unwrap_or(4096);
@@ -190,13 +265,26 @@ impl Runner {
                 }
                 load::on_queues(queues, w.depth, sources, None, false, Workload::steer(run))?
             }
-            Runner::Limit { file } => {
-                let mut work: Vec<(&File, Source)> = sources.into_iter().map(|s| (&*file, s)).collect();
+            Runner::Limit { file, cache, threads } => {
+                let n = threads.map_or_else(|| w.limit_threads(*cache), |t| t as usize);
+                drop(sources);
+                let mut work: Vec<(&File, Source)> = (0..QUEUES)
+                    .flat_map(|q| (0..n).map(move |k| (q, k)))
+                    .map(|(q, k)| (&*file, w.limit_source(q, k, n, size)))
+                    .collect();
                 load::run(&mut work, false, |(f, s), gate| pio_worker(f, w, s, gate), Workload::steer(run))?
             }
         };
         Ok(ops as f64 / secs)
     }
+}
+
+/// Drops the file's pages from the page cache.
+fn drop_cache(file: &File) -> Result<()> {
+    // SAFETY: posix_fadvise(2) on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    ensure!(rc == 0, "cannot drop the page cache: {}", std::io::Error::from_raw_os_error(rc));
+    Ok(())
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -243,11 +331,12 @@ fn print_json(args: &Args, cols: &[Column; 3]) {
         })
         .collect();
     println!(
-        "{{\"size\":{},\"seconds\":{},\"rounds\":{},\"page_cache\":\"{:?}\",\"results\":[{}]}}",
+        "{{\"size\":{},\"seconds\":{},\"rounds\":{},\"page_cache\":\"{:?}\",\"cache\":\"{:?}\",\"results\":[{}]}}",
         args.size,
         args.seconds,
         args.rounds,
         args.page_cache,
+        args.cache,
         rows.join(",")
     );
 }
@@ -260,11 +349,15 @@ fn run() -> Result<()> {
     let (dir, _tmp) = bench::work_dir(args.dir.as_deref(), "blkbench")?;
     let image = dir.join("blkbench.raw");
     let file = bench::prepare_file(&image, args.size, args.page_cache)?;
+    let direct = args.cache == CacheMode::None;
+    if direct {
+        drop_cache(&file)?;
+    }
     let mut runners: Vec<Option<Runner>> = TARGETS
         .iter()
         .map(|&t| match args.only {
             Some(only) if only != t => None,
-            _ => Runner::new(t, &dir, &image, args.size)
+            _ => Runner::new(t, &dir, &image, args.size, &args)
                 .map_err(|e| eprintln!("blkbench: {t:?} skipped: {}", chain(&*e)))
                 .ok(),
         })
@@ -284,6 +377,10 @@ fn run() -> Result<()> {
                 // Dirty pages of one target's writes must not slow the next one down.
                 if w.write {
                     file.sync_data()?;
+                }
+                // Without the page cache, no target reads what another left in it.
+                if direct {
+                    drop_cache(&file)?;
                 }
             }
         }

@@ -4,6 +4,12 @@
 //! random point, either as a kill of the process (every completed write survives in the page
 //! cache, same boot) or as a power loss (unsynced writes survive at random, torn by sector).
 //!
+//! The same sequences also run with the base a real raw file (tempfile), through the page cache
+//! and with `cache=none` (`O_DIRECT`, guest buffers bounced where unaligned): there a crash is a
+//! kill for the base (a real file cannot lose its unsynced writes on demand), while the state
+//! directory still crashes either way; once the fuse has blown (the process is dead from that
+//! step on) the base takes no more writes, as the crash-prone one does not.
+//!
 //! Seeds are printed on failure; `LIVESNAP_MODEL_SEED=N` replays one case and
 //! `LIVESNAP_MODEL_CASES=N` sets how many run.
 
@@ -13,7 +19,7 @@ use fastrand::Rng;
 
 use super::store::mem::{crash_file, Fuse, MemDir, MemFile};
 use super::*;
-use crate::disk::Buf;
+use crate::disk::{Buf, Cache};
 
 const SECTOR: u64 = 512;
 const SECTORS: u64 = 96;
@@ -62,12 +68,99 @@ impl Model {
     }
 }
 
+/// The disk under the engine.
+enum Base {
+    /// Crash-prone memory: loses unsynced writes at a power loss.
+    Mem(Arc<MemFile>),
+    /// A raw image file served with a cache mode; survives every crash whole.
+    Raw { _file: tempfile::NamedTempFile, path: std::path::PathBuf, disk: Arc<dyn DiskFile> },
+}
+
+/// A disk that stops writing once the fuse has blown: the process died at that step.
+#[derive(Debug)]
+struct Fused {
+    inner: Arc<dyn DiskFile>,
+    fuse: Arc<Fuse>,
+}
+
+impl Fused {
+    fn alive(&self) -> crate::disk::Result<()> {
+        if self.fuse.blown() {
+            return Err(std::io::Error::other("the process crashed").into());
+        }
+        Ok(())
+    }
+}
+
+impl DiskFile for Fused {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn format(&self) -> crate::disk::Format {
+        self.inner.format()
+    }
+    fn read_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> crate::disk::Result<()> {
+        self.inner.read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> crate::disk::Result<()> {
+        self.alive()?;
+        self.inner.write_vectored_at(bufs, offset)
+    }
+    fn flush(&self) -> crate::disk::Result<()> {
+        self.alive()?;
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::disk::Result<()> {
+        self.alive()?;
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> crate::disk::Result<()> {
+        self.alive()?;
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+impl Base {
+    fn new(fuse: &Arc<Fuse>, cache: Option<Cache>) -> Self {
+        let Some(cache) = cache else { return Base::Mem(MemDir::new_file(fuse.clone(), SIZE)) };
+        // Under /var/tmp: a disk-backed filesystem takes O_DIRECT where /tmp may not.
+        let file = tempfile::NamedTempFile::new_in("/var/tmp").expect("cannot create the base image");
+        file.as_file().set_len(SIZE).expect("cannot size the base image");
+        let path = file.path().to_owned();
+        let disk = crate::disk::open_with(&path, Some(crate::disk::Format::Raw), false, cache).unwrap_or_else(|e| {
+            panic!("cannot open the base with cache={cache}: {}", livesnap_proto::error::chain(&e))
+        });
+        Base::Raw { _file: file, path, disk: Arc::new(Fused { inner: disk, fuse: fuse.clone() }) }
+    }
+
+    fn disk(&self) -> Arc<dyn DiskFile> {
+        match self {
+            Base::Mem(f) => f.clone(),
+            Base::Raw { disk, .. } => disk.clone(),
+        }
+    }
+
+    /// What the image holds, as another process reading it would see it.
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Base::Mem(f) => f.bytes(),
+            Base::Raw { path, .. } => std::fs::read(path).expect("cannot read the base image"),
+        }
+    }
+
+    fn crash(&self, keep: &mut dyn FnMut(usize) -> Option<usize>) {
+        if let Base::Mem(f) = self {
+            crash_file(f, keep);
+        }
+    }
+}
+
 struct Case {
     rng: Rng,
     seed: u64,
     fuse: Arc<Fuse>,
     dir: Arc<MemDir>,
-    base: Arc<MemFile>,
+    base: Base,
     vm: Option<Vm>,
     model: Model,
     next_version: u64,
@@ -83,7 +176,8 @@ struct Case {
 }
 
 impl Case {
-    fn new(seed: u64) -> Self {
+    /// A case on crash-prone memory (`cache` `None`) or on a raw file with that cache mode.
+    fn new(seed: u64, cache: Option<Cache>) -> Self {
         let mut rng = Rng::with_seed(seed);
         let fuse = Arc::new(Fuse::default());
         fuse.arm(i64::MAX);
@@ -92,7 +186,7 @@ impl Case {
             rng,
             seed,
             dir: Arc::new(MemDir::new(fuse.clone())),
-            base: MemDir::new_file(fuse.clone(), SIZE),
+            base: Base::new(&fuse, cache),
             fuse,
             vm: None,
             model: Model::new(),
@@ -115,7 +209,7 @@ impl Case {
             boot_id: format!("boot-{}", self.boot),
             background_merge: false,
         };
-        let spec = DiskSpec { id: "d".into(), base: self.base.clone(), base_path: "/mem/base".into() };
+        let spec = DiskSpec { id: "d".into(), base: self.base.disk(), base_path: "/mem/base".into() };
         let vm = Vm::open("model", self.dir.clone(), vec![spec], opts);
         self.vm = Some(vm.unwrap_or_else(|e| self.fail(&format!("reopen failed: {e:#?}"))));
     }
@@ -267,7 +361,7 @@ impl Case {
             }
         };
         self.dir.crash(&mut keep);
-        crash_file(&self.base, &mut keep);
+        self.base.crash(&mut keep);
         if power_loss {
             self.boot += 1;
             // What the disk held at earlier cuts is no longer known exactly.
@@ -424,14 +518,28 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn random_sequences_with_crashes_keep_flushed_writes_frozen_bases_and_change_maps() {
+fn run_cases(cache: Option<Cache>, default_cases: u64) {
     if let Some(seed) = env_u64("LIVESNAP_MODEL_SEED") {
-        Case::new(seed).run(80);
+        Case::new(seed, cache).run(80);
         return;
     }
-    let cases = env_u64("LIVESNAP_MODEL_CASES").unwrap_or(2000);
+    let cases = env_u64("LIVESNAP_MODEL_CASES").unwrap_or(default_cases);
     for seed in 0..cases {
-        Case::new(seed).run(80);
+        Case::new(seed, cache).run(80);
     }
+}
+
+#[test]
+fn random_sequences_with_crashes_keep_flushed_writes_frozen_bases_and_change_maps() {
+    run_cases(None, 2000);
+}
+
+#[test]
+fn random_sequences_on_a_page_cached_raw_base_keep_the_same_rules() {
+    run_cases(Some(Cache::Writeback), 300);
+}
+
+#[test]
+fn random_sequences_on_a_raw_base_with_cache_none_keep_the_same_rules() {
+    run_cases(Some(Cache::None), 300);
 }
