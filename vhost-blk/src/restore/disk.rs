@@ -175,7 +175,7 @@ pub fn open(image_path: &Path, image: Arc<dyn DiskFile>, opts: Options) -> Resul
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(map::Error::Open { path, source }.into()),
     };
-    let map = Map::open(Arc::new(file))?;
+    let map = Map::open_for(Arc::new(file), image.size())?;
     if map.header().complete() {
         info!(map = %path.display(), "restore map says the restore is complete; serving the plain image");
         return Ok(None);
