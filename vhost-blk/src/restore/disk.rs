@@ -689,6 +689,10 @@ impl DiskFile for RestoreDisk {
         self.commit()
     }
 
+    fn publish(&self) -> disk::Result<()> {
+        self.image.publish()
+    }
+
     fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {
         check_range(self.size, offset, len)?;
         if self.is_complete() {
