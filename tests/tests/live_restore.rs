@@ -350,3 +350,27 @@ fn kill9_mid_copy_loses_no_flushed_write_and_lands_no_chunk_over_one() {
     assert!(bad.is_empty(), "the final image differs in {} blocks, e.g. {:?}", bad.len(), &bad[..bad.len().min(8)]);
     assert!(restore::read_map(&restore::map_path(&rig.image)).unwrap().complete);
 }
+
+#[test]
+fn a_damaged_or_mismatched_map_stops_the_start_with_the_reason() {
+    let rig = Rig::new();
+    let map = restore::map_path(&rig.image);
+    let good = std::fs::read(&map).unwrap();
+    let run = |what: &str| {
+        let out = Command::new(programs::livesnap_blk().unwrap()).args(&rig.args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{what}: livesnap-blk started");
+        err
+    };
+    // A flipped byte in the backup's name: the checksum says so.
+    let mut bad = good.clone();
+    bad[50] ^= 1;
+    std::fs::write(&map, &bad).unwrap();
+    let err = run("checksum");
+    assert!(err.contains("cannot resume its live restore") && err.contains("checksum"), "{err}");
+    // A map of another disk.
+    std::fs::write(&map, &good).unwrap();
+    File::options().write(true).open(&rig.image).unwrap().set_len(DISK / 2).unwrap();
+    let err = run("size");
+    assert!(err.contains("does not fit an image of"), "{err}");
+}
