@@ -39,9 +39,12 @@ const CHUNK: u64 = 256 << 10;
 const WAIT: Duration = Duration::from_secs(30);
 /// A hang guard for the whole copy, not a measurement.
 const COPY_WAIT: Duration = Duration::from_secs(300);
-/// The feeder's pause before each background chunk while the test kills the backend: the copy
-/// cannot complete before the kills, however fast the machine (256 chunks at 50 a second).
+/// The feeder's pause before each background chunk while the test kills the backend.
 const PACE: Duration = Duration::from_millis(20);
+/// Background chunks the feeder serves to one backend process before the last: with the chunks
+/// the guest's reads fetch, the copy cannot complete before the kills however fast or slow the
+/// machine is (256 chunks).
+const BACKGROUND_PER_LIFE: usize = 24;
 const KILLS: usize = 4;
 
 fn seed() -> Rng {
@@ -202,7 +205,7 @@ async fn client(path: &Path) -> SnapshotControlClient<Channel> {
 
 /// The test feeder: serves the reference's chunks until the stream ends. Returns whether the
 /// backend said the restore is complete.
-async fn feed(path: PathBuf, reference: Arc<Vec<u8>>, pace: Duration) -> bool {
+async fn feed(path: PathBuf, reference: Arc<Vec<u8>>, pace: Duration, mut background: usize) -> bool {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::RestoreData { disk: "vda".into(), ..Default::default() }).await.unwrap();
     let Ok(resp) = client(&path).await.restore_feed(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
@@ -215,6 +218,10 @@ async fn feed(path: PathBuf, reference: Arc<Vec<u8>>, pace: Duration) -> bool {
         }
         for c in w.chunks {
             if !w.urgent {
+                if background == 0 {
+                    continue;
+                }
+                background -= 1;
                 tokio::time::sleep(pace).await;
             }
             let s = (c * CHUNK) as usize;
@@ -241,7 +248,7 @@ fn read_disk(q: &mut BlkQueue) -> Vec<u8> {
 }
 
 /// `ops` random guest requests: writes of 1 to 8 stamped blocks, reads checked against the
-/// model, a FLUSH one time in eight.
+/// model (one in eight: each may fetch a chunk), a FLUSH one time in eight.
 fn guest_load(q: &mut BlkQueue, m: &mut Model, rng: &mut Rng, ops: usize) {
     for _ in 0..ops {
         match rng.u8(0..8) {
@@ -276,7 +283,7 @@ fn guest_load(q: &mut BlkQueue, m: &mut Model, rng: &mut Rng, ops: usize) {
 
 fn status(rt: &tokio::runtime::Runtime, control: &Path) -> pb::LiveRestore {
     let st = rt.block_on(async { client(control).await.status(pb::StatusRequest {}).await.unwrap().into_inner() });
-    st.disks[0].restore.clone().unwrap()
+    st.disks[0].restore.clone().expect("the disk is not under restore: the copy completed before a kill")
 }
 
 #[test]
@@ -300,9 +307,9 @@ fn kill9_mid_copy_loses_no_flushed_write_and_lands_no_chunk_over_one() {
             m.after_kill(&m.guest_view(&rig.image), kill);
         }
         let (daemon, _f, mut q) = rig.start();
-        let pace = if kill == KILLS { Duration::ZERO } else { PACE };
-        let feeder = rt.spawn(feed(rig.control.clone(), reference.clone(), pace));
-        let ops = rng.usize(20..200);
+        let (pace, background) = if kill == KILLS { (Duration::ZERO, usize::MAX) } else { (PACE, BACKGROUND_PER_LIFE) };
+        let feeder = rt.spawn(feed(rig.control.clone(), reference.clone(), pace, background));
+        let ops = rng.usize(20..120);
         guest_load(&mut q, &mut m, &mut rng, ops);
         if kill == KILLS {
             // The rest of the copy, under load, then the image must be complete.
@@ -323,6 +330,7 @@ fn kill9_mid_copy_loses_no_flushed_write_and_lands_no_chunk_over_one() {
             break;
         }
         let st = status(&rt, &rig.control);
+        eprintln!("kill {}: {} of {} chunks durable", kill + 1, st.chunks_done, st.chunks_total);
         if !st.complete {
             kills_mid_copy += 1;
         }
@@ -341,4 +349,28 @@ fn kill9_mid_copy_loses_no_flushed_write_and_lands_no_chunk_over_one() {
     drop(rt);
     assert!(bad.is_empty(), "the final image differs in {} blocks, e.g. {:?}", bad.len(), &bad[..bad.len().min(8)]);
     assert!(restore::read_map(&restore::map_path(&rig.image)).unwrap().complete);
+}
+
+#[test]
+fn a_damaged_or_mismatched_map_stops_the_start_with_the_reason() {
+    let rig = Rig::new();
+    let map = restore::map_path(&rig.image);
+    let good = std::fs::read(&map).unwrap();
+    let run = |what: &str| {
+        let out = Command::new(programs::livesnap_blk().unwrap()).args(&rig.args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{what}: livesnap-blk started");
+        err
+    };
+    // A flipped byte in the backup's name: the checksum says so.
+    let mut bad = good.clone();
+    bad[50] ^= 1;
+    std::fs::write(&map, &bad).unwrap();
+    let err = run("checksum");
+    assert!(err.contains("cannot resume its live restore") && err.contains("checksum"), "{err}");
+    // A map of another disk.
+    std::fs::write(&map, &good).unwrap();
+    File::options().write(true).open(&rig.image).unwrap().set_len(DISK / 2).unwrap();
+    let err = run("size");
+    assert!(err.contains("does not fit an image of"), "{err}");
 }
