@@ -175,7 +175,7 @@ pub fn open(image_path: &Path, image: Arc<dyn DiskFile>, opts: Options) -> Resul
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(map::Error::Open { path, source }.into()),
     };
-    let map = Map::open(Arc::new(file))?;
+    let map = Map::open_for(Arc::new(file), image.size())?;
     if map.header().complete() {
         info!(map = %path.display(), "restore map says the restore is complete; serving the plain image");
         return Ok(None);
@@ -351,7 +351,7 @@ impl RestoreDisk {
 
     /// Takes one answer of feed `gen`. Checks it, fills the chunk (or fails its waiters), and
     /// commits when a batch of fills is pending.
-    pub fn answer(&self, gen: u64, chunk: u64, answer: Answer) -> Result<(), AnswerError> {
+    pub fn answer(&self, gen: u64, chunk: u64, mut answer: Answer) -> Result<(), AnswerError> {
         let chunks = self.chunks();
         {
             let st = lock(&self.state);
@@ -381,7 +381,7 @@ impl RestoreDisk {
             self.top_up(&mut st);
             return Ok(());
         }
-        self.fill(chunk, &answer).map_err(|source| AnswerError::Fill { chunk, source })?;
+        self.fill(chunk, &mut answer).map_err(|source| AnswerError::Fill { chunk, source })?;
         let pending = {
             let mut st = lock(&self.state);
             self.top_up(&mut st);
@@ -408,7 +408,7 @@ impl RestoreDisk {
     }
 
     /// Writes chunk `c`'s bytes into every block the guest has not written.
-    fn fill(&self, c: u64, answer: &Answer) -> disk::Result<()> {
+    fn fill(&self, c: u64, answer: &mut Answer) -> disk::Result<()> {
         let _excl = self.stripe(c).write().unwrap_or_else(PoisonError::into_inner);
         let (start, end) = self.chunk_range(c);
         let runs = {
@@ -434,8 +434,8 @@ impl RestoreDisk {
         for (rs, re) in runs {
             match answer {
                 Answer::Data(d) => {
-                    let mut part = d[(rs - start) as usize..(re - start) as usize].to_vec();
-                    self.image.write_vectored_at(&[Buf::from(&mut part[..])], rs)?;
+                    let part = &mut d[(rs - start) as usize..(re - start) as usize];
+                    self.image.write_vectored_at(&[Buf::from(part)], rs)?;
                 }
                 Answer::Zero => self.image.write_zeroes(rs, re - rs, false)?,
                 Answer::Error(_) => return Ok(()),
@@ -687,6 +687,10 @@ impl DiskFile for RestoreDisk {
             return self.image.flush();
         }
         self.commit()
+    }
+
+    fn publish(&self) -> disk::Result<()> {
+        self.image.publish()
     }
 
     fn discard(&self, offset: u64, len: u64) -> disk::Result<()> {

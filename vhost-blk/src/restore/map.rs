@@ -377,9 +377,22 @@ pub struct Map {
 impl Map {
     /// Reads and checks a map.
     pub fn open(file: Arc<dyn MetaFile>) -> Result<Map, Error> {
+        Self::open_inner(file, None)
+    }
+
+    /// Reads and checks the map of an image of `size` bytes: a map of another size is refused
+    /// before its bitmaps are read.
+    pub fn open_for(file: Arc<dyn MetaFile>, size: u64) -> Result<Map, Error> {
+        Self::open_inner(file, Some(size))
+    }
+
+    fn open_inner(file: Arc<dyn MetaFile>, image: Option<u64>) -> Result<Map, Error> {
         let mut h = [0u8; HEADER_SIZE as usize];
         let n = file.read_at(&mut h, 0)?;
         let header = Header::decode(&h[..n])?;
+        if let Some(image) = image.filter(|s| *s != header.size) {
+            return Err(Error::SizeMismatch { map: header.size, image });
+        }
         let actual = file.byte_len()?;
         if actual < header.file_len() {
             return Err(Error::Length { actual, expected: header.file_len() });
@@ -487,7 +500,11 @@ mod tests {
         assert_eq!(m2.chunks.next_clear(0), Some(1));
         assert_eq!(m2.info().chunks_done, 2);
         m.set_complete().unwrap();
-        assert!(Map::open(f).unwrap().info().complete);
+        assert!(Map::open(f.clone()).unwrap().info().complete);
+        // The map of another disk size is refused before its bitmaps are read.
+        assert!(
+            matches!(Map::open_for(f, 1 << 20), Err(Error::SizeMismatch { map, image: 1048576 }) if map == 1 << 30)
+        );
     }
 
     #[test]

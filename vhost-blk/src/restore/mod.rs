@@ -10,6 +10,8 @@ pub mod disk;
 pub mod map;
 
 #[cfg(test)]
+mod bench_tests;
+#[cfg(test)]
 mod model_tests;
 
 pub use self::disk::{Answer, FeedMsg, Options, RestoreDisk};
