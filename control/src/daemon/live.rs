@@ -648,6 +648,20 @@ enum MapNow {
     Done(u64),
 }
 
+/// Refuses to remove any of `ids` (backups of `vm`) that a live restore not ended yet reads:
+/// its chunks would go from under the job (delete, prune).
+pub(crate) fn refuse_if_restoring(store: &super::state::Store, vm: &str, ids: &[String]) -> Result<()> {
+    for j in store.jobs()? {
+        if j.kind != JobKind::LiveRestore || j.result.is_some() || j.vm != vm {
+            continue;
+        }
+        if let Some(l) = j.live.as_ref().filter(|l| ids.contains(&l.backup_id)) {
+            return Err(Error::LiveRestoring { vm: vm.to_owned(), id: l.backup_id.clone(), job: j.id });
+        }
+    }
+    Ok(())
+}
+
 /// Whether two paths name one file (the backend may spell the map's path differently).
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
