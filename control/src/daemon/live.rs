@@ -364,7 +364,7 @@ impl LiveJob {
                 Some((backend, disk_id, done)) => {
                     self.report(LivePhase::Feeding, done);
                     self.enter(Stage::Feeding).await;
-                    let session = match self.feed(&*backend, &disk_id, &source, done).await {
+                    let session = match self.feed(&backend, &disk_id, &source, done).await {
                         Session::Complete => match self.check_map().await? {
                             MapNow::Complete => return self.complete().await,
                             MapNow::Done(n) => Session::Broken {
@@ -497,7 +497,13 @@ impl LiveJob {
     }
 
     /// One feed, until it ends.
-    async fn feed(&mut self, backend: &dyn Backend, disk: &str, source: &Arc<dyn ChunkSource>, done: u64) -> Session {
+    async fn feed(
+        &mut self,
+        backend: &Arc<dyn Backend>,
+        disk: &str,
+        source: &Arc<dyn ChunkSource>,
+        done: u64,
+    ) -> Session {
         let Feed { mut wants, answers } = match backend.restore_feed(disk).await {
             Ok(f) => f,
             Err(error) => return Session::Broken { fed: false, error },
@@ -515,6 +521,8 @@ impl LiveJob {
         let mut answered = 0u64;
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The progress's Status call, in a task of its own: a slow answer never holds a want.
+        let mut status: Option<tokio::task::JoinHandle<Option<u64>>> = None;
         let broken = |fed, error| Session::Broken { fed, error };
         let closed = || BackendError::Ended { call: super::ports::Call::RestoreFeed };
         loop {
@@ -613,11 +621,20 @@ impl LiveJob {
                         return broken(fed, closed());
                     }
                 }
-                _ = tick.tick() => {
-                    let now = match backend.status().await {
-                        Ok(st) => st.disks.iter().find(|d| d.id == disk).and_then(|d| d.restore.as_ref()).map(|r| r.chunks_done),
-                        Err(_) => None,
-                    };
+                _ = tick.tick(), if status.is_none() => {
+                    let (b, disk) = (backend.clone(), disk.to_owned());
+                    status = Some(tokio::spawn(async move {
+                        let st = b.status().await.ok()?;
+                        st.disks.into_iter().find(|d| d.id == disk).and_then(|d| d.restore).map(|r| r.chunks_done)
+                    }));
+                }
+                now = async {
+                    match status.as_mut() {
+                        Some(h) => h.await.ok().flatten(),
+                        None => std::future::pending().await,
+                    }
+                }, if status.is_some() => {
+                    status = None;
                     self.report(LivePhase::Feeding, now.unwrap_or(done + answered));
                 }
             }
@@ -629,6 +646,20 @@ enum MapNow {
     Complete,
     /// Not complete: the chunks in.
     Done(u64),
+}
+
+/// Refuses to remove any of `ids` (backups of `vm`) that a live restore not ended yet reads:
+/// its chunks would go from under the job (delete, prune).
+pub(crate) fn refuse_if_restoring(store: &super::state::Store, vm: &str, ids: &[String]) -> Result<()> {
+    for j in store.jobs()? {
+        if j.kind != JobKind::LiveRestore || j.result.is_some() || j.vm != vm {
+            continue;
+        }
+        if let Some(l) = j.live.as_ref().filter(|l| ids.contains(&l.backup_id)) {
+            return Err(Error::LiveRestoring { vm: vm.to_owned(), id: l.backup_id.clone(), job: j.id });
+        }
+    }
+    Ok(())
 }
 
 /// Whether two paths name one file (the backend may spell the map's path differently).

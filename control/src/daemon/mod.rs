@@ -140,6 +140,8 @@ pub enum Error {
     LiveMap { path: PathBuf, why: String },
     #[error("The live restore job {job} ended before it was complete (GetJob says why)")]
     LiveEnded { job: String },
+    #[error("Backup {id} of {vm} is being live-restored by job {job}: it cannot be removed before the restore is complete or cancelled")]
+    LiveRestoring { vm: String, id: String, job: String },
 }
 
 impl Error {
@@ -455,6 +457,7 @@ impl Daemon {
 
     pub async fn delete_backup(&self, vm: String, id: String) -> Result<()> {
         self.blocking(move |repo, store| {
+            live::refuse_if_restoring(store, &vm, std::slice::from_ref(&id))?;
             repo.delete(&vm, &id)?;
             store.remove_backups(&vm, std::slice::from_ref(&id))?;
             tracing::info!(vm = %vm, backup = %id, "backup deleted");

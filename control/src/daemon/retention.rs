@@ -264,6 +264,7 @@ impl Daemon {
                 return Ok(out);
             }
             let remove: Vec<String> = out.decisions.iter().filter(|d| d.kept.is_none()).map(|d| d.id.clone()).collect();
+            super::live::refuse_if_restoring(store, &vm, &remove)?;
             for id in remove {
                 repo.delete(&vm, &id)?;
                 store.remove_backups(&vm, std::slice::from_ref(&id))?;

@@ -655,6 +655,34 @@ async fn cancel_stops_feeding_and_leaves_the_target_and_its_map() {
     assert!(matches!(last, Some(Err(Error::LiveEnded { .. }))), "{last:?}");
     let e = d.cancel_job(&id).await.unwrap_err();
     assert!(matches!(e, Error::NotRunning { .. }), "{e}");
+    // Ended: its backup can go.
+    d.delete_backup(VM.into(), "b1".into()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_being_live_restored_is_neither_deleted_nor_pruned() {
+    use crate::daemon::retention::{Keep, PruneRequest};
+    let rig = Rig::new();
+    let d = rig.daemon();
+    let (_first, _progress) = rig.start(&d).await;
+    let e = d.delete_backup(VM.into(), "b1".into()).await.unwrap_err();
+    assert!(matches!(e, Error::LiveRestoring { .. }), "{e}");
+    // A newer backup, and a prune that keeps only it.
+    let repo = Repository::open(rig.dir.path().join("repo")).unwrap();
+    let spec = BackupSpec {
+        vm: VM.into(),
+        id: "b2".into(),
+        consistency: Consistency::Crash,
+        freeze_window: None,
+        created_unix_us: None,
+    };
+    let mut w = repo.begin_backup(spec).unwrap();
+    w.full("vda", &rig.data.clone()).unwrap();
+    w.commit().unwrap();
+    let keep = Keep { last: 1, ..Keep::default() };
+    let e = d.prune(PruneRequest { vm: VM.into(), keep: Some(keep), dry_run: false }).await.unwrap_err();
+    assert!(matches!(e, Error::LiveRestoring { .. }), "{e}");
+    assert_eq!(repo.list(Some(VM)).unwrap().len(), 2, "nothing removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
