@@ -32,6 +32,8 @@
 //! [defaults]
 //! freeze_timeout_ms = 10000                 # the agent's lease when a request gives none
 //! # read_bytes_per_sec = 0                  # bound on reading frozen bases (0: none)
+//! # restore_bytes_per_sec = 0               # bound on a live restore's background copy (0: none;
+//! #                                         # chunks a guest request waits for are never held)
 //!
 //! [[vm]]
 //! name = "web01"
@@ -149,6 +151,7 @@ struct MetricsFile {
 struct DefaultsFile {
     freeze_timeout_ms: Option<u64>,
     read_bytes_per_sec: Option<u64>,
+    restore_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +188,9 @@ pub struct Config {
     pub freeze_timeout: Duration,
     /// Bound on the rate frozen bases are read at; `None`: as fast as the repository takes.
     pub read_bytes_per_sec: Option<u64>,
+    /// Bound on the rate a live restore's background copy reads chunks at; `None`: none.
+    /// Chunks a guest request waits for are never held back.
+    pub restore_bytes_per_sec: Option<u64>,
     pub vms: Vec<VmConfig>,
     /// Scheduled jobs that run at once, at most ([`super::schedule`]).
     pub max_jobs: usize,
@@ -430,6 +436,7 @@ impl Config {
             metrics,
             freeze_timeout: Duration::from_millis(freeze_ms),
             read_bytes_per_sec: f.defaults.read_bytes_per_sec.filter(|&r| r > 0),
+            restore_bytes_per_sec: f.defaults.restore_bytes_per_sec.filter(|&r| r > 0),
             vms,
             max_jobs,
             schedules,

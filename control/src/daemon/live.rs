@@ -523,6 +523,10 @@ impl LiveJob {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The progress's Status call, in a task of its own: a slow answer never holds a want.
         let mut status: Option<tokio::task::JoinHandle<Option<u64>>> = None;
+        // `restore_bytes_per_sec`: the earliest the next background read may start. Each one
+        // read pushes it on by its length at that rate; urgent reads are never held.
+        let pace = self.d.config.restore_bytes_per_sec;
+        let mut next_background = tokio::time::Instant::now();
         let broken = |fed, error| Session::Broken { fed, error };
         let closed = || BackendError::Ended { call: super::ports::Call::RestoreFeed };
         loop {
@@ -533,7 +537,10 @@ impl LiveJob {
                 let (c, slot) =
                     if !urgent.is_empty() && urgent_reads < URGENT_FETCHES + FETCHES.saturating_sub(background_reads) {
                         (urgent.pop_front(), true)
-                    } else if urgent.is_empty() && background_reads < FETCHES {
+                    } else if urgent.is_empty()
+                        && background_reads < FETCHES
+                        && (pace.is_none() || tokio::time::Instant::now() >= next_background)
+                    {
                         (background.pop_front(), false)
                     } else {
                         (None, false)
@@ -558,6 +565,11 @@ impl LiveJob {
                     (c, body)
                 });
             }
+            // The background copy held back by its pace: wake when it may go on.
+            let held = pace.is_some()
+                && urgent.is_empty()
+                && !background.is_empty()
+                && reading.values().filter(|u| !**u).count() < FETCHES;
             tokio::select! {
                 biased;
                 _ = self.stop.stopped() => {
@@ -610,8 +622,12 @@ impl LiveJob {
                             continue;
                         }
                     };
-                    reading.remove(&c);
+                    let was_urgent = reading.remove(&c).unwrap_or(true);
                     busy.remove(&c);
+                    if let (Some(rate), false, AnswerBody::Data(d)) = (pace, was_urgent, &body) {
+                        let due = Duration::from_secs_f64(d.len() as f64 / rate as f64);
+                        next_background = next_background.max(tokio::time::Instant::now()) + due;
+                    }
                     if let AnswerBody::Error(e) = &body {
                         warn!(job = %self.state.id, chunk = c, error = %e, "cannot read a chunk: answered with the error");
                     } else {
@@ -621,6 +637,7 @@ impl LiveJob {
                         return broken(fed, closed());
                     }
                 }
+                () = tokio::time::sleep_until(next_background), if held => {}
                 _ = tick.tick(), if status.is_none() => {
                     let (b, disk) = (backend.clone(), disk.to_owned());
                     status = Some(tokio::spawn(async move {

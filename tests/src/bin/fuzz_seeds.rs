@@ -388,6 +388,30 @@ fn config(seeds: &Seeds, repo_root: &Path) -> Result<()> {
     )
 }
 
+/// Live-restore maps as livesnapd creates them: small disks, a few chunks and blocks marked.
+fn restore_maps(seeds: &Seeds, dir: &Path) -> Result<()> {
+    use livesnap_blk::restore::{self, map::Map};
+    let id = restore::Identity { vm: "web01".into(), backup_id: "20261207T120000Z".into(), disk: "vda".into() };
+    for (name, size, chunk, marks) in
+        [("fresh", 64u64 << 20, 4u64 << 20, 0u64), ("half", 40 << 20, 4 << 20, 5), ("odd-size", (9 << 20) + 512, 1 << 20, 9)]
+    {
+        let image = dir.join(format!("{name}.raw"));
+        restore::create_map(&image, &id, size, chunk)?;
+        let path = restore::map_path(&image);
+        if marks > 0 {
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+            let mut map = Map::open(std::sync::Arc::new(file))?;
+            for i in 0..marks {
+                map.chunks.set(i);
+                map.blocks.set(i * 7);
+            }
+            map.persist()?;
+        }
+        seeds.copy("restore_map", name, &path)?;
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let out = std::env::args().nth(1).context("usage: fuzz_seeds CORPUS_DIR")?;
     let seeds = Seeds { root: PathBuf::from(out) };
@@ -406,6 +430,7 @@ fn run() -> Result<()> {
     }
     agent(&seeds)?;
     config(&seeds, repo_root)?;
+    restore_maps(&seeds, tmp.path())?;
     Ok(())
 }
 
