@@ -6,13 +6,14 @@
 //!    writes (crash-consistent: no agent). The guest stops and powers off.
 //! 2. `snapctl backup restore web01 ID --disk vda --to TARGET --live` creates the target and its
 //!    restore map; a new livesnap-blk serves the target, and a new guest boots from it at once:
-//!    it reads back every record (the journal replay of a crash-consistent image included), then
-//!    appends new ones, while livesnapd copies the rest in the background, slowed down
-//!    (`read_bytes_per_sec`) so that the copy is still running.
+//!    it reads back every record (the journal replay of a crash-consistent image included),
+//!    writes a new file into space not restored yet, then appends new records, while livesnapd copies the rest in the background, slowed down
+//!    (`restore_bytes_per_sec`) so that the copy is still running.
 //! 3. Mid-copy, livesnap-blk is killed with SIGKILL and started again with the same arguments;
 //!    QEMU reconnects and the guest goes on writing.
 //! 4. The restore completes (snapctl exits 0, the map is gone); the guest stops and unmounts;
-//!    the image is `e2fsck`-clean and holds the backup's records, unchanged, and the new ones.
+//!    the image is `e2fsck`-clean and holds the backup's records and big file, unchanged, the
+//!    new file and the new records.
 //!
 //! Needs `ci/install-deps.sh`, `ci/build-guest.sh` and `cargo build --workspace`.
 
@@ -57,8 +58,9 @@ umount /mnt/data
 echo WORKLOAD-UNMOUNTED
 "#;
 
-/// The guest booted from the live restore: reads every record back (their checksum), then
-/// appends new records after the last one until told to stop. It leaves the big file alone, so
+/// The guest booted from the live restore: reads every record back (their checksum), writes a
+/// new 8 MiB file (fsync'd: into free space, chunks not restored yet), then appends new records
+/// after the last one until told to stop. It leaves the big file alone, so
 /// that most of it is still to copy when the backend is killed.
 const RESTORED: &str = r#"set -e
 mkdir -p /mnt/data
@@ -71,6 +73,8 @@ LOG=/mnt/data/records.log
 i=$(wc -l <"$LOG")
 echo "READBACK=$i"
 echo "READBACK-SUM=$(md5sum <"$LOG" | cut -d' ' -f1)"
+dd if=/dev/urandom of=/mnt/data/new bs=1M count=8 conv=fsync 2>/dev/null || echo NEW-FAILED
+echo "NEW-SUM=$(md5sum </mnt/data/new | cut -d' ' -f1)"
 echo WORKLOAD-READY
 while [ ! -e /tmp/stop ]; do
   i=$((i + 1))
@@ -177,8 +181,7 @@ fn debugfs_cat(image: &Path, path: &str) -> Vec<u8> {
 }
 
 fn md5(data: &[u8]) -> String {
-    let mut child =
-        Command::new("md5sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new("md5sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(data).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
@@ -203,7 +206,8 @@ fn a_guest_boots_from_a_live_restore_survives_a_backend_kill_and_ends_with_every
     assert_eq!(code, 0, "dd: {err}");
     let image = d.join("web01-vda.raw");
     std::fs::File::create(&image).unwrap().set_len(DISK_MIB << 20).unwrap();
-    let (code, _, err) = run(sbin("mkfs.ext4").args(["-q", "-F", "-L", VM, "-d"]).arg(&content).arg(&image));
+    let (code, _, err) =
+        run(sbin("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-L", VM, "-d"]).arg(&content).arg(&image));
     assert_eq!(code, 0, "mkfs.ext4: {err}");
     std::fs::remove_dir_all(&content).unwrap();
 
@@ -213,7 +217,7 @@ fn a_guest_boots_from_a_live_restore_survives_a_backend_kill_and_ends_with_every
         &config,
         format!(
             "repository = \"{r}/repo\"\nsocket = \"{}\"\nstate = \"{r}/livesnapd.redb\"\nrestore_dir = \"{r}\"\n\
-             [defaults]\nread_bytes_per_sec = {FEED_BYTES_PER_SEC}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\n",
+             [defaults]\nrestore_bytes_per_sec = {FEED_BYTES_PER_SEC}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"{}\"\n",
             socket.display(),
             d.join("control.sock").display(),
             r = d.display(),
@@ -282,6 +286,8 @@ fn a_guest_boots_from_a_live_restore_survives_a_backend_kill_and_ends_with_every
     let text = wait_console(&g, &console2, "its read-back", |t| t.contains("WORKLOAD-READY"));
     assert_eq!(last_report(&text, "READBACK="), n, "records the restored guest read back");
     assert_eq!(value_after(&text, "READBACK-SUM=").unwrap(), md5(&backup_records), "the records' checksum");
+    let new_sum = value_after(&text, "NEW-SUM=").unwrap();
+    assert!(!text.contains("NEW-FAILED"), "the guest could not write its new file");
     let info = livesnap_blk::restore::read_map(&map).unwrap();
     eprintln!("at the guest's read-back: {} of {} chunks restored", info.chunks_done, info.chunks_total);
 
@@ -308,8 +314,12 @@ fn a_guest_boots_from_a_live_restore_survives_a_backend_kill_and_ends_with_every
     let (code, out, err) = run(sbin("e2fsck").arg("-fn").arg(&target));
     assert_eq!(code, 0, "e2fsck -fn on the restored image:\n{out}{err}");
     let records = debugfs_cat(&target, "/records.log");
-    assert_eq!(fsync_log::check_records(&String::from_utf8_lossy(&records)), Ok(last2), "the final records");
+    // A damaged record's error quotes it: keep the message short.
+    let checked = fsync_log::check_records(&String::from_utf8_lossy(&records))
+        .map_err(|e| e.chars().take(300).collect::<String>());
+    assert_eq!(checked, Ok(last2), "the final records");
     assert_eq!(&records[..backup_records.len()], &backup_records[..], "the backup's records changed");
     assert_eq!(md5(&debugfs_cat(&target, "/fill")), fill_sum, "the big file changed");
+    assert_eq!(md5(&debugfs_cat(&target, "/new")), new_sum, "the file the restored guest wrote changed");
     eprintln!("the image holds the backup's {n} records and {} new ones", last2 - n);
 }

@@ -392,9 +392,11 @@ fn config(seeds: &Seeds, repo_root: &Path) -> Result<()> {
 fn restore_maps(seeds: &Seeds, dir: &Path) -> Result<()> {
     use livesnap_blk::restore::{self, map::Map};
     let id = restore::Identity { vm: "web01".into(), backup_id: "20261207T120000Z".into(), disk: "vda".into() };
-    for (name, size, chunk, marks) in
-        [("fresh", 64u64 << 20, 4u64 << 20, 0u64), ("half", 40 << 20, 4 << 20, 5), ("odd-size", (9 << 20) + 512, 1 << 20, 9)]
-    {
+    for (name, size, chunk, marks) in [
+        ("fresh", 64u64 << 20, 4u64 << 20, 0u64),
+        ("half", 40 << 20, 4 << 20, 5),
+        ("odd-size", (9 << 20) + 512, 1 << 20, 9),
+    ] {
         let image = dir.join(format!("{name}.raw"));
         restore::create_map(&image, &id, size, chunk)?;
         let path = restore::map_path(&image);

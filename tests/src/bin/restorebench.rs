@@ -88,7 +88,11 @@ impl Bench {
     /// livesnapd on the repository, the background copy paced at `feed_bytes_per_sec` (0: not).
     fn livesnapd(&self, feed_bytes_per_sec: u64) -> Result<Daemon> {
         let d = self.dir.display();
-        let pace = if feed_bytes_per_sec > 0 { format!("read_bytes_per_sec = {feed_bytes_per_sec}\n") } else { String::new() };
+        let pace = if feed_bytes_per_sec > 0 {
+            format!("restore_bytes_per_sec = {feed_bytes_per_sec}\n")
+        } else {
+            String::new()
+        };
         let config = self.dir.join("livesnapd.toml");
         std::fs::write(
             &config,
@@ -162,7 +166,8 @@ fn wait_ok(child: &mut Child, what: &str) -> Result<()> {
 
 fn connect(socket: &Path, queues: u16) -> Result<(Frontend, Vec<BlkQueue>)> {
     let mut f = Frontend::connect(socket, &Options { queues, timeout: WAIT, ..Options::default() })?;
-    let queues = f.take_queues().into_iter().map(|v| BlkQueue::new(v, 16, MIB as u32)).collect::<Result<Vec<_>, _>>()?;
+    let queues =
+        f.take_queues().into_iter().map(|v| BlkQueue::new(v, 16, MIB as u32)).collect::<Result<Vec<_>, _>>()?;
     Ok((f, queues))
 }
 
@@ -208,7 +213,7 @@ fn measure(args: &Args, dir: &Path) -> Result<()> {
     std::fs::write(content.join("data"), pattern::random(11, args.data as usize))?;
     let image = dir.join("source.raw");
     std::fs::File::create(&image)?.set_len(args.disk)?;
-    let out = sbin("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&content).arg(&image).output()?;
+    let out = sbin("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-d"]).arg(&content).arg(&image).output()?;
     ensure!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&content)?;
     let repo = Repository::create(dir.join("repo"), CreateOptions::default())?;
@@ -226,7 +231,12 @@ fn measure(args: &Args, dir: &Path) -> Result<()> {
 
     let b = Bench { dir: dir.to_owned(), socket: dir.join("livesnapd.sock"), snapctl: programs::snapctl()? };
     let disk_sock = dir.join("vda.sock");
-    println!("restorebench: a {} MiB disk holding {} MiB of data, in {}", args.disk / MIB, args.data / MIB, dir.display());
+    println!(
+        "restorebench: a {} MiB disk holding {} MiB of data, in {}",
+        args.disk / MIB,
+        args.data / MIB,
+        dir.display()
+    );
 
     // 1. The background copy against a plain restore.
     let plain = dir.join("plain.raw");
@@ -234,7 +244,12 @@ fn measure(args: &Args, dir: &Path) -> Result<()> {
     let (t_plain, t_live) = {
         let _d = b.livesnapd(0)?;
         let start = Instant::now();
-        let mut c = b.snapctl().args(["backup", "restore", VM, BACKUP, "--disk", "vda", "--to"]).arg(&plain).stdout(Stdio::null()).spawn()?;
+        let mut c = b
+            .snapctl()
+            .args(["backup", "restore", VM, BACKUP, "--disk", "vda", "--to"])
+            .arg(&plain)
+            .stdout(Stdio::null())
+            .spawn()?;
         wait_ok(&mut c, "snapctl backup restore")?;
         let t_plain = start.elapsed();
         let mut child = b.start_live(&live)?;
@@ -248,7 +263,11 @@ fn measure(args: &Args, dir: &Path) -> Result<()> {
     std::fs::remove_file(&live)?;
     let mib = args.disk as f64 / MIB as f64;
     println!("\n| restore of the {mib:.0} MiB disk | seconds | MiB/s of the disk |\n|---|---|---|");
-    println!("| plain (`snapctl backup restore`) | {:.2} | {:.0} |", t_plain.as_secs_f64(), mib / t_plain.as_secs_f64());
+    println!(
+        "| plain (`snapctl backup restore`) | {:.2} | {:.0} |",
+        t_plain.as_secs_f64(),
+        mib / t_plain.as_secs_f64()
+    );
     println!("| live, background copy alone | {:.2} | {:.0} |", t_live.as_secs_f64(), mib / t_live.as_secs_f64());
     println!("background copy / plain restore: {:.2}x the throughput", t_plain.as_secs_f64() / t_live.as_secs_f64());
 
@@ -333,7 +352,8 @@ fn measure(args: &Args, dir: &Path) -> Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let res = bench::work_dir(args.dir.as_deref(), "livesnap-restorebench").and_then(|(dir, _guard)| measure(&args, &dir));
+    let res =
+        bench::work_dir(args.dir.as_deref(), "livesnap-restorebench").and_then(|(dir, _guard)| measure(&args, &dir));
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
