@@ -3,7 +3,7 @@
 //! livesnap-blk once it serves the target, until every chunk is in.
 //!
 //! The job, in a loop until the map says complete:
-//! - **waiting**: every [`POLL`] the VM's backend is asked for its Status; a disk whose
+//! - **waiting**: every [`WAIT_POLL`] the VM's backend is asked for its Status; a disk whose
 //!   `restore` names this backup and this map (the same file) is the one to feed. The map is
 //!   read too: complete already (the backend finished while no feed was attached, or livesnapd
 //!   died before it recorded the end) ends the job.
@@ -41,8 +41,11 @@ use super::workflow::{Stop, StopReason};
 use super::{Daemon, Error, Result};
 use livesnap_repo::DiskReader;
 
-/// How often the backend's Status is asked for while waiting, and progress is reported.
+/// How often progress is reported.
 pub const POLL: Duration = Duration::from_millis(500);
+/// How often the backend is asked whether it serves the target yet: the guest's first reads
+/// wait for the feed, so this is short (a Status call on a local socket is cheap).
+pub const WAIT_POLL: Duration = Duration::from_millis(50);
 /// Background chunks read from the repository at once (an object store has latency).
 pub const FETCHES: usize = 4;
 /// Further reads for urgent wants only: a guest request never waits for a background slot.
@@ -398,7 +401,7 @@ impl LiveJob {
                 None => {
                     self.report(LivePhase::Waiting, fed_at);
                     self.enter(Stage::Waiting).await;
-                    self.sleep(POLL).await;
+                    self.sleep(WAIT_POLL).await;
                 }
             }
         }

@@ -20,7 +20,7 @@
 //!    demand), then 4 KiB random reads over them, 2 queues × 8 in flight, for `--run-secs`; the same
 //!    on livesnap-blk serving the plain image: IOPS of each.
 //! 4. **Boot to workload** (`--guest`, needs `ci/build-guest.sh`): a QEMU guest (TCG) whose job
-//!    mounts the disk and reads a file of it, from QEMU's start to the job's `READY`: on the
+//!    mounts the disk and reads a file of it, from QEMU's start to the job's `WORKLOAD-READY`: on the
 //!    plain image, then on a new live restore started at the same moment.
 
 use std::path::{Path, PathBuf};
@@ -72,7 +72,7 @@ const RESTORED_RANGE: u64 = 128 * MIB;
 
 /// The guest's job in part 4: what a workload does first, its data mounted and read.
 const JOB: &str = "mkdir -p /mnt/data && mount -t ext4 /dev/vda /mnt/data && \
-                   head -c 16777216 /mnt/data/data >/dev/null && echo READY && umount /mnt/data";
+                   head -c 16777216 /mnt/data/data >/dev/null && echo WORKLOAD-READY && umount /mnt/data";
 
 struct Bench {
     dir: PathBuf,
@@ -107,7 +107,7 @@ impl Bench {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("livesnapd.log"))?;
         let mut cmd = Command::new(programs::livesnapd()?);
         cmd.arg("--config").arg(&config).env("RUST_LOG", "warn").stdout(log.try_clone()?).stderr(log);
-        Ok(Daemon::spawn("livesnapd", cmd, &[&self.socket])?)
+        Daemon::spawn("livesnapd", cmd, &[&self.socket])
     }
 
     fn snapctl(&self) -> Command {
@@ -140,7 +140,7 @@ impl Bench {
     }
 
     /// livesnap-blk serving `image` as the VM's disk vda on `socket`, with the control socket
-    /// when `control`.
+    /// (and a new state directory) when `control`: a disk under live restore needs them.
     fn blk(&self, image: &Path, socket: &Path, control: bool) -> Result<Daemon> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(programs::livesnap_blk()?);
@@ -149,12 +149,14 @@ impl Bench {
         let mut sockets = vec![socket];
         if control {
             let _ = std::fs::remove_file(&ctl);
-            cmd.arg("--control").arg(&ctl);
+            let state = self.dir.join("blk-state");
+            let _ = std::fs::remove_dir_all(&state);
+            cmd.arg("--control").arg(&ctl).arg("--state-dir").arg(state);
             sockets.push(&ctl);
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("livesnap-blk.log"))?;
         cmd.stderr(log);
-        Ok(Daemon::spawn("livesnap-blk", cmd, &sockets)?)
+        Daemon::spawn("livesnap-blk", cmd, &sockets)
     }
 }
 
@@ -189,7 +191,7 @@ fn random_reads(queues: &mut [BlkQueue], range: u64, run: Duration) -> Result<f6
     Ok(ops as f64 / secs)
 }
 
-/// From QEMU's start to the job's `READY`, the guest's disk on `socket`.
+/// From QEMU's start to the job's `WORKLOAD-READY`, the guest's disk on `socket`.
 fn boot(socket: &Path, console: &Path) -> Result<Duration> {
     let start = Instant::now();
     let mut g = Guest::start(GuestConfig {
@@ -199,7 +201,7 @@ fn boot(socket: &Path, console: &Path) -> Result<Duration> {
         timeout: WAIT,
         ..GuestConfig::default()
     })?;
-    g.wait_for_console("READY\n", WAIT)?;
+    g.wait_for_console("WORKLOAD-READY", WAIT)?;
     let took = start.elapsed();
     g.wait()?;
     Ok(took)

@@ -155,6 +155,10 @@ pub struct RestoreDisk {
     stripes: Vec<RwLock<()>>,
     /// Every chunk is durable and the map says so: the disk is the plain image.
     complete: AtomicBool,
+    /// `State::restored` again, readable without the lock: a read over restored chunks (the
+    /// common case once the guest has touched its working set) takes no lock. Bits only go
+    /// from 0 to 1, each set after its chunk's bytes are in the image.
+    restored_fast: Vec<AtomicU64>,
     pub counters: Counters,
 }
 
@@ -204,6 +208,10 @@ impl RestoreDisk {
             cursor: 0,
         };
         let complete = h.complete() || map.chunks.ones() == map.chunks.len();
+        let restored_fast: Vec<AtomicU64> = (0..map.chunks.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        for c in (0..map.chunks.len()).filter(|&c| map.chunks.get(c)) {
+            restored_fast[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Relaxed);
+        }
         let disk = RestoreDisk {
             image,
             map_path,
@@ -215,8 +223,10 @@ impl RestoreDisk {
             map: Mutex::new(map),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             complete: AtomicBool::new(false),
+            restored_fast,
             counters: Counters::default(),
         };
+
         if complete {
             // Every chunk was durable but the header was not rewritten yet.
             disk.finish().map_err(|e| match e {
@@ -249,6 +259,19 @@ impl RestoreDisk {
     }
 
     /// The chunks `[offset, offset + len)` touches.
+    fn mark_fast(&self, c: u64) {
+        if let Some(w) = self.restored_fast.get((c / 64) as usize) {
+            w.fetch_or(1 << (c % 64), Ordering::Release);
+        }
+    }
+
+    /// Every chunk `offset..offset + len` touches is restored, as the lock-free copy says.
+    fn restored_fast(&self, offset: u64, len: u64) -> bool {
+        self.chunks_of(offset, len).all(|c| {
+            self.restored_fast.get((c / 64) as usize).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c % 64)) != 0)
+        })
+    }
+
     fn chunks_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         if len == 0 {
             return 0..0;
@@ -443,6 +466,7 @@ impl RestoreDisk {
         }
         let mut st = lock(&self.state);
         st.restored.set(c);
+        self.mark_fast(c);
         st.pending_chunks.push(c);
         st.wanted.remove(&c);
         self.counters.filled_chunks.fetch_add(1, Ordering::Relaxed);
@@ -522,6 +546,9 @@ impl RestoreDisk {
 
     /// Wants urgently every chunk `[offset, offset + len)` needs, then waits for them.
     fn ensure(&self, offset: u64, len: u64, partial_blocks_only: bool) -> disk::Result<()> {
+        if self.restored_fast(offset, len) {
+            return Ok(());
+        }
         let mut needed = Vec::new();
         {
             let mut st = lock(&self.state);

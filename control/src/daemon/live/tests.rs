@@ -200,6 +200,11 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with_defaults("")
+    }
+
+    /// With `lines` in the config's `[defaults]`.
+    fn with_defaults(lines: &str) -> Rig {
         let shm = Path::new("/dev/shm");
         let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
         let data = data();
@@ -217,7 +222,7 @@ impl Rig {
         w.commit().unwrap();
         let text = format!(
             "repository = \"{0}/repo\"\nsocket = \"{0}/d.sock\"\nstate = \"{0}/state.redb\"\nrestore_dir = \"{0}/restore\"\n\
-             [[vm]]\nname = \"{VM}\"\ncontrol = \"/fake/control.sock\"\n",
+             [defaults]\n{lines}\n[[vm]]\nname = \"{VM}\"\ncontrol = \"/fake/control.sock\"\n",
             dir.path().display()
         );
         let config = Config::parse(Path::new("/test.toml"), &text).unwrap();
@@ -710,4 +715,29 @@ async fn an_existing_target_or_an_unknown_backup_creates_nothing() {
     assert!(matches!(e, Error::LiveMap { .. }), "{e}");
     assert!(!rig.dir.path().join("restore/stale.raw").exists());
     assert!(d.store.jobs().unwrap().is_empty(), "no job recorded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_bytes_per_sec_holds_the_background_copy_but_never_a_guest_read() {
+    // One byte a second: after the first reads, the next background read is due in hours.
+    let rig = Rig::with_defaults("restore_bytes_per_sec = 1");
+    let d = rig.daemon();
+    let (_, _progress) = rig.start(&d).await;
+    rig.serve();
+    let mut f = rig.feed().await;
+    want(&f, [0, 1, 4, 5, 6, 7, 8], false).await;
+    let mut got = HashSet::new();
+    while got.len() < super::FETCHES {
+        got.insert(answer(&mut f).await.chunk);
+    }
+    assert_eq!(got, HashSet::from([0, 1, 4, 5]), "the first background reads go at once");
+    // A guest read waits for chunk 9: read at once, pace or not.
+    want(&f, [9], true).await;
+    let a = answer(&mut f).await;
+    assert_eq!(a.chunk, 9);
+    assert!(matches!(a.body, AnswerBody::Data(_)));
+    // The feeder went round its loop after each answer: no background read was started.
+    let started = lock(&rig.reads.started).clone();
+    assert_eq!(started.len(), super::FETCHES + 1, "background reads started past their pace: {started:?}");
+    shut(d).await;
 }
