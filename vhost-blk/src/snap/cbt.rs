@@ -44,6 +44,8 @@ pub fn boot_id() -> String {
 #[derive(Debug)]
 struct Trust {
     untrusted: Option<String>,
+    /// The file's header says untrusted, durably: a restart cannot take the map for whole.
+    recorded: bool,
 }
 
 /// One generation of a disk's change map.
@@ -94,7 +96,7 @@ impl Bitmap {
             boot_id: boot_id.to_owned(),
             words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
             file,
-            trust: Mutex::new(Trust { untrusted }),
+            trust: Mutex::new(Trust { untrusted, recorded: false }),
         };
         bm.file.set_len(0)?;
         bm.file.set_len(HEADER_LEN + nwords * 8)?;
@@ -147,18 +149,18 @@ impl Bitmap {
             boot_id: boot_id.to_owned(),
             words,
             file,
-            trust: Mutex::new(Trust { untrusted }),
+            trust: Mutex::new(Trust { untrusted, recorded: false }),
         };
         bm.write_header(true)?;
         Ok(bm)
     }
 
     fn write_header(&self, open: bool) -> io::Result<()> {
-        let trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
-        self.write_header_locked(&trust, open)
+        let mut trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write_header_locked(&mut trust, open)
     }
 
-    fn write_header_locked(&self, trust: &Trust, open: bool) -> io::Result<()> {
+    fn write_header_locked(&self, trust: &mut Trust, open: bool) -> io::Result<()> {
         let mut h = vec![0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -182,7 +184,9 @@ impl Bitmap {
         let c = crc32fast::hash(&h[0..4092]);
         h[4092..4096].copy_from_slice(&c.to_le_bytes());
         self.file.write_at(&h, 0)?;
-        self.file.sync()
+        self.file.sync()?;
+        trust.recorded = trust.untrusted.is_some();
+        Ok(())
     }
 
     pub fn generation(&self) -> u64 {
@@ -198,15 +202,19 @@ impl Bitmap {
         self.trust.lock().unwrap_or_else(PoisonError::into_inner).untrusted.clone()
     }
 
-    /// Records that the map may miss writes from now on, durably if the file allows.
-    pub fn distrust(&self, reason: &str) {
+    /// Records that the map may miss writes from now on, durably if the file allows; whether
+    /// the file says so.
+    pub fn distrust(&self, reason: &str) -> bool {
         let mut trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
         if trust.untrusted.is_none() {
             trust.untrusted = Some(reason.to_owned());
-            if let Err(e) = self.write_header_locked(&trust, true) {
+        }
+        if !trust.recorded {
+            if let Err(e) = self.write_header_locked(&mut trust, true) {
                 tracing::error!(error = %livesnap_proto::error::chain(&e), "cannot record that the change map is untrusted");
             }
         }
+        trust.recorded
     }
 
     fn block_range(&self, start: u64, end: u64) -> (u64, u64) {
@@ -217,17 +225,19 @@ impl Bitmap {
         self.words[(block / 64) as usize].load(Ordering::Acquire) & (1 << (block % 64)) != 0
     }
 
-    /// Records that bytes `[start, end)` are about to change. Call before writing them.
+    /// Records that bytes `[start, end)` are about to change. Call before writing them; an
+    /// error means the write must not happen: neither the bits nor the map's distrust reached
+    /// the file, so a restart would take the map for whole and miss the write.
     ///
     /// A bit is set in memory only after the file holds it: a second writer of the same block
     /// that finds the bit set (and skips the file) can rely on the file having it.
-    pub fn mark(&self, start: u64, end: u64) {
+    pub fn mark(&self, start: u64, end: u64) -> io::Result<()> {
         if start >= end.min(self.size) {
-            return;
+            return Ok(());
         }
         let (first, last) = self.block_range(start, end.min(self.size));
         if (first..last).all(|b| self.is_set(b)) {
-            return;
+            return Ok(());
         }
         let trust = self.trust.lock().unwrap_or_else(PoisonError::into_inner);
         let (w0, w1) = (first / 64, (last - 1) / 64 + 1);
@@ -243,14 +253,19 @@ impl Bitmap {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         let written = self.file.write_at(&bytes, HEADER_LEN + w0 * 8);
-        for (w, mask) in (w0..w1).zip(masks) {
-            self.words[w as usize].fetch_or(mask, Ordering::AcqRel);
+        if written.is_ok() {
+            for (w, mask) in (w0..w1).zip(masks) {
+                self.words[w as usize].fetch_or(mask, Ordering::AcqRel);
+            }
         }
         if let Err(e) = written {
             drop(trust);
             tracing::error!(error = %livesnap_proto::error::chain(&e), "cannot write the change map");
-            self.distrust("a change map write failed");
+            if !self.distrust("a change map write failed") {
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     /// Sets every block set in `other` too, durably.
@@ -343,7 +358,7 @@ mod tests {
         *f.gate.lock().unwrap() = Some((writing_tx, go_rx));
         let marker = {
             let bm = bm.clone();
-            std::thread::spawn(move || bm.mark(8192, 12288))
+            std::thread::spawn(move || bm.mark(8192, 12288).unwrap())
         };
         writing_rx.recv().unwrap();
         // A second writer of block 2 now must not skip the file: the bit is not in it yet.
@@ -357,9 +372,9 @@ mod tests {
     fn marks_survive_a_reopen_without_close_in_the_same_boot() {
         let f = file();
         let bm = Bitmap::create(f.clone(), 5, 65536, 10 << 20, None, "boot-a").unwrap();
-        bm.mark(0, 512);
-        bm.mark(65536 * 3 + 100, 65536 * 5);
-        bm.mark((10 << 20) - 512, 10 << 20);
+        bm.mark(0, 512).unwrap();
+        bm.mark(65536 * 3 + 100, 65536 * 5).unwrap();
+        bm.mark((10 << 20) - 512, 10 << 20).unwrap();
         drop(bm);
         let bm = Bitmap::open(f, 5, 65536, 10 << 20, "boot-a").unwrap();
         assert_eq!(bm.untrusted(), None);
@@ -370,7 +385,7 @@ mod tests {
     fn a_map_left_open_by_an_earlier_boot_is_untrusted_and_a_closed_one_is_not() {
         let f = file();
         let bm = Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "boot-a").unwrap();
-        bm.mark(0, 4096);
+        bm.mark(0, 4096).unwrap();
         drop(bm);
         let bm = Bitmap::open(f.clone(), 1, 4096, 1 << 20, "boot-b").unwrap();
         assert!(bm.untrusted().unwrap().contains("host restarted"));
@@ -405,10 +420,68 @@ mod tests {
     fn absorb_unions_bits_and_distrust() {
         let a = Bitmap::create(file(), 1, 4096, 1 << 20, None, "b").unwrap();
         let b = Bitmap::create(file(), 2, 4096, 1 << 20, Some("why".into()), "b").unwrap();
-        a.mark(0, 4096);
-        b.mark(8192, 12288);
+        a.mark(0, 4096).unwrap();
+        b.mark(8192, 12288).unwrap();
         a.absorb(&b).unwrap();
         assert_eq!(a.extents(), vec![(0, 4096), (8192, 4096)]);
         assert_eq!(a.untrusted().as_deref(), Some("why"));
+    }
+
+    /// A file whose writes at or past `fail_from` fail once `failing` is set.
+    #[derive(Debug)]
+    struct FailingFile {
+        inner: std::fs::File,
+        fail_from: u64,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl MetaFile for FailingFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            MetaFile::read_at(&self.inner, buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.failing.load(Ordering::Relaxed) && offset >= self.fail_from {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            MetaFile::write_at(&self.inner, buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            MetaFile::sync(&self.inner)
+        }
+        fn byte_len(&self) -> io::Result<u64> {
+            self.inner.byte_len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            MetaFile::set_len(&self.inner, len)
+        }
+    }
+
+    #[test]
+    fn a_failed_bit_write_is_recorded_as_distrust_or_fails_the_write() {
+        // The bits cannot be written, the header can: the write may go on, and a restart finds
+        // the map untrusted (the next backup is full).
+        let f = Arc::new(FailingFile {
+            inner: tempfile::tempfile().unwrap(),
+            fail_from: HEADER_LEN,
+            failing: Default::default(),
+        });
+        let bm = Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "b").unwrap();
+        f.failing.store(true, Ordering::Relaxed);
+        bm.mark(0, 4096).unwrap();
+        assert!(bm.untrusted().is_some());
+        drop(bm);
+        f.failing.store(false, Ordering::Relaxed);
+        let bm = Bitmap::open(f, 1, 4096, 1 << 20, "b").unwrap();
+        assert_eq!(bm.untrusted().as_deref(), Some("a change map write failed"));
+
+        // Nothing can be written: the write must not happen, now or on a second try, or a
+        // restart would take the map for whole and miss it.
+        let f =
+            Arc::new(FailingFile { inner: tempfile::tempfile().unwrap(), fail_from: 0, failing: Default::default() });
+        let bm = Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "b").unwrap();
+        f.failing.store(true, Ordering::Relaxed);
+        assert!(bm.mark(8192, 12288).is_err());
+        assert!(!bm.is_set(2), "a bit the file does not hold shows as set");
+        assert!(bm.mark(8192, 12288).is_err(), "a second write of the block skipped the file");
     }
 }

@@ -162,7 +162,7 @@ impl SnapDisk {
         check_range(self.size, offset, len)?;
         loop {
             let t = self.ticket();
-            t.cbt.mark(offset, offset + len);
+            t.cbt.mark(offset, offset + len)?;
             let delta = match &t.mode {
                 Mode::Direct => return change.apply(&*self.base, offset, len),
                 Mode::Merging(d) => return d.write_merging(&*self.base, change, offset, len),
@@ -290,7 +290,7 @@ impl DiskFile for SnapDisk {
         let t = self.ticket();
         match &t.mode {
             Mode::Direct => {
-                t.cbt.mark(offset, offset + len);
+                t.cbt.mark(offset, offset + len)?;
                 self.base.discard(offset, len)
             }
             // Discarded content is unspecified: keeping it is allowed and keeps the base frozen
