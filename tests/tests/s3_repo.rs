@@ -178,7 +178,13 @@ fn s3_open_names_what_is_wrong() {
 fn s3_gc_on_one_host_never_takes_what_another_host_is_writing() {
     let dir = tempfile::tempdir().unwrap();
     let g = start(dir.path(), 1);
-    let writer = host(&g, "repo");
+    let mut writer = host(&g, "repo");
+    // One chunk at a time, so that the collection in the progress callback runs between two
+    // chunks as this test intends. With two threads it can also fall between another chunk's
+    // dedup hit and the re-upload that refreshes it: the collection may then remove that chunk
+    // and the writer, checking before its commit, refuses to commit (safe, but not the
+    // ordering this test plays; seen once on a loaded machine).
+    writer.set_threads(1).unwrap();
     let collector = Arc::new(host(&g, "repo"));
 
     let old = data(2 * MIB, 7);
