@@ -184,18 +184,7 @@ pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destinati
     let result = (|| {
         let (raw_file, stats) = write_raw(repo, &m, dest, &raw)?;
         let qcow_file = dest.create(&qcow)?;
-        let out = Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
-            .arg(fd_path(&raw_file))
-            .arg(fd_path(&qcow_file))
-            .output()
-            .map_err(Error::QemuImgSpawn)?;
-        if !out.status.success() {
-            return Err(Error::QemuImg {
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
+        convert_to_qcow2(&raw_file, &qcow_file)?;
         qcow_file.sync_all().map_err(|source| Error::Io { op: "sync", path: dest.path.clone(), source })?;
         dest.publish(&qcow)?;
         Ok(stats)
@@ -205,6 +194,24 @@ pub fn qcow2(repo: &Repository, vm: &str, id: &str, disk: &str, dest: &Destinati
         dest.remove(&qcow);
     }
     result
+}
+
+/// Writes the raw image `raw` as qcow2 into `qcow` (both open; `qemu-img` reaches them through
+/// /proc/self/fd).
+fn convert_to_qcow2(raw: &std::fs::File, qcow: &std::fs::File) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
+        .arg(fd_path(raw))
+        .arg(fd_path(qcow))
+        .output()
+        .map_err(Error::QemuImgSpawn)?;
+    if !out.status.success() {
+        return Err(Error::QemuImg {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Creates the target empty, sized `size`: a sparse raw file, or a qcow2 image with nothing
@@ -227,18 +234,7 @@ pub fn empty(dest: &Destination, format: crate::daemon::model::ImageFormat, size
             }
             ImageFormat::Qcow2 => {
                 let qcow_file = dest.create(&qcow)?;
-                let out = Command::new("qemu-img")
-                    .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-t", "writeback"])
-                    .arg(fd_path(&raw_file))
-                    .arg(fd_path(&qcow_file))
-                    .output()
-                    .map_err(Error::QemuImgSpawn)?;
-                if !out.status.success() {
-                    return Err(Error::QemuImg {
-                        status: out.status.to_string(),
-                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    });
-                }
+                convert_to_qcow2(&raw_file, &qcow_file)?;
                 qcow_file.sync_all().map_err(io("sync"))?;
                 dest.publish(&qcow)
             }

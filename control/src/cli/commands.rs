@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -207,6 +207,33 @@ async fn verify(d: &mut Daemon, vm: String, id: String, json: bool) -> Result<()
     }
 }
 
+/// The request of `backup restore`: `--to` as typed (livesnapd resolves it beneath its restore
+/// directory), the format from `--format` or the file's extension.
+fn restore_request(
+    vm: &str,
+    id: &str,
+    disk: &str,
+    to: &Path,
+    format: Option<Format>,
+    live: bool,
+) -> Result<RestoreRequest, Error> {
+    let format =
+        format.unwrap_or(if to.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
+    let target_path = to.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", to.display())))?;
+    Ok(RestoreRequest {
+        vm: vm.to_owned(),
+        id: id.to_owned(),
+        disk: disk.to_owned(),
+        target_path: target_path.to_owned(),
+        format: match format {
+            Format::Raw => ImageFormat::Raw,
+            Format::Qcow2 => ImageFormat::Qcow2,
+        }
+        .into(),
+        live,
+    })
+}
+
 async fn restore(
     d: &mut Daemon,
     vm: String,
@@ -218,22 +245,10 @@ async fn restore(
 ) -> Result<(), Error> {
     // As typed: livesnapd resolves it beneath its restore directory, on its own host.
     let path = to;
-    let format =
-        format.unwrap_or(if path.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
     let action = format!("Cannot restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
-    let target_path = path.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", path.display())))?;
-    let req = RestoreRequest {
-        vm: vm.clone(),
-        id: id.clone(),
-        disk: disk.clone(),
-        target_path: target_path.to_owned(),
-        format: match format {
-            Format::Raw => ImageFormat::Raw,
-            Format::Qcow2 => ImageFormat::Qcow2,
-        }
-        .into(),
-        live: false,
-    };
+    let req = restore_request(&vm, &id, &disk, &path, format, false)?;
+    let target_path = req.target_path.clone();
+    let format_name = if req.format == i32::from(ImageFormat::Qcow2) { "qcow2" } else { "raw" };
     let mut stream = d.client.restore_backup(req).await.map_err(|s| d.error(&action, &s))?.into_inner();
     let bar = (!json && std::io::stdout().is_terminal()).then(|| {
         let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
@@ -278,10 +293,6 @@ async fn restore(
     if let Some(pb) = &bar {
         pb.finish();
     }
-    let format_name = match format {
-        Format::Raw => "raw",
-        Format::Qcow2 => "qcow2",
-    };
     if json {
         print_json(&json!({
             "vm": vm, "id": id, "disk": disk, "path": target_path, "format": format_name,
@@ -294,7 +305,7 @@ async fn restore(
             clean(&disk),
             clean(&id),
             clean(&vm),
-            clean(target_path),
+            clean(&target_path),
             bytes(written)
         );
     }
@@ -311,22 +322,9 @@ async fn live_restore(
     format: Option<Format>,
     json: bool,
 ) -> Result<(), Error> {
-    let format =
-        format.unwrap_or(if to.extension().is_some_and(|e| e == "qcow2") { Format::Qcow2 } else { Format::Raw });
     let action = format!("Cannot live-restore disk {} of backup {} of {}", clean(&disk), clean(&id), clean(&vm));
-    let target_path = to.to_str().ok_or_else(|| Error::Usage(format!("--to {}: not UTF-8", to.display())))?;
-    let req = RestoreRequest {
-        vm: vm.clone(),
-        id: id.clone(),
-        disk: disk.clone(),
-        target_path: target_path.to_owned(),
-        format: match format {
-            Format::Raw => ImageFormat::Raw,
-            Format::Qcow2 => ImageFormat::Qcow2,
-        }
-        .into(),
-        live: true,
-    };
+    let req = restore_request(&vm, &id, &disk, &to, format, true)?;
+    let target_path = req.target_path.clone();
     // Registered before the call (not at a first poll): from here a Ctrl-C detaches.
     let mut interrupt =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(Error::Signal)?;
@@ -341,7 +339,7 @@ async fn live_restore(
                 if let Some(pb) = &bar {
                     pb.abandon();
                 }
-                return Err(Error::LiveDetached { job: clean(&job), target: clean(target_path) });
+                return Err(Error::LiveDetached { job: clean(&job), target: clean(&target_path) });
             }
         };
         let p = match next {
