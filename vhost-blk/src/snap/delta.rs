@@ -53,6 +53,10 @@ struct Inner {
     merging: Option<(u64, u64)>,
     /// Guest writes to the base over ranges still in the map.
     inflight: Vec<(u64, u64)>,
+    /// Records taken out of `pending` by a commit still appending them.
+    committing: usize,
+    /// Ranges the journal says left the delta since [`Delta::take_released`] last ran.
+    released: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -65,6 +69,8 @@ pub struct Delta {
     inner: Mutex<Inner>,
     cv: Condvar,
     journal: Mutex<Journal>,
+    /// Records the journal's space allocated ahead still holds (`u64::MAX`: no such space).
+    journal_room: AtomicU64,
     merged: AtomicU64,
 }
 
@@ -89,6 +95,7 @@ impl Delta {
             limit,
             inner: Mutex::new(Inner { map, ..Inner::default() }),
             cv: Condvar::new(),
+            journal_room: AtomicU64::new(journal.room().unwrap_or(u64::MAX)),
             journal: Mutex::new(journal),
             merged: AtomicU64::new(0),
         }
@@ -127,6 +134,11 @@ impl Delta {
             if inner.map.total() + new > limit {
                 return Err(WriteError::Overflow(format!("the delta reached its limit of {limit} bytes")));
             }
+        }
+        if !self.journal_has_room() {
+            return Err(WriteError::Overflow(
+                "the delta's journal cannot grow: its filesystem is full (ENOSPC)".into(),
+            ));
         }
         let res = match change {
             // Zeroes in the delta: a hole reads as zeroes and costs no space.
@@ -177,18 +189,64 @@ impl Delta {
         res
     }
 
+    /// Whether the journal's space allocated ahead holds every record not yet in it and one
+    /// more (with a margin for writes on other queues between this check and their record),
+    /// growing that space first when it runs low. When it cannot, the snapshot is abandoned
+    /// before a FLUSH could fail for want of journal space.
+    fn journal_has_room(&self) -> bool {
+        const MARGIN: u64 = 256;
+        let needed = {
+            let inner = self.lock();
+            (inner.pending.len() + inner.committing) as u64 + 1 + MARGIN
+        };
+        let room = self.journal_room.load(Ordering::Relaxed);
+        if room >= needed.saturating_mul(4) {
+            return true;
+        }
+        // Low: top the space up, waiting for a commit in progress only when it is short.
+        let journal = if room >= needed { self.journal.try_lock().ok() } else { Some(self.journal_lock()) };
+        if let Some(mut journal) = journal {
+            let _ = journal.reserve_ahead();
+            self.journal_room.store(journal.room().unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        self.journal_room.load(Ordering::Relaxed) >= needed
+    }
+
+    fn journal_lock(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Makes the records so far durable: `sync_data` first makes the data they describe
     /// durable, then they go to the journal. On failure they stay pending.
     pub fn commit(&self, sync_data: impl FnOnce() -> disk::Result<()>) -> disk::Result<()> {
-        let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
-        let records = std::mem::take(&mut self.lock().pending);
-        let res = sync_data().and_then(|()| journal.append(&coalesce(&records)).map_err(disk::Error::Io));
-        if res.is_err() {
+        let mut journal = self.journal_lock();
+        let records = {
             let mut inner = self.lock();
+            inner.committing = inner.pending.len();
+            std::mem::take(&mut inner.pending)
+        };
+        let records = coalesce(&records);
+        let res = sync_data().and_then(|()| journal.append(&records).map_err(disk::Error::Io));
+        if res.is_ok() {
+            let _ = journal.reserve_ahead();
+        }
+        self.journal_room.store(journal.room().unwrap_or(u64::MAX), Ordering::Relaxed);
+        let mut inner = self.lock();
+        inner.committing = 0;
+        if res.is_ok() {
+            inner.released.extend(records.iter().filter(|r| r.op == Op::Remove).map(|r| (r.start, r.end)));
+        } else {
             let later = std::mem::replace(&mut inner.pending, records);
             inner.pending.extend(later);
         }
         res
+    }
+
+    /// The ranges the journal durably says left the delta (merged, or overwritten in the base)
+    /// since the last call: a crash replays a map without them, so their data may be punched
+    /// out once no read that planned with an older map is left.
+    pub fn take_released(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.lock().released)
     }
 
     /// Copies the next chunk of the map into `base`; returns the bytes copied, 0 when the map

@@ -153,6 +153,24 @@ impl SnapDisk {
         })
     }
 
+    /// Punches out of the delta's data file what the journal says left it, once every
+    /// request that could still read it there has completed: a merge gives the space back as
+    /// it goes (a state directory that filled up gets room for the journal again).
+    pub fn release_merged(&self, delta: &Delta) {
+        let ranges = delta.take_released();
+        if ranges.is_empty() {
+            return;
+        }
+        // Reads plan under the map's lock; one that planned before the ranges left it started
+        // in the current epoch.
+        let drain = self.pause().new_epoch();
+        drain.wait();
+        for (start, end) in ranges {
+            // Best effort: the space comes back with the delta file at the latest.
+            let _ = delta.data.write_zeroes(start, end - start, true);
+        }
+    }
+
     fn ticket(&self) -> Ticket {
         let st = self.read_state();
         Ticket { mode: st.mode.clone(), cbt: st.cbt.clone(), _epoch: st.epoch.clone() }

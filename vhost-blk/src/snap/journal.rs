@@ -16,6 +16,9 @@ const MAGIC: &[u8; 8] = b"LSNAPJNL";
 const VERSION: u32 = 1;
 pub const HEADER_LEN: u64 = 64;
 pub const RECORD_LEN: usize = 32;
+/// Journal space allocated ahead of the appends (8192 records), so that a commit still finds
+/// room once the delta's data has filled the filesystem.
+const RESERVE: u64 = 256 << 10;
 
 /// What a record says about a range of the virtual disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +57,9 @@ pub struct Journal {
     file: Arc<dyn MetaFile>,
     snapshot: u64,
     next_seq: u64,
+    /// Where the space allocated ahead ends; `None` where the filesystem cannot allocate
+    /// ahead, and appends take their chance.
+    reserved_to: Option<u64>,
 }
 
 fn crc(snapshot: u64, body: &[u8]) -> u32 {
@@ -88,7 +94,9 @@ impl Journal {
         file.set_len(0)?;
         file.write_at(&h, 0)?;
         file.sync()?;
-        Ok(Journal { file, snapshot, next_seq: 0 })
+        let mut j = Journal { file, snapshot, next_seq: 0, reserved_to: Some(0) };
+        j.reserve_ahead()?;
+        Ok(j)
     }
 
     /// Replays `file` into a map, cuts off a torn tail, and leaves the journal ready to append.
@@ -98,7 +106,10 @@ impl Journal {
             file.set_len(pos)?;
             file.sync()?;
         }
-        Ok((Journal { file, snapshot, next_seq: seq }, map))
+        let mut j = Journal { file, snapshot, next_seq: seq, reserved_to: Some(0) };
+        // A full filesystem must not keep the disk from opening: the merge frees space.
+        let _ = j.reserve_ahead();
+        Ok((j, map))
     }
 
     /// Replays `file` into a map without changing it (offline recovery reads it so).
@@ -170,6 +181,34 @@ impl Journal {
     /// Bytes of journal, header included.
     pub fn bytes(&self) -> u64 {
         HEADER_LEN + self.next_seq * RECORD_LEN as u64
+    }
+
+    /// How many more records the space allocated ahead holds; `None` when the filesystem
+    /// cannot allocate ahead.
+    pub fn room(&self) -> Option<u64> {
+        self.reserved_to.map(|end| end.saturating_sub(self.bytes()) / RECORD_LEN as u64)
+    }
+
+    /// Allocates [`RESERVE`] bytes past the last record, unless that much is there already.
+    /// A full filesystem is an error (the room left stays usable); one that cannot allocate
+    /// ahead is not.
+    pub fn reserve_ahead(&mut self) -> io::Result<()> {
+        let Some(end) = self.reserved_to else { return Ok(()) };
+        let (from, want) = (end.max(self.bytes()), self.bytes() + RESERVE);
+        if end >= want {
+            return Ok(());
+        }
+        match self.file.reserve(from, want - from) {
+            Ok(()) => {
+                self.reserved_to = Some(want);
+                Ok(())
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                self.reserved_to = None;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

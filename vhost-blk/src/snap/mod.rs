@@ -27,6 +27,8 @@ pub mod store;
 #[cfg(test)]
 mod cut_tests;
 #[cfg(test)]
+mod full_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod recovery_tests;
@@ -421,10 +423,12 @@ impl Vm {
                     break;
                 }
             }
-            disk.commit_durably(&delta).map_err(merge_err)?;
+            // As the merger: the end needs no journal, progress does.
             if delta.is_empty() {
                 self.shared.finish_merge(i)?;
             } else {
+                disk.commit_durably(&delta).map_err(merge_err)?;
+                disk.release_merged(&delta);
                 left = true;
             }
         }
@@ -697,22 +701,27 @@ impl VmShared {
                 }
             };
             since_commit = 0;
-            if let Err(e) = disk.commit_durably(&delta) {
-                error!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "cannot record merge progress; retrying");
-                std::thread::sleep(Duration::from_secs(1));
+            if !done {
+                match disk.commit_durably(&delta) {
+                    Ok(()) => disk.release_merged(&delta),
+                    // Progress not recorded is copied again after a crash; the merge goes on.
+                    Err(e) => {
+                        warn!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "cannot record merge progress")
+                    }
+                }
                 continue;
             }
-            if done {
-                match self.finish_merge(i) {
-                    Ok(()) => {
-                        info!(vm = %self.name, disk = %disk.id, snapshot = delta.snapshot, bytes = delta.merged_bytes(),
-                              secs = t0.elapsed().as_secs_f64(), "merge complete");
-                        return;
-                    }
-                    Err(e) => {
-                        error!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "cannot record the end of the merge; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
+            // The end needs no journal (the record drops the delta): a full filesystem, which
+            // may be why the snapshot was abandoned, cannot hold it up.
+            match self.finish_merge(i) {
+                Ok(()) => {
+                    info!(vm = %self.name, disk = %disk.id, snapshot = delta.snapshot, bytes = delta.merged_bytes(),
+                          secs = t0.elapsed().as_secs_f64(), "merge complete");
+                    return;
+                }
+                Err(e) => {
+                    error!(disk = %disk.id, error = %livesnap_proto::error::chain(&e), "cannot record the end of the merge; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
             }
         }
@@ -729,7 +738,9 @@ impl VmShared {
         if !delta.is_empty() {
             return Ok(());
         }
-        disk.commit_durably(&delta).map_err(|source| ControlError::Merge { disk: disk.id.clone(), source })?;
+        // Every byte is in the base once it is durable; the journal's last records are moot
+        // once the record no longer names the delta (a FLUSH committed those it relied on).
+        disk.base.flush().map_err(|source| ControlError::Merge { disk: disk.id.clone(), source })?;
         let mut next_state = ctl.state.clone();
         if let Some(s) = next_state.snapshot.as_mut() {
             s.disks.retain(|(d, _)| *d != disk.id);

@@ -22,6 +22,12 @@ pub trait MetaFile: Send + Sync + fmt::Debug {
     fn sync(&self) -> io::Result<()>;
     fn byte_len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Allocates `[offset, offset + len)` without changing the file's length, so that writes
+    /// there later need no space (a full filesystem fails them no more). Files that cannot
+    /// allocate ahead (test doubles) do nothing.
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A directory holding a VM's snapshot state.
@@ -84,6 +90,10 @@ impl MetaFile for File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::sys::fallocate(self, libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 }
 
