@@ -9,9 +9,11 @@
 //!
 //! - `raw.rs`: raw files and block devices, buffered or `O_DIRECT`;
 //! - `qcow2.rs`: qcow2 through qcow2-rs, behind our own header checks.
+//! - `uring.rs`: a queue thread's io_uring, which never leaves an operation in flight.
 
 pub(crate) mod qcow2;
 mod raw;
+mod uring;
 
 use std::fmt;
 use std::fs::File;

@@ -14,13 +14,14 @@ use std::alloc::{self, Layout};
 use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::IoUring;
 
+use super::uring;
 use super::{check_range, total_len, Buf, Cache, DiskFile, Format, Result};
 use crate::sys;
 
@@ -165,11 +166,14 @@ impl RawDisk {
     fn run_jobs(&self, jobs: &mut [Job], write: bool) -> Vec<Result<()>> {
         let done = RING.with(|cell| {
             let mut slot = cell.borrow_mut();
-            let ring = slot.get_or_insert_with(|| IoUring::new(RING_ENTRIES).ok()).as_mut()?;
-            let res = uring_rw(ring, |j: &Job| self.fd_of(j).as_raw_fd(), jobs, write);
+            let ring = slot.get_or_insert_with(|| IoUring::new(uring::ENTRIES).ok()).as_mut()?;
+            let ops: Vec<uring::Op<'_>> =
+                jobs.iter().map(|j| uring::Op { fd: self.fd_of(j).as_raw_fd(), iovs: &j.iovs, offset: j.offset }).collect();
+            let res = uring::run(ring, &ops, write);
             if let Err(e) = &res {
                 tracing::warn!(error = %livesnap_proto::error::chain(e), "io_uring failed; doing the I/O the blocking way");
-                // Completions may still be owed to a failed ring: never reuse it.
+                // Nothing is in flight (`run` waited for it), but a ring that failed once is
+                // not trusted again.
                 *slot = None;
             }
             Some(res)
@@ -290,25 +294,10 @@ impl RawDisk {
     }
 }
 
-/// Entries of each queue thread's ring: the most transfers that wait on the device at once.
-const RING_ENTRIES: u32 = 256;
-
 thread_local! {
     /// The io_uring of this queue thread, made on first use; `Some(None)` where the kernel has
     /// none to give.
     static RING: RefCell<Option<Option<IoUring>>> = const { RefCell::new(None) };
-}
-
-/// Why a batch could not go through the io_uring; the transfers are then done the blocking
-/// way, so this is only logged.
-#[derive(Debug, thiserror::Error)]
-enum RingError {
-    #[error("The io_uring submission queue is full")]
-    Full,
-    #[error("Cannot wait for io_uring completions")]
-    Wait(#[source] io::Error),
-    #[error("The io_uring completed unknown transfer {0}")]
-    UnknownCompletion(u64),
 }
 
 /// A transfer for the ring.
@@ -365,52 +354,6 @@ impl Drop for AlignedBuf {
 /// (a `Buf` has no dirty bitmap, so its guard has nothing to do when dropped).
 fn iovecs(bufs: &[Buf<'_>]) -> Vec<libc::iovec> {
     bufs.iter().map(|b| libc::iovec { iov_base: b.ptr_guard_mut().as_ptr().cast(), iov_len: b.len() }).collect()
-}
-
-/// Submits `jobs` as readv or writev operations on the descriptor `fd` gives each, in rounds of
-/// at most the ring's size, and waits for all of them; returns each one's byte count or error,
-/// in order.
-fn uring_rw(
-    ring: &mut IoUring,
-    fd: impl Fn(&Job) -> RawFd,
-    jobs: &[Job],
-    write: bool,
-) -> std::result::Result<Vec<io::Result<usize>>, RingError> {
-    let mut results: Vec<io::Result<usize>> = Vec::with_capacity(jobs.len());
-    results.resize_with(jobs.len(), || Ok(0));
-    for (round, chunk) in jobs.chunks(RING_ENTRIES as usize).enumerate() {
-        let base = round * RING_ENTRIES as usize;
-        for (k, job) in chunk.iter().enumerate() {
-            let (fd, iovs, n) = (types::Fd(fd(job)), job.iovs.as_ptr(), job.iovs.len() as u32);
-            let entry = if write {
-                opcode::Writev::new(fd, iovs, n).offset(job.offset).build()
-            } else {
-                opcode::Readv::new(fd, iovs, n).offset(job.offset).build()
-            };
-            // SAFETY: the iovec array and the buffers it points to (guest memory or the job's
-            // bounce buffer) outlive the operation: this function waits for every completion
-            // before returning, and a failed ring is dropped (which waits for or cancels what
-            // it has in flight) by the caller.
-            unsafe { ring.submission().push(&entry.user_data((base + k) as u64)) }.map_err(|_| RingError::Full)?;
-        }
-        let mut left = chunk.len();
-        while left > 0 {
-            match ring.submit_and_wait(left) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(RingError::Wait(e)),
-            }
-            for cqe in ring.completion() {
-                let data = cqe.user_data();
-                let i = usize::try_from(data).ok().filter(|&i| i >= base && i < base + chunk.len());
-                let i = i.ok_or(RingError::UnknownCompletion(data))?;
-                let res = cqe.result();
-                results[i] = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
-                left -= 1;
-            }
-        }
-    }
-    Ok(results)
 }
 
 fn unsupported(e: &io::Error) -> bool {
