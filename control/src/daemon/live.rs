@@ -19,8 +19,8 @@
 //!
 //! The job is recorded in the state database ([`LiveRestoreState`]) at creation: a livesnapd
 //! stopped or killed resumes it at its next start. CancelJob stops the feeding and leaves the
-//! target and its map in place (a backend restarted later resumes from the map, fed by a new
-//! live restore of nothing: see the job's reason).
+//! target and its map in place; the backup stays safe from delete and prune while the map is
+//! there ([`refuse_if_restoring`]), since the chunks not in yet exist nowhere else.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -668,15 +668,23 @@ enum MapNow {
     Done(u64),
 }
 
-/// Refuses to remove any of `ids` (backups of `vm`) that a live restore not ended yet reads:
-/// its chunks would go from under the job (delete, prune).
+/// Refuses to remove any of `ids` (backups of `vm`) that a live restore target still needs
+/// (delete, prune): one whose job is running, and one whose job ended before it was complete
+/// (cancelled, failed) while the target's restore map is still there. The chunks not in yet
+/// exist nowhere else; only removing the target and its map gives them up.
 pub(crate) fn refuse_if_restoring(store: &super::state::Store, vm: &str, ids: &[String]) -> Result<()> {
     for j in store.jobs()? {
-        if j.kind != JobKind::LiveRestore || j.result.is_some() || j.vm != vm {
+        if j.kind != JobKind::LiveRestore || j.vm != vm || j.result == Some(JobResult::Ok) {
             continue;
         }
-        if let Some(l) = j.live.as_ref().filter(|l| ids.contains(&l.backup_id)) {
-            return Err(Error::LiveRestoring { vm: vm.to_owned(), id: l.backup_id.clone(), job: j.id });
+        let Some(l) = j.live.as_ref().filter(|l| ids.contains(&l.backup_id)) else { continue };
+        let (vm, id) = (vm.to_owned(), l.backup_id.clone());
+        match j.result {
+            None => return Err(Error::LiveRestoring { vm, id, job: j.id }),
+            Some(_) if std::fs::symlink_metadata(&l.map).is_ok() => {
+                return Err(Error::LiveRestoreLeft { vm, id, job: j.id, map: l.map.clone() })
+            }
+            Some(_) => {}
         }
     }
     Ok(())

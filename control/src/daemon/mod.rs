@@ -142,6 +142,12 @@ pub enum Error {
     LiveEnded { job: String },
     #[error("Backup {id} of {vm} is being live-restored by job {job}: it cannot be removed before the restore is complete or cancelled")]
     LiveRestoring { vm: String, id: String, job: String },
+    #[error(
+        "Backup {id} of {vm} is still needed by the target of live restore job {job}, which ended before it was complete: \
+         remove the target and its restore map `{}` to give it up first",
+        map.display()
+    )]
+    LiveRestoreLeft { vm: String, id: String, job: String, map: PathBuf },
 }
 
 impl Error {

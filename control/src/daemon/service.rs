@@ -460,7 +460,7 @@ pub fn code(e: &DaemonError) -> Code {
         DaemonError::NotRunning { .. } => Code::FailedPrecondition,
         DaemonError::LiveMap { .. } => Code::FailedPrecondition,
         DaemonError::LiveEnded { .. } => Code::Aborted,
-        DaemonError::LiveRestoring { .. } => Code::FailedPrecondition,
+        DaemonError::LiveRestoring { .. } | DaemonError::LiveRestoreLeft { .. } => Code::FailedPrecondition,
     }
 }
 

@@ -637,7 +637,7 @@ async fn a_job_left_after_the_map_was_removed_ends_ok_and_one_whose_map_vanished
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_stops_feeding_and_leaves_the_target_and_its_map() {
+async fn cancel_stops_feeding_and_leaves_the_target_its_map_and_the_backup_they_need() {
     let rig = Rig::new();
     let d = rig.daemon();
     let (first, mut progress) = rig.start(&d).await;
@@ -660,7 +660,13 @@ async fn cancel_stops_feeding_and_leaves_the_target_and_its_map() {
     assert!(matches!(last, Some(Err(Error::LiveEnded { .. }))), "{last:?}");
     let e = d.cancel_job(&id).await.unwrap_err();
     assert!(matches!(e, Error::NotRunning { .. }), "{e}");
-    // Ended: its backup can go.
+    // Ended, but the target still needs the chunks not in: the backup stays until the target
+    // and its map are given up.
+    let e = d.delete_backup(VM.into(), "b1".into()).await.unwrap_err();
+    assert!(matches!(e, Error::LiveRestoreLeft { .. }), "{e}");
+    assert!(e.to_string().contains(&rig.map().display().to_string()), "{e}");
+    std::fs::remove_file(rig.map()).unwrap();
+    std::fs::remove_file(rig.target()).unwrap();
     d.delete_backup(VM.into(), "b1".into()).await.unwrap();
 }
 
