@@ -216,6 +216,7 @@ impl Daemon {
         if let Err(e) = self.blocking(move |_, s| Ok(s.put_job(&j)?)).await {
             tracing::error!(job = %job.id, error = %chain(&e), "cannot record the live restore's end");
         }
+        self.metrics.live_restore_finished(&job.vm, result);
     }
 }
 

@@ -133,6 +133,9 @@ pub struct Metrics {
     delta_extents: Family<DiskLabels, Gauge>,
     merged_bytes: Family<DiskLabels, Gauge>,
     merge_remaining: Family<DiskLabels, Gauge>,
+    live_restores: Family<ResultLabels, Counter>,
+    restore_chunks: Family<DiskLabels, Gauge>,
+    restore_remaining: Family<DiskLabels, Gauge>,
     /// One scrape at a time: each clears and refills the backends' families.
     scrape: tokio::sync::Mutex<()>,
     /// Asks for a count of the repository now (after a prune).
@@ -166,6 +169,9 @@ impl Metrics {
             delta_extents: Family::default(),
             merged_bytes: Family::default(),
             merge_remaining: Family::default(),
+            live_restores: Family::default(),
+            restore_chunks: Family::default(),
+            restore_remaining: Family::default(),
             scrape: tokio::sync::Mutex::new(()),
             count_now: Notify::new(),
         };
@@ -241,6 +247,21 @@ impl Metrics {
             "Bytes the disk's running merge has still to copy (0: not merging)",
             m.merge_remaining.clone(),
         );
+        r.register(
+            "live_restores",
+            "Live restore jobs ended, by VM and result (ok, failed, cancelled)",
+            m.live_restores.clone(),
+        );
+        r.register(
+            "live_restore_chunks",
+            "Chunks of the backup the disk's live restore fills, as its backend reports (no series: not restoring)",
+            m.restore_chunks.clone(),
+        );
+        r.register(
+            "live_restore_remaining_chunks",
+            "Chunks the disk's live restore has still to fill",
+            m.restore_remaining.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -278,6 +299,12 @@ impl Metrics {
         if result == JobResult::Ok {
             self.last_success.get_or_create(&vm(vm_name)).set(ended_unix_us as f64 / 1e6);
         }
+    }
+
+    /// A live restore job ended.
+    pub fn live_restore_finished(&self, vm_name: &str, result: JobResult) {
+        let labels = ResultLabels { vm: vm_name.to_owned(), result: result.as_str().into() };
+        self.live_restores.get_or_create(&labels).inc();
     }
 
     /// The guest was frozen for `window`.
@@ -330,7 +357,14 @@ impl Metrics {
     /// The backends' gauges from their statuses (`None`: the backend did not answer); the
     /// series of VMs and disks no longer there are dropped.
     fn set_backends(&self, statuses: &[(String, Option<VmStatus>)]) {
-        for f in [&self.delta_bytes, &self.delta_extents, &self.merged_bytes, &self.merge_remaining] {
+        for f in [
+            &self.delta_bytes,
+            &self.delta_extents,
+            &self.merged_bytes,
+            &self.merge_remaining,
+            &self.restore_chunks,
+            &self.restore_remaining,
+        ] {
             f.clear();
         }
         self.backend_up.clear();
@@ -347,6 +381,10 @@ impl Metrics {
                 self.delta_extents.get_or_create(&l).set(gauge(d.delta_extents));
                 self.merged_bytes.get_or_create(&l).set(if merging { gauge(d.merged_bytes) } else { 0 });
                 self.merge_remaining.get_or_create(&l).set(if merging { gauge(d.delta_bytes) } else { 0 });
+                if let Some(r) = d.restore.as_ref().filter(|r| !r.complete) {
+                    self.restore_chunks.get_or_create(&l).set(gauge(r.chunks_total));
+                    self.restore_remaining.get_or_create(&l).set(gauge(r.chunks_total.saturating_sub(r.chunks_done)));
+                }
             }
         }
     }

@@ -13,7 +13,9 @@ use tokio::net::TcpStream;
 use super::http::{serve_with, Limits};
 use super::*;
 use crate::daemon::config::{AgentEndpoint, Config};
-use crate::daemon::ports::{Agent, AgentError, Backend, BackendError, ChangeMap, DiskState, MergeProgress, Snapshot};
+use crate::daemon::ports::{
+    Agent, AgentError, Backend, BackendError, ChangeMap, DiskState, MergeProgress, RestoreState, Snapshot,
+};
 
 /// The samples of an exposition: `name{labels}` → value. Fails on a line that is not a
 /// comment or a sample, so a malformed exposition fails the test.
@@ -53,7 +55,12 @@ fn jobs_count_by_vm_kind_and_result_and_only_a_success_moves_the_last_success() 
     m.job_finished("a", BackupMode::Auto, JobResult::Cancelled, Duration::from_secs(1), 1_700_000_200_000_000);
     m.job_finished("b", BackupMode::Auto, JobResult::Failed, Duration::from_secs(1), 1_700_000_300_000_000);
     m.freeze("a", Duration::from_millis(40));
+    m.live_restore_finished("a", JobResult::Ok);
+    m.live_restore_finished("a", JobResult::Cancelled);
+    m.live_restore_finished("a", JobResult::Ok);
     let s = parse(&m.encode());
+    assert_eq!(sample(&s, r#"livesnap_live_restores_total{vm="a",result="ok"}"#), 2.0);
+    assert_eq!(sample(&s, r#"livesnap_live_restores_total{vm="a",result="cancelled"}"#), 1.0);
     assert_eq!(sample(&s, r#"livesnap_jobs_total{vm="a",kind="full",result="ok"}"#), 1.0);
     assert_eq!(sample(&s, r#"livesnap_jobs_total{vm="a",kind="auto",result="failed"}"#), 1.0);
     assert_eq!(sample(&s, r#"livesnap_jobs_total{vm="a",kind="auto",result="cancelled"}"#), 1.0);
@@ -109,9 +116,23 @@ fn backends_set_their_gauges_and_a_vm_or_disk_gone_loses_its_series() {
         merged_bytes,
         restore: None,
     };
+    let restoring = |done, complete| DiskState {
+        restore: Some(RestoreState {
+            vm: "old".into(),
+            backup_id: "b1".into(),
+            disk: "vda".into(),
+            chunk_size: 4 << 20,
+            chunks_total: 256,
+            chunks_done: done,
+            complete,
+            map_path: "/t.restore".into(),
+            fed: true,
+        }),
+        ..disk("vdc", Phase::Direct, 0, 0)
+    };
     let merging = VmStatus {
         snapshot: Some(Snapshot { id: 4, disks: vec!["vda".into(), "vdb".into()], pause_us: 1 }),
-        disks: vec![disk("vda", Phase::Merging, 1000, 24), disk("vdb", Phase::Active, 500, 0)],
+        disks: vec![disk("vda", Phase::Merging, 1000, 24), disk("vdb", Phase::Active, 500, 0), restoring(56, false)],
     };
     let m = Metrics::new();
     m.set_backends(&[("a".into(), Some(merging)), ("b".into(), None)]);
@@ -124,13 +145,17 @@ fn backends_set_their_gauges_and_a_vm_or_disk_gone_loses_its_series() {
     assert_eq!(sample(&s, r#"livesnap_merge_merged_bytes{vm="a",disk="vda"}"#), 24.0);
     assert_eq!(sample(&s, r#"livesnap_merge_remaining_bytes{vm="a",disk="vda"}"#), 1000.0);
     assert_eq!(sample(&s, r#"livesnap_merge_remaining_bytes{vm="a",disk="vdb"}"#), 0.0, "vdb is not merging");
+    assert_eq!(sample(&s, r#"livesnap_live_restore_chunks{vm="a",disk="vdc"}"#), 256.0);
+    assert_eq!(sample(&s, r#"livesnap_live_restore_remaining_chunks{vm="a",disk="vdc"}"#), 200.0);
+    assert!(!s.keys().any(|k| k.contains("live_restore") && k.contains(r#"disk="vda""#)), "vda is not restoring");
 
-    let direct = VmStatus { snapshot: None, disks: vec![disk("vda", Phase::Direct, 0, 0)] };
+    let direct = VmStatus { snapshot: None, disks: vec![disk("vda", Phase::Direct, 0, 0), restoring(256, true)] };
     m.set_backends(&[("a".into(), Some(direct))]);
     let s = parse(&m.encode());
     assert_eq!(sample(&s, r#"livesnap_snapshot_active{vm="a"}"#), 0.0);
     assert_eq!(sample(&s, r#"livesnap_delta_bytes{vm="a",disk="vda"}"#), 0.0);
     assert!(!s.keys().any(|k| k.contains(r#"disk="vdb""#) || k.contains(r#"vm="b""#)), "{s:?}");
+    assert!(!s.keys().any(|k| k.contains("live_restore_")), "a complete restore has no series: {s:?}");
 }
 
 #[test]
