@@ -128,14 +128,17 @@ impl Delta {
     /// A guest change while the snapshot is active: into the delta, then into the map.
     pub fn write_active(&self, change: Change<'_>, offset: u64, len: u64) -> Result<(), WriteError> {
         let end = offset + len;
-        if let Some(limit) = self.limit {
+        let waiting = {
             let inner = self.lock();
-            let new: u64 = inner.map.split(offset, end).iter().filter(|p| !p.2).map(|p| p.1 - p.0).sum();
-            if inner.map.total() + new > limit {
-                return Err(WriteError::Overflow(format!("the delta reached its limit of {limit} bytes")));
+            if let Some(limit) = self.limit {
+                let new: u64 = inner.map.split(offset, end).iter().filter(|p| !p.2).map(|p| p.1 - p.0).sum();
+                if inner.map.total() + new > limit {
+                    return Err(WriteError::Overflow(format!("the delta reached its limit of {limit} bytes")));
+                }
             }
-        }
-        if !self.journal_has_room() {
+            (inner.pending.len() + inner.committing) as u64
+        };
+        if !self.journal_has_room(waiting) {
             return Err(WriteError::Overflow(
                 "the delta's journal cannot grow: its filesystem is full (ENOSPC)".into(),
             ));
@@ -189,24 +192,22 @@ impl Delta {
         res
     }
 
-    /// Whether the journal's space allocated ahead holds every record not yet in it and one
-    /// more (with a margin for writes on other queues between this check and their record),
-    /// growing that space first when it runs low. When it cannot, the snapshot is abandoned
-    /// before a FLUSH could fail for want of journal space.
-    fn journal_has_room(&self) -> bool {
+    /// Whether the journal's space allocated ahead holds the `waiting` records not yet in it
+    /// and one more (with a margin for writes on other queues between this check and their
+    /// record), growing that space first when it runs low. When it cannot, the snapshot is
+    /// abandoned before a FLUSH could fail for want of journal space.
+    fn journal_has_room(&self, waiting: u64) -> bool {
         const MARGIN: u64 = 256;
-        let needed = {
-            let inner = self.lock();
-            (inner.pending.len() + inner.committing) as u64 + 1 + MARGIN
-        };
+        const LOW: u64 = 2048;
+        let needed = waiting + 1 + MARGIN;
         let room = self.journal_room.load(Ordering::Relaxed);
-        if room >= needed.saturating_mul(4) {
+        if room >= needed + LOW {
             return true;
         }
         // Low: top the space up, waiting for a commit in progress only when it is short.
         let journal = if room >= needed { self.journal.try_lock().ok() } else { Some(self.journal_lock()) };
         if let Some(mut journal) = journal {
-            let _ = journal.reserve_ahead();
+            let _ = journal.reserve_ahead(needed);
             self.journal_room.store(journal.room().unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         self.journal_room.load(Ordering::Relaxed) >= needed
@@ -228,7 +229,8 @@ impl Delta {
         let records = coalesce(&records);
         let res = sync_data().and_then(|()| journal.append(&records).map_err(disk::Error::Io));
         if res.is_ok() {
-            let _ = journal.reserve_ahead();
+            let waiting = self.lock().pending.len() as u64;
+            let _ = journal.reserve_ahead(waiting);
         }
         self.journal_room.store(journal.room().unwrap_or(u64::MAX), Ordering::Relaxed);
         let mut inner = self.lock();

@@ -1,6 +1,7 @@
-//! A state directory that fills up, on a real tmpfs: the snapshot is abandoned, no write and
-//! no FLUSH fails (the journal writes into space allocated ahead), and the merge completes,
-//! giving the delta's space back as it goes.
+//! The state directory's space: one that fills up (a real tmpfs) abandons the snapshot, fails
+//! no write and no FLUSH (the journal writes into space allocated ahead), and the merge
+//! completes, giving the delta's space back as it goes; the space allocated ahead grows with
+//! the records waiting, so that many writes without a FLUSH abandon nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -128,4 +129,35 @@ fn a_full_state_directory_abandons_the_snapshot_fails_no_flush_and_the_merge_giv
     }
     drop((disk, filler));
     drop(fs);
+}
+
+/// The journal's space allocated ahead grows with the records waiting for a commit: a guest that
+/// writes far more blocks than the reserve holds records, without a FLUSH, keeps its snapshot.
+#[test]
+fn many_writes_without_a_flush_keep_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("base.raw");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    const WRITES: u64 = 20_000;
+    file.set_len(WRITES * 2 * BLOCK).unwrap();
+    let base = Arc::new(RawDisk::new(file).unwrap());
+    let spec = DiskSpec { id: "vda".into(), base, base_path: path.clone() };
+    let store = Arc::new(FsDir::new(&dir.path().join("state")).unwrap());
+    let vm = Vm::open("vm", store, vec![spec], Options { background_merge: false, ..Options::default() }).unwrap();
+    let disk = vm.disk("vda").unwrap();
+    vm.begin(BeginOptions::default()).unwrap();
+    for i in 0..WRITES {
+        write(&*disk, i * 2 * BLOCK, (i % 251) as u8 + 1);
+    }
+    assert!(
+        matches!(vm.shared.disks[0].read_state().mode, Mode::Active(_)),
+        "{WRITES} writes without a FLUSH abandoned the snapshot: {:?}",
+        vm.status().disks[0].abandoned
+    );
+    disk.flush().unwrap();
+    while vm.merge_some(1000).unwrap() {}
+    for i in (0..WRITES).step_by(97) {
+        assert_eq!(read(&*disk, i * 2 * BLOCK), (i % 251) as u8 + 1);
+    }
+    vm.shutdown();
 }

@@ -16,8 +16,8 @@ const MAGIC: &[u8; 8] = b"LSNAPJNL";
 const VERSION: u32 = 1;
 pub const HEADER_LEN: u64 = 64;
 pub const RECORD_LEN: usize = 32;
-/// Journal space allocated ahead of the appends (8192 records), so that a commit still finds
-/// room once the delta's data has filled the filesystem.
+/// Journal space allocated ahead of the appends (8192 records) beyond the records already
+/// waiting, so that a commit still finds room once the delta's data has filled the filesystem.
 const RESERVE: u64 = 256 << 10;
 
 /// What a record says about a range of the virtual disk.
@@ -95,7 +95,7 @@ impl Journal {
         file.write_at(&h, 0)?;
         file.sync()?;
         let mut j = Journal { file, snapshot, next_seq: 0, reserved_to: Some(0) };
-        j.reserve_ahead()?;
+        j.reserve_ahead(0)?;
         Ok(j)
     }
 
@@ -108,7 +108,7 @@ impl Journal {
         }
         let mut j = Journal { file, snapshot, next_seq: seq, reserved_to: Some(0) };
         // A full filesystem must not keep the disk from opening: the merge frees space.
-        let _ = j.reserve_ahead();
+        let _ = j.reserve_ahead(0);
         Ok((j, map))
     }
 
@@ -189,12 +189,13 @@ impl Journal {
         self.reserved_to.map(|end| end.saturating_sub(self.bytes()) / RECORD_LEN as u64)
     }
 
-    /// Allocates [`RESERVE`] bytes past the last record, unless that much is there already.
-    /// A full filesystem is an error (the room left stays usable); one that cannot allocate
-    /// ahead is not.
-    pub fn reserve_ahead(&mut self) -> io::Result<()> {
+    /// Allocates room for `waiting` records and [`RESERVE`] bytes more past the last record,
+    /// unless that much is there already. A full filesystem is an error (the room left stays
+    /// usable); one that cannot allocate ahead is not.
+    pub fn reserve_ahead(&mut self, waiting: u64) -> io::Result<()> {
         let Some(end) = self.reserved_to else { return Ok(()) };
-        let (from, want) = (end.max(self.bytes()), self.bytes() + RESERVE);
+        let want = self.bytes().saturating_add(waiting.saturating_mul(RECORD_LEN as u64)).saturating_add(RESERVE);
+        let from = end.max(self.bytes());
         if end >= want {
             return Ok(());
         }
