@@ -71,6 +71,8 @@ pub struct Delta {
     journal: Mutex<Journal>,
     /// Records the journal's space allocated ahead still holds (`u64::MAX`: no such space).
     journal_room: AtomicU64,
+    /// Records not in the journal yet (pending, or being committed), read without the lock.
+    waiting: AtomicU64,
     merged: AtomicU64,
 }
 
@@ -96,6 +98,7 @@ impl Delta {
             inner: Mutex::new(Inner { map, ..Inner::default() }),
             cv: Condvar::new(),
             journal_room: AtomicU64::new(journal.room().unwrap_or(u64::MAX)),
+            waiting: AtomicU64::new(0),
             journal: Mutex::new(journal),
             merged: AtomicU64::new(0),
         }
@@ -128,17 +131,14 @@ impl Delta {
     /// A guest change while the snapshot is active: into the delta, then into the map.
     pub fn write_active(&self, change: Change<'_>, offset: u64, len: u64) -> Result<(), WriteError> {
         let end = offset + len;
-        let waiting = {
+        if let Some(limit) = self.limit {
             let inner = self.lock();
-            if let Some(limit) = self.limit {
-                let new: u64 = inner.map.split(offset, end).iter().filter(|p| !p.2).map(|p| p.1 - p.0).sum();
-                if inner.map.total() + new > limit {
-                    return Err(WriteError::Overflow(format!("the delta reached its limit of {limit} bytes")));
-                }
+            let new: u64 = inner.map.split(offset, end).iter().filter(|p| !p.2).map(|p| p.1 - p.0).sum();
+            if inner.map.total() + new > limit {
+                return Err(WriteError::Overflow(format!("the delta reached its limit of {limit} bytes")));
             }
-            (inner.pending.len() + inner.committing) as u64
-        };
-        if !self.journal_has_room(waiting) {
+        }
+        if !self.journal_has_room(self.waiting.load(Ordering::Relaxed)) {
             return Err(WriteError::Overflow(
                 "the delta's journal cannot grow: its filesystem is full (ENOSPC)".into(),
             ));
@@ -158,6 +158,7 @@ impl Delta {
         let mut inner = self.lock();
         inner.map.insert(offset, end);
         inner.pending.push(Record { op: Op::Add, start: offset, end });
+        self.note_waiting(&inner);
         Ok(())
     }
 
@@ -185,6 +186,7 @@ impl Delta {
                 for (s, e) in inner.map.remove(range.0, range.1) {
                     inner.pending.push(Record { op: Op::Remove, start: s, end: e });
                 }
+                self.note_waiting(&inner);
             }
             drop(inner);
             self.cv.notify_all();
@@ -211,6 +213,11 @@ impl Delta {
             self.journal_room.store(journal.room().unwrap_or(u64::MAX), Ordering::Relaxed);
         }
         self.journal_room.load(Ordering::Relaxed) >= needed
+    }
+
+    /// Keeps [`Delta::waiting`] up to date; called under the lock after `pending` changed.
+    fn note_waiting(&self, inner: &Inner) {
+        self.waiting.store((inner.pending.len() + inner.committing) as u64, Ordering::Relaxed);
     }
 
     fn journal_lock(&self) -> MutexGuard<'_, Journal> {
@@ -241,6 +248,7 @@ impl Delta {
             let later = std::mem::replace(&mut inner.pending, records);
             inner.pending.extend(later);
         }
+        self.note_waiting(&inner);
         res
     }
 
@@ -277,6 +285,7 @@ impl Delta {
         if res.is_ok() {
             inner.map.remove(start, end);
             inner.pending.push(Record { op: Op::Remove, start, end });
+            self.note_waiting(&inner);
             self.merged.fetch_add(end - start, Ordering::Relaxed);
         }
         drop(inner);
