@@ -1216,101 +1216,144 @@ fn read_disk(q: &mut BlkQueue, from: u64) -> Vec<u8> {
     out
 }
 
+/// A VM backed up whole (a zero chunk and some data), then livesnapd restarted to find the VM's
+/// control service at a new socket, that of the backend that will serve the live target.
+struct LiveRig {
+    rig: Rig,
+    backup: pb::Backup,
+    expected: Vec<u8>,
+    control2: PathBuf,
+    _livesnapd: Daemon,
+}
+
+impl LiveRig {
+    fn new() -> LiveRig {
+        let mut rig = Rig::new("", "");
+        // A whole chunk of zeros (the repository's 4 MiB chunks): answered without a read.
+        for i in 0..4 {
+            rig.write(8 * MIB + i * MIB, &vec![0u8; MIB as usize]);
+        }
+        rig.write(MIB + 4096, &stamp(8192, 3));
+        let d = rig.start();
+        let backup = snapshot(&rig, req(pb::BackupMode::Full, pb::QuiesceMode::Off), |_| {}).result.unwrap();
+        let expected = rig.model.clone();
+        d.stop(libc::SIGTERM, WAIT).unwrap();
+        let control2 = rig.dir.path().join("control2.sock");
+        let config = std::fs::read_to_string(&rig.config).unwrap();
+        std::fs::write(
+            &rig.config,
+            config.replace(&rig.control.display().to_string(), &control2.display().to_string()),
+        )
+        .unwrap();
+        let livesnapd = rig.start();
+        LiveRig { rig, backup, expected, control2, _livesnapd: livesnapd }
+    }
+
+    /// A live restore into `name` as `format`, served at once by a new livesnap-blk that the
+    /// test VMM reads whole (from the middle) while livesnapd feeds it: every byte must be the
+    /// backup's. Returns once livesnapd says complete, with the map gone and the target
+    /// `qemu-img compare`-identical to the backup; the VMM's queue stays connected.
+    fn restore_live(
+        &self,
+        c: &mut LivesnapdClient<Channel>,
+        name: &str,
+        format: pb::ImageFormat,
+    ) -> (Daemon, Frontend, BlkQueue) {
+        let rig = &self.rig;
+        let target = rig.dir.path().join(name);
+        let req = pb::RestoreRequest {
+            vm: VM.into(),
+            id: self.backup.id.clone(),
+            disk: "vda".into(),
+            target_path: target.display().to_string(),
+            format: format as i32,
+            live: true,
+        };
+        let mut stream = rig.block_on(c.restore_backup(req)).unwrap().into_inner();
+        let first = rig.block_on(stream.message()).unwrap().unwrap();
+        assert_eq!(first.state, pb::LiveRestoreState::Waiting as i32, "{first:?}");
+        assert_eq!(first.chunks_total, DISK / (4 * MIB));
+        assert_eq!(PathBuf::from(&first.target_path), target);
+        let map = PathBuf::from(&first.map_path);
+        assert!(map.exists(), "the map is created beside the target");
+        let fmt = if format == pb::ImageFormat::Qcow2 { "qcow2" } else { "raw" };
+        if fmt == "raw" {
+            assert_eq!(std::fs::metadata(&target).unwrap().len(), DISK);
+        }
+        // The new backend starts on the target; the guest reads all of it at once.
+        let vhost2 = rig.dir.path().join(format!("{name}.sock"));
+        let log = std::fs::File::create(rig.dir.path().join(format!("{name}.blk.log"))).unwrap();
+        let mut cmd = Command::new(programs::livesnap_blk().unwrap());
+        cmd.args(["--vm", VM, "--queues", "1", "--disk"])
+            .arg(format!("id=vda,image={},socket={},format={fmt}", target.display(), vhost2.display()))
+            .arg("--state-dir")
+            .arg(rig.dir.path().join(format!("{name}.state")))
+            .arg("--control")
+            .arg(&self.control2)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let blk = Daemon::spawn("livesnap-blk", cmd, &[&vhost2, &self.control2]).unwrap();
+        let started = Instant::now();
+        let mut f = Frontend::connect(&vhost2, &Options { queues: 1, timeout: WAIT, ..Options::default() }).unwrap();
+        let mut q = f.take_queues().into_iter().next().map(|v| BlkQueue::new(v, 8, MIB as u32).unwrap()).unwrap();
+        let read = read_disk(&mut q, DISK / 2);
+        let read_all = started.elapsed();
+        let first_bad = read.iter().zip(&self.expected).position(|(a, b)| a != b);
+        assert!(first_bad.is_none(), "{fmt}: the guest read differs from the backup at byte {first_bad:?}");
+        // livesnapd's progress until complete.
+        let last = rig.block_on(async {
+            let mut last = first;
+            while let Some(p) = stream.message().await.unwrap() {
+                last = p;
+            }
+            last
+        });
+        assert!(last.done, "{last:?}");
+        assert_eq!(last.state, pb::LiveRestoreState::Complete as i32);
+        assert_eq!(last.chunks_done, last.chunks_total);
+        let job = rig.block_on(c.get_job(pb::JobRef { id: last.job_id.clone() })).unwrap().into_inner();
+        assert_eq!((job.kind.as_str(), job.status), ("live-restore", pb::JobStatus::Ok as i32), "{job:?}");
+        assert!(!map.exists(), "the map is removed once complete");
+        let reference = rig.dir.path().join(format!("{name}.expected.raw"));
+        std::fs::write(&reference, &self.expected).unwrap();
+        qemu_img(&["compare", "-q", "-f", "raw", "-F", fmt, reference.to_str().unwrap(), target.to_str().unwrap()]);
+        if fmt == "qcow2" {
+            qemu_img(&["check", "-f", "qcow2", target.to_str().unwrap()]);
+        }
+        // The disk keeps working as a plain image.
+        assert_eq!(read_disk(&mut q, 0), self.expected);
+        eprintln!(
+            "live restore ({fmt}) of {} MiB: the guest read all of it in {read_all:?} from the backend's start, complete in {:?}",
+            DISK / MIB,
+            started.elapsed()
+        );
+        let st = {
+            let ch = rig
+                .rt
+                .block_on(livesnap_proto::unix_channel(
+                    Endpoint::from_static("http://blk.invalid"),
+                    self.control2.clone(),
+                ))
+                .unwrap();
+            let mut b = SnapshotControlClient::new(ch);
+            rig.rt.block_on(b.status(spb::StatusRequest {})).unwrap().into_inner()
+        };
+        let r = st.disks[0].restore.as_ref();
+        assert!(r.is_none_or(|r| r.complete), "{r:?}");
+        (blk, f, q)
+    }
+}
+
 #[test]
 fn a_live_restore_fed_by_livesnapd_serves_the_backup_at_once_and_ends_a_plain_identical_image() {
-    let mut rig = Rig::new("", "");
-    // A whole chunk of zeros (the repository's 4 MiB chunks): answered without a read.
-    for i in 0..4 {
-        rig.write(8 * MIB + i * MIB, &vec![0u8; MIB as usize]);
-    }
-    rig.write(MIB + 4096, &stamp(8192, 3));
-    let d = rig.start();
-    let backup = snapshot(&rig, req(pb::BackupMode::Full, pb::QuiesceMode::Off), |_| {}).result.unwrap();
-    let expected = rig.model.clone();
-    // The VM moves to a new backend (its own control socket) whose disk is the live target:
-    // livesnapd restarted with the VM's new control socket.
-    d.stop(libc::SIGTERM, WAIT).unwrap();
-    let control2 = rig.dir.path().join("control2.sock");
-    let config = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(&rig.config, config.replace(&rig.control.display().to_string(), &control2.display().to_string()))
-        .unwrap();
-    let _d = rig.start();
+    let live = LiveRig::new();
+    let (rig, backup, expected) = (&live.rig, &live.backup, &live.expected);
     let mut c = rig.client();
-    let target = rig.dir.path().join("live.raw");
-    let req = pb::RestoreRequest {
-        vm: VM.into(),
-        id: backup.id.clone(),
-        disk: "vda".into(),
-        target_path: target.display().to_string(),
-        format: pb::ImageFormat::Raw as i32,
-        live: true,
-    };
-    let mut stream = rig.block_on(c.restore_backup(req)).unwrap().into_inner();
-    let first = rig.block_on(stream.message()).unwrap().unwrap();
-    assert_eq!(first.state, pb::LiveRestoreState::Waiting as i32, "{first:?}");
-    assert_eq!(first.chunks_total, DISK / (4 * MIB));
-    assert_eq!(PathBuf::from(&first.target_path), target);
-    let map = PathBuf::from(&first.map_path);
-    assert!(map.exists(), "the map is created beside the target");
-    assert_eq!(std::fs::metadata(&target).unwrap().len(), DISK);
-    // The new backend starts on the target; the guest reads all of it at once, from the middle.
-    let vhost2 = rig.dir.path().join("vda2.sock");
-    let log = std::fs::File::create(rig.dir.path().join("livesnap-blk2.log")).unwrap();
-    let mut cmd = Command::new(programs::livesnap_blk().unwrap());
-    cmd.args(["--vm", VM, "--queues", "1", "--disk"])
-        .arg(format!("id=vda,image={},socket={},format=raw", target.display(), vhost2.display()))
-        .arg("--state-dir")
-        .arg(rig.dir.path().join("blk2-state"))
-        .arg("--control")
-        .arg(&control2)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    let _blk2 = Daemon::spawn("livesnap-blk", cmd, &[&vhost2, &control2]).unwrap();
-    let started = Instant::now();
-    let mut f = Frontend::connect(&vhost2, &Options { queues: 1, timeout: WAIT, ..Options::default() }).unwrap();
-    let mut q = f.take_queues().into_iter().next().map(|v| BlkQueue::new(v, 8, MIB as u32).unwrap()).unwrap();
-    let read = read_disk(&mut q, DISK / 2);
-    let read_all = started.elapsed();
-    let first_bad = read.iter().zip(&expected).position(|(a, b)| a != b);
-    assert!(first_bad.is_none(), "the guest read differs from the backup at byte {first_bad:?}");
-    // livesnapd's progress until complete.
-    let last = rig.block_on(async {
-        let mut last = first;
-        while let Some(p) = stream.message().await.unwrap() {
-            last = p;
-        }
-        last
-    });
-    let complete = started.elapsed();
-    assert!(last.done, "{last:?}");
-    assert_eq!(last.state, pb::LiveRestoreState::Complete as i32);
-    assert_eq!(last.chunks_done, last.chunks_total);
-    let job = rig.block_on(c.get_job(pb::JobRef { id: last.job_id.clone() })).unwrap().into_inner();
-    assert_eq!((job.kind.as_str(), job.status), ("live-restore", pb::JobStatus::Ok as i32), "{job:?}");
-    assert!(!map.exists(), "the map is removed once complete");
-    let reference = rig.dir.path().join("expected.raw");
-    std::fs::write(&reference, &expected).unwrap();
-    qemu_img(&["compare", "-q", "-f", "raw", "-F", "raw", reference.to_str().unwrap(), target.to_str().unwrap()]);
-    // The disk keeps working as a plain image.
-    assert_eq!(read_disk(&mut q, 0), expected);
+    let _served = live.restore_live(&mut c, "live.raw", pb::ImageFormat::Raw);
     // Side by side, not asserted: a plain restore of the same backup.
     let plain = Instant::now();
-    assert_eq!(rig.restore(&mut c, &backup.id, "plain.raw"), expected);
-    eprintln!(
-        "live restore of {} MiB: the guest read all of it in {read_all:?} from the backend's start, complete in {complete:?}; a plain restore took {:?}",
-        DISK / MIB,
-        plain.elapsed()
-    );
-    let st = {
-        let ch = rig
-            .rt
-            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://blk.invalid"), control2.clone()))
-            .unwrap();
-        let mut b = SnapshotControlClient::new(ch);
-        rig.rt.block_on(b.status(spb::StatusRequest {})).unwrap().into_inner()
-    };
-    let r = st.disks[0].restore.as_ref();
-    assert!(r.is_none_or(|r| r.complete), "{r:?}");
+    assert_eq!(&rig.restore(&mut c, &backup.id, "plain.raw"), expected);
+    eprintln!("a plain restore took {:?}", plain.elapsed());
 
     // snapctl: a second live restore, whose backend never starts. It says what to do and
     // follows; Ctrl-C leaves the job running; `job cancel` stops it, target and map left.
@@ -1340,10 +1383,17 @@ fn a_live_restore_fed_by_livesnapd_serves_the_backup_at_once_and_ends_a_plain_id
     let jobs = rig.block_on(c.list_jobs(pb::ListJobsRequest { vm: VM.into(), last: 1 })).unwrap().into_inner().jobs;
     let job = &jobs[0];
     assert_eq!((job.kind.as_str(), job.status), ("live-restore", pb::JobStatus::Running as i32), "{job:?}");
-    let (code, _) = snapctl(&rig, &["job", "cancel", &job.id]);
+    let (code, _) = snapctl(rig, &["job", "cancel", &job.id]);
     assert_eq!(code, 0);
     let job = rig.block_on(c.get_job(pb::JobRef { id: job.id.clone() })).unwrap().into_inner();
     assert_eq!(job.status, pb::JobStatus::Cancelled as i32, "{job:?}");
     let second = rig.dir.path().join("second.raw");
     assert!(second.exists() && second.with_extension("raw.restore").exists(), "target and map left in place");
+}
+
+#[test]
+fn a_live_restore_into_a_qcow2_target_serves_the_backup_at_once_and_ends_a_clean_identical_image() {
+    let live = LiveRig::new();
+    let mut c = live.rig.client();
+    let _served = live.restore_live(&mut c, "live.qcow2", pb::ImageFormat::Qcow2);
 }
