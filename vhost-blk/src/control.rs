@@ -33,6 +33,14 @@ const MERGE_REPORT_EVERY: Duration = Duration::from_millis(200);
 const FEED_IDLE_COMMIT: Duration = Duration::from_millis(100);
 /// The largest message the service decodes: a 64 MiB chunk (the map's limit) and its framing.
 const MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
+/// Answers of one feed taken at once (each holds its chunk in memory): a fill, or the commit a
+/// fill runs, never holds up the next answer, an urgent one above all.
+const FEED_FILLS: usize = 4;
+/// HTTP/2 flow control of the control socket: a feed's 4 MiB chunks flow without waiting for
+/// window updates (h2's default stream window is 64 KiB, hyper's 1 MiB), in large frames.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+const MAX_FRAME: u32 = 1 << 20;
 
 /// The disks under live restore, by id.
 pub type Restores = Arc<HashMap<String, Arc<RestoreDisk>>>;
@@ -167,6 +175,9 @@ impl Bound {
                     let _ = rx.wait_for(|stop| *stop).await;
                 };
                 let server = tonic::transport::Server::builder()
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_frame_size(MAX_FRAME)
                     .add_service(service)
                     .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping(rx.clone()));
                 // A graceful stop waits for every client to hang up; one that never does
@@ -421,11 +432,8 @@ impl PbService for Service {
         let (gen, mut wants) = disk.attach();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
-            let blocking = |f: Box<dyn FnOnce() -> Result<(), AnswerError> + Send>| async move {
-                tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-                    Err(AnswerError::Commit(crate::disk::Error::Io(std::io::Error::other(e.to_string()))))
-                })
-            };
+            // Answers being taken, each on a blocking thread (the fill, and a commit when due).
+            let mut fills: tokio::task::JoinSet<Result<(), AnswerError>> = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
                     want = wants.recv() => {
@@ -442,12 +450,27 @@ impl PbService for Service {
                             break;
                         }
                     }
-                    data = tokio::time::timeout(FEED_IDLE_COMMIT, inbound.message()) => {
+                    Some(done) = fills.join_next(), if !fills.is_empty() => {
+                        let result = done.unwrap_or_else(|e| {
+                            Err(AnswerError::Commit(crate::disk::Error::Io(std::io::Error::other(e.to_string()))))
+                        });
+                        match result {
+                            Ok(()) => {}
+                            Err(e @ (AnswerError::Fill { .. } | AnswerError::Commit(_))) => {
+                                error!(disk = %name, error = %livesnap_proto::error::chain(&e), "live restore cannot write its image");
+                                let _ = tx.send(Err(livesnap_proto::error::status(Code::Internal, &e))).await;
+                                break;
+                            }
+                            Err(e) => warn_refused(&name, &e),
+                        }
+                    }
+                    data = tokio::time::timeout(FEED_IDLE_COMMIT, inbound.message()), if fills.len() < FEED_FILLS => {
                         let d = match data {
                             Err(_idle) => {
                                 let disk = disk.clone();
-                                let r = blocking(Box::new(move || disk.tick().map_err(AnswerError::Commit))).await;
-                                if let Err(e) = r {
+                                let r = tokio::task::spawn_blocking(move || disk.tick()).await;
+                                let r = r.unwrap_or_else(|e| Err(crate::disk::Error::Io(std::io::Error::other(e.to_string()))));
+                                if let Err(e) = r.map_err(AnswerError::Commit) {
                                     let _ = tx.send(Err(Status::internal(livesnap_proto::error::chain(&e)))).await;
                                     break;
                                 }
@@ -472,18 +495,12 @@ impl PbService for Service {
                             Answer::Data(d.data)
                         };
                         let (disk2, chunk) = (disk.clone(), d.chunk);
-                        match blocking(Box::new(move || disk2.answer(gen, chunk, answer))).await {
-                            Ok(()) => {}
-                            Err(e @ (AnswerError::Fill { .. } | AnswerError::Commit(_))) => {
-                                error!(disk = %name, error = %livesnap_proto::error::chain(&e), "live restore cannot write its image");
-                                let _ = tx.send(Err(livesnap_proto::error::status(Code::Internal, &e))).await;
-                                break;
-                            }
-                            Err(e) => warn_refused(&name, &e),
-                        }
+                        fills.spawn_blocking(move || disk2.answer(gen, chunk, answer));
                     }
                 }
             }
+            // The fills under way finish before the feed lets go of the disk.
+            while fills.join_next().await.is_some() {}
             disk.detach(gen);
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -822,7 +839,8 @@ mod tests {
             assert_eq!(code(rig.feed("vdb").await), tonic::Code::FailedPrecondition);
             let (tx, mut wants) = rig.feed("vda").await.unwrap();
             let first = wants.message().await.unwrap().unwrap();
-            assert_eq!((first.chunks.clone(), first.urgent), ((0..8).collect::<Vec<_>>(), false));
+            let window = Options::default().window as u64;
+            assert_eq!((first.chunks.clone(), first.urgent), ((0..window).collect::<Vec<_>>(), false));
 
             let reader = rig.read(20);
             let w = want_of(&mut wants, 20).await;

@@ -11,7 +11,7 @@
 //!   random-access reader (chunks checked and decrypted there), zero chunks of the manifest
 //!   answered `zero` without a read. Urgent wants go before every queued background want and
 //!   have fetch slots of their own ([`URGENT_FETCHES`]), so a guest request never waits behind
-//!   the background copy; a read that fails is answered `error` (the backend fails the guest's
+//!   the background copy, which keeps to [`FETCHES_BESIDE_GUEST`] reads while the guest fetches; a read that fails is answered `error` (the backend fails the guest's
 //!   request and asks again later). The stream breaking (backend killed or restarted) goes back
 //!   to waiting after a short backoff.
 //! - **complete** (`RestoreWant{complete}`, or a complete map): the map read back complete is
@@ -50,6 +50,11 @@ pub const WAIT_POLL: Duration = Duration::from_millis(50);
 pub const FETCHES: usize = 4;
 /// Further reads for urgent wants only: a guest request never waits for a background slot.
 pub const URGENT_FETCHES: usize = 4;
+/// Background reads while the guest is fetching (an urgent read queued or under way, or one
+/// ended less than [`GUEST_ACTIVE`] ago): a checked chunk read is CPU-bound, and the guest and
+/// its urgent reads need the CPU more than the copy does.
+pub const FETCHES_BESIDE_GUEST: usize = 1;
+const GUEST_ACTIVE: Duration = Duration::from_secs(1);
 /// The longest wait before a broken feed is opened again.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -531,6 +536,8 @@ impl LiveJob {
         // read pushes it on by its length at that rate; urgent reads are never held.
         let pace = self.d.config.restore_bytes_per_sec;
         let mut next_background = tokio::time::Instant::now();
+        // When the guest last fetched (an urgent want came, or an urgent read ended).
+        let mut guest_fetched: Option<tokio::time::Instant> = None;
         let broken = |fed, error| Session::Broken { fed, error };
         let closed = || BackendError::Ended { call: super::ports::Call::RestoreFeed };
         loop {
@@ -538,11 +545,12 @@ impl LiveJob {
             loop {
                 let urgent_reads = reading.values().filter(|u| **u).count();
                 let background_reads = reading.len() - urgent_reads;
+                let background_slots = background_slots(urgent_reads, urgent.len(), guest_fetched);
                 let (c, slot) =
                     if !urgent.is_empty() && urgent_reads < URGENT_FETCHES + FETCHES.saturating_sub(background_reads) {
                         (urgent.pop_front(), true)
                     } else if urgent.is_empty()
-                        && background_reads < FETCHES
+                        && background_reads < background_slots
                         && (pace.is_none() || tokio::time::Instant::now() >= next_background)
                     {
                         (background.pop_front(), false)
@@ -570,10 +578,11 @@ impl LiveJob {
                 });
             }
             // The background copy held back by its pace: wake when it may go on.
+            let urgent_reads = reading.values().filter(|u| **u).count();
             let held = pace.is_some()
                 && urgent.is_empty()
                 && !background.is_empty()
-                && reading.values().filter(|u| !**u).count() < FETCHES;
+                && reading.len() - urgent_reads < background_slots(urgent_reads, urgent.len(), guest_fetched);
             tokio::select! {
                 biased;
                 _ = self.stop.stopped() => {
@@ -600,6 +609,7 @@ impl LiveJob {
                                         continue;
                                     }
                                     if w.urgent {
+                                        guest_fetched = Some(tokio::time::Instant::now());
                                         if let Some(p) = background.iter().position(|&b| b == c) {
                                             background.remove(p);
                                             urgent.push_back(c);
@@ -628,6 +638,9 @@ impl LiveJob {
                     };
                     let was_urgent = reading.remove(&c).unwrap_or(true);
                     busy.remove(&c);
+                    if was_urgent {
+                        guest_fetched = Some(tokio::time::Instant::now());
+                    }
                     if let (Some(rate), false, AnswerBody::Data(d)) = (pace, was_urgent, &body) {
                         let due = Duration::from_secs_f64(d.len() as f64 / rate as f64);
                         next_background = next_background.max(tokio::time::Instant::now()) + due;
@@ -660,6 +673,16 @@ impl LiveJob {
                 }
             }
         }
+    }
+}
+
+/// Background reads allowed now: [`FETCHES`], or [`FETCHES_BESIDE_GUEST`] while the guest is
+/// fetching (urgent reads under way or queued, or one ended less than [`GUEST_ACTIVE`] ago).
+fn background_slots(urgent_reads: usize, urgent_queued: usize, guest_fetched: Option<tokio::time::Instant>) -> usize {
+    if urgent_reads > 0 || urgent_queued > 0 || guest_fetched.is_some_and(|t| t.elapsed() < GUEST_ACTIVE) {
+        FETCHES_BESIDE_GUEST
+    } else {
+        FETCHES
     }
 }
 

@@ -32,15 +32,24 @@ pub struct Options {
     pub wait: Duration,
     /// Background wants kept outstanding.
     pub window: usize,
-    /// Background fills covered by one sync.
-    pub batch: usize,
+    /// A fill commits once the chunks filled since the last commit hold this many bytes...
+    pub commit_bytes: u64,
+    /// ...or the oldest of them was filled this long ago (the feed's idle tick, a FLUSH and the
+    /// last chunk commit as well).
+    pub commit_age: Duration,
     /// How long the background leaves a chunk the feed could not provide before asking again.
     pub retry: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { wait: Duration::from_secs(10), window: 8, batch: 8, retry: Duration::from_secs(2) }
+        Options {
+            wait: Duration::from_secs(10),
+            window: 16,
+            commit_bytes: 256 << 20,
+            commit_age: Duration::from_secs(1),
+            retry: Duration::from_secs(2),
+        }
     }
 }
 
@@ -125,6 +134,9 @@ struct State {
     /// Visible bits not yet durable in the map.
     pending_chunks: Vec<u64>,
     pending_blocks: Vec<u64>,
+    /// The bytes of `pending_chunks`, and when the first of them was filled.
+    pending_bytes: u64,
+    pending_since: Option<Instant>,
     feed: Option<Feed>,
     next_gen: u64,
     /// Chunks asked of the current feed and not answered: true when urgent.
@@ -199,6 +211,8 @@ impl RestoreDisk {
             written: map.blocks.clone(),
             pending_chunks: Vec::new(),
             pending_blocks: Vec::new(),
+            pending_bytes: 0,
+            pending_since: None,
             feed: None,
             next_gen: 1,
             wanted: HashMap::new(),
@@ -373,7 +387,12 @@ impl RestoreDisk {
     }
 
     /// Takes one answer of feed `gen`. Checks it, fills the chunk (or fails its waiters), and
-    /// commits when a batch of fills is pending.
+    /// commits when the fills pending hold [`Options::commit_bytes`] or the oldest is
+    /// [`Options::commit_age`] old (unless a commit is under way: it took the older fills, the
+    /// next answer or tick commits the rest), or when every chunk is visible.
+    ///
+    /// Answers of one feed may be taken on several threads at once: a fill excludes only the
+    /// guest writes into its own chunk, and a commit never holds the fills back.
     pub fn answer(&self, gen: u64, chunk: u64, mut answer: Answer) -> Result<(), AnswerError> {
         let chunks = self.chunks();
         {
@@ -405,13 +424,21 @@ impl RestoreDisk {
             return Ok(());
         }
         self.fill(chunk, &mut answer).map_err(|source| AnswerError::Fill { chunk, source })?;
-        let pending = {
+        let due = {
             let mut st = lock(&self.state);
             self.top_up(&mut st);
-            st.pending_chunks.len()
+            st.pending_bytes >= self.opts.commit_bytes
+                || st.pending_since.is_some_and(|t| t.elapsed() >= self.opts.commit_age)
         };
-        if pending >= self.opts.batch || self.all_visible() {
+        if self.all_visible() {
             self.commit().map_err(AnswerError::Commit)?;
+        } else if due {
+            let committed = match self.map.try_lock() {
+                Ok(map) => self.commit_locked(map),
+                Err(std::sync::TryLockError::Poisoned(p)) => self.commit_locked(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => Ok(()),
+            };
+            committed.map_err(AnswerError::Commit)?;
         }
         Ok(())
     }
@@ -468,6 +495,8 @@ impl RestoreDisk {
         st.restored.set(c);
         self.mark_fast(c);
         st.pending_chunks.push(c);
+        st.pending_bytes += end - start;
+        st.pending_since.get_or_insert_with(Instant::now);
         st.wanted.remove(&c);
         self.counters.filled_chunks.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_all();
@@ -477,10 +506,20 @@ impl RestoreDisk {
     /// Makes the visible bits durable: takes them, syncs the image, writes and syncs the map.
     /// When every chunk is durable, records the restore complete.
     pub fn commit(&self) -> disk::Result<()> {
-        let mut map = lock(&self.map);
-        let (chunks, blocks) = {
+        self.commit_locked(lock(&self.map))
+    }
+
+    /// [`Self::commit`], the map's lock taken. The bits are taken before the image's sync: a
+    /// chunk filled while it runs is left to the next commit.
+    fn commit_locked(&self, mut map: MutexGuard<'_, Map>) -> disk::Result<()> {
+        let (chunks, blocks, bytes, since) = {
             let mut st = lock(&self.state);
-            (std::mem::take(&mut st.pending_chunks), std::mem::take(&mut st.pending_blocks))
+            (
+                std::mem::take(&mut st.pending_chunks),
+                std::mem::take(&mut st.pending_blocks),
+                std::mem::take(&mut st.pending_bytes),
+                st.pending_since.take(),
+            )
         };
         let result = (|| {
             self.image.flush()?;
@@ -509,6 +548,11 @@ impl RestoreDisk {
                 let mut st = lock(&self.state);
                 st.pending_chunks.extend(chunks);
                 st.pending_blocks.extend(blocks);
+                st.pending_bytes += bytes;
+                st.pending_since = match (st.pending_since, since) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 Err(e)
             }
         }
@@ -549,42 +593,71 @@ impl RestoreDisk {
         if self.restored_fast(offset, len) {
             return Ok(());
         }
-        let mut needed = Vec::new();
-        {
+        let needed = {
             let mut st = lock(&self.state);
             let mut urgent = Vec::new();
-            for c in self.chunks_of(offset, len) {
-                let (cs, ce) = self.chunk_range(c);
-                let (s, e) = (offset.max(cs), (offset + len).min(ce));
-                let need = if partial_blocks_only {
-                    // A write needs the chunk only where it covers part of a block.
-                    !st.restored.get(c) && (!self.block_edge(s) || !self.block_edge(e))
-                } else {
-                    self.needs(&st, c, s, e)
-                };
-                if !need {
-                    continue;
-                }
-                *st.waiting.entry(c).or_insert(0) += 1;
-                let errors = st.errors.get(&c).copied().unwrap_or(0);
-                needed.push((c, errors));
-                if st.wanted.get(&c) != Some(&true) && st.feed.is_some() {
-                    st.wanted.insert(c, true);
-                    urgent.push(c);
-                }
+            let needed = self.want(&mut st, offset, len, partial_blocks_only, &mut urgent);
+            Self::want_urgently(&mut st, urgent);
+            needed
+        };
+        self.wait_for(&needed, Instant::now())
+    }
+
+    /// Registers a request for `[offset, offset + len)` as waiting for the chunks it needs, and
+    /// adds those not yet wanted urgently of the feed to `urgent`. Returns the chunks to wait
+    /// for, each with its error count (see [`Self::wait_for`]).
+    fn want(
+        &self,
+        st: &mut State,
+        offset: u64,
+        len: u64,
+        partial_blocks_only: bool,
+        urgent: &mut Vec<u64>,
+    ) -> Vec<(u64, u64)> {
+        let mut needed = Vec::new();
+        for c in self.chunks_of(offset, len) {
+            let (cs, ce) = self.chunk_range(c);
+            let (s, e) = (offset.max(cs), (offset + len).min(ce));
+            let need = if partial_blocks_only {
+                // A write needs the chunk only where it covers part of a block.
+                !st.restored.get(c) && (!self.block_edge(s) || !self.block_edge(e))
+            } else {
+                self.needs(st, c, s, e)
+            };
+            if !need {
+                continue;
             }
-            if !urgent.is_empty() {
-                Self::send(&mut st, FeedMsg::Want { chunks: urgent, urgent: true });
+            *st.waiting.entry(c).or_insert(0) += 1;
+            let errors = st.errors.get(&c).copied().unwrap_or(0);
+            needed.push((c, errors));
+            if st.wanted.get(&c) != Some(&true) && st.feed.is_some() {
+                st.wanted.insert(c, true);
+                urgent.push(c);
             }
         }
+        needed
+    }
+
+    /// Sends one urgent want for `chunks`, if any.
+    fn want_urgently(st: &mut State, mut chunks: Vec<u64>) {
+        if !chunks.is_empty() {
+            chunks.sort_unstable();
+            chunks.dedup();
+            Self::send(st, FeedMsg::Want { chunks, urgent: true });
+        }
+    }
+
+    /// Waits until every chunk of `needed` (registered by [`Self::want`]) is visible, at most
+    /// [`Options::wait`] from `started`; fails at once for a chunk whose error count changed
+    /// (the feed answered it with an error). Unregisters the request.
+    fn wait_for(&self, needed: &[(u64, u64)], started: Instant) -> disk::Result<()> {
         if needed.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
         let deadline = started + self.opts.wait;
         let mut result = Ok(());
         let mut st = lock(&self.state);
-        for &(c, errors) in &needed {
+        for &(c, errors) in needed {
             if result.is_err() {
                 break;
             }
@@ -607,7 +680,7 @@ impl RestoreDisk {
                 st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
             }
         }
-        for &(c, _) in &needed {
+        for &(c, _) in needed {
             if let Some(n) = st.waiting.get_mut(&c) {
                 *n -= 1;
                 if *n == 0 {
@@ -682,18 +755,39 @@ impl DiskFile for RestoreDisk {
         self.image.read_vectored_at(bufs, offset)
     }
 
+    /// Every chunk the batch's reads need is wanted in one urgent want before any read waits,
+    /// so that the feed fetches them together.
     fn read_batch(&self, reads: &[(u64, &[Buf<'_>])]) -> Vec<disk::Result<()>> {
         if self.is_complete() {
             return self.image.read_batch(reads);
         }
+        let started = Instant::now();
         let mut results: Vec<Option<disk::Result<()>>> = reads.iter().map(|_| None).collect();
-        let mut ready = Vec::new();
-        let mut ready_idx = Vec::new();
+        let mut needed: Vec<Option<Vec<(u64, u64)>>> = reads.iter().map(|_| None).collect();
+        let mut to_want = Vec::new();
         for (i, (offset, bufs)) in reads.iter().enumerate() {
             let len = total_len(bufs);
-            match check_range(self.size, *offset, len).and_then(|()| self.ensure(*offset, len, false)) {
+            match check_range(self.size, *offset, len) {
+                Ok(()) if self.restored_fast(*offset, len) => needed[i] = Some(Vec::new()),
+                Ok(()) => to_want.push((i, *offset, len)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !to_want.is_empty() {
+            let mut st = lock(&self.state);
+            let mut urgent = Vec::new();
+            for (i, offset, len) in to_want {
+                needed[i] = Some(self.want(&mut st, offset, len, false, &mut urgent));
+            }
+            Self::want_urgently(&mut st, urgent);
+        }
+        let mut ready = Vec::new();
+        let mut ready_idx = Vec::new();
+        for (i, n) in needed.iter().enumerate() {
+            let Some(n) = n else { continue };
+            match self.wait_for(n, started) {
                 Ok(()) => {
-                    ready.push((*offset, *bufs));
+                    ready.push(reads[i]);
                     ready_idx.push(i);
                 }
                 Err(e) => results[i] = Some(Err(e)),

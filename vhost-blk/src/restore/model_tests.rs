@@ -91,10 +91,21 @@ struct Rig {
     fuse: Arc<Fuse>,
     image: Arc<MemFile>,
     map: Arc<MemFile>,
+    /// When fills commit: [`Options::commit_bytes`] and [`Options::commit_age`].
+    commit: (u64, Duration),
 }
+
+/// Fills commit every two chunks (by bytes).
+const COMMIT_BY_BYTES: (u64, Duration) = (2 * CHUNK, Duration::MAX);
+/// Every fill commits (its age is at least zero).
+const COMMIT_BY_AGE: (u64, Duration) = (u64::MAX, Duration::ZERO);
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with_commit(COMMIT_BY_BYTES)
+    }
+
+    fn with_commit(commit: (u64, Duration)) -> Rig {
         let fuse = Arc::new(Fuse::default());
         fuse.arm(i64::MAX);
         let image = MemDir::new_file(fuse.clone(), SIZE);
@@ -104,7 +115,7 @@ impl Rig {
         MetaFile::set_len(&*map, h.file_len()).unwrap();
         MetaFile::write_at(&*map, &h.encode().unwrap(), 0).unwrap();
         MetaFile::sync(&*map).unwrap();
-        Rig { fuse, image, map }
+        Rig { fuse, image, map, commit }
     }
 
     fn open(&self) -> Option<(RestoreDisk, Feeder)> {
@@ -114,7 +125,8 @@ impl Rig {
         }
         // No waiting: a request that needs a chunk fails at once, the test answers its want
         // and repeats it, so that everything runs on one thread in a reproducible order.
-        let opts = Options { wait: Duration::ZERO, window: 3, batch: 2, retry: Duration::ZERO };
+        let (commit_bytes, commit_age) = self.commit;
+        let opts = Options { wait: Duration::ZERO, window: 3, commit_bytes, commit_age, retry: Duration::ZERO };
         let disk = RestoreDisk::new(self.image.clone(), map, PathBuf::from("/mem/vda.restore"), opts).unwrap();
         let (gen, rx) = disk.attach();
         let feeder = Feeder { gen, rx, wanted: BTreeSet::new(), urgent: BTreeSet::new(), complete: false };
@@ -291,7 +303,8 @@ fn image_bytes(rig: &Rig) -> Vec<u8> {
 /// model. Returns whether the fuse blew.
 fn run(seed: u64, budget: i64, ops: usize) -> bool {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let rig = Rig::new();
+    // Odd seeds commit each fill at once (the age rule), even ones every two chunks (bytes).
+    let rig = Rig::with_commit(if seed % 2 == 1 { COMMIT_BY_AGE } else { COMMIT_BY_BYTES });
     let mut m = Model::new(&mut rng);
     let (disk, mut feeder) = rig.open().unwrap();
     rig.fuse.arm(budget);
@@ -404,4 +417,114 @@ fn a_flushed_guest_block_survives_a_crash_before_its_chunk_arrives() {
     let mut want = m.backup[3 * CHUNK as usize..4 * CHUNK as usize].to_vec();
     want[4096..12288].fill(5);
     assert!(got == want, "the flushed guest blocks were lost or overwritten by the backup");
+}
+
+/// The image, with a hook run once inside its next sync (after the sync point): what a fill on
+/// another thread does while a commit syncs.
+struct HookedImage {
+    inner: Arc<MemFile>,
+    #[allow(clippy::type_complexity)]
+    in_sync: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for HookedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookedImage").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl DiskFile for HookedImage {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn format(&self) -> crate::disk::Format {
+        self.inner.format()
+    }
+    fn read_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> crate::disk::Result<()> {
+        self.inner.read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[Buf<'_>], offset: u64) -> crate::disk::Result<()> {
+        self.inner.write_vectored_at(bufs, offset)
+    }
+    fn flush(&self) -> crate::disk::Result<()> {
+        DiskFile::flush(&*self.inner)?;
+        let hook = self.in_sync.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::disk::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> crate::disk::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+#[test]
+fn a_chunk_filled_while_a_commit_syncs_the_image_is_not_marked_by_that_commit() {
+    let rig = Rig::new();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let m = Model::new(&mut rng);
+    let image = Arc::new(HookedImage { inner: rig.image.clone(), in_sync: std::sync::Mutex::new(None) });
+    let opts = Options {
+        wait: Duration::ZERO,
+        window: 3,
+        commit_bytes: u64::MAX,
+        commit_age: Duration::MAX,
+        ..Options::default()
+    };
+    let map = Map::open(rig.map.clone()).unwrap();
+    let disk = Arc::new(RestoreDisk::new(image.clone(), map, PathBuf::from("/mem/vda.restore"), opts).unwrap());
+    let (gen, mut rx) = disk.attach();
+    while rx.try_recv().is_ok() {}
+    // Chunks 0, 1 and 2 are wanted by the background (window 3). Chunk 0 is filled, then a
+    // commit starts; while it syncs the image, chunk 2 is filled (its bytes not synced).
+    disk.answer(gen, 0, m.answer(0)).unwrap();
+    let (d, answer) = (disk.clone(), m.answer(2));
+    *image.in_sync.lock().unwrap() = Some(Box::new(move || d.answer(gen, 2, answer).unwrap()));
+    disk.commit().unwrap();
+    assert!(image.in_sync.lock().unwrap().is_none(), "the hook did not run");
+    // A crash loses what was not synced: chunk 2's bytes. Its bit must not be durable.
+    drop(disk);
+    crash_file(&rig.image, &mut |_| None);
+    crash_file(&rig.map, &mut |_| None);
+    let map = Map::open(rig.map.clone()).unwrap();
+    assert!(map.chunks.get(0), "chunk 0 was committed");
+    assert!(!map.chunks.get(2), "chunk 2 is marked restored, its bytes were not synced before the mark");
+    let (disk, mut feeder) = rig.open().unwrap();
+    let s = 2 * CHUNK as usize;
+    let got = with_feed(&disk, &mut feeder, &m, || read(&disk, s as u64, CHUNK as usize)).unwrap();
+    assert!(got == m.backup[s..s + CHUNK as usize], "chunk 2 reads other than the backup after the restart");
+}
+
+#[test]
+fn the_reads_of_one_batch_want_their_chunks_in_one_urgent_want() {
+    let rig = Rig::new();
+    let mut rng = fastrand::Rng::with_seed(13);
+    let m = Model::new(&mut rng);
+    let (disk, mut feeder) = rig.open().unwrap();
+    feeder.poll();
+    let (mut a, mut b, mut c) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096]);
+    let (ba, bb, bc) = ([Buf::from(&mut a[..])], [Buf::from(&mut b[..])], [Buf::from(&mut c[..])]);
+    // Chunks 30 and 20 are missing (no waiting here: the reads fail), chunk 30 read twice.
+    let reads: Vec<(u64, &[Buf<'_>])> = vec![(30 * CHUNK, &ba), (20 * CHUNK + 4096, &bb), (30 * CHUNK + 8192, &bc)];
+    assert!(disk.read_batch(&reads).iter().all(Result::is_err));
+    let mut urgent = Vec::new();
+    while let Ok(msg) = feeder.rx.try_recv() {
+        if let FeedMsg::Want { chunks, urgent: true } = msg {
+            urgent.push(chunks);
+        }
+    }
+    assert_eq!(urgent, vec![vec![20, 30]], "one urgent want, before any read waits");
+    feeder.wanted.extend([20, 30]);
+    feeder.urgent.extend([20, 30]);
+    feeder.answer_urgent(&disk, &m).unwrap();
+    let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let (ba, bb) = ([Buf::from(&mut a[..])], [Buf::from(&mut b[..])]);
+    let reads: Vec<(u64, &[Buf<'_>])> = vec![(30 * CHUNK, &ba), (20 * CHUNK + 4096, &bb)];
+    assert!(disk.read_batch(&reads).iter().all(Result::is_ok));
+    let s = 20 * CHUNK as usize + 4096;
+    assert!(b == m.backup[s..s + 4096] && a == m.backup[30 * CHUNK as usize..30 * CHUNK as usize + 4096]);
 }

@@ -724,6 +724,34 @@ async fn an_existing_target_or_an_unknown_backup_creates_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_guest_fetches_the_background_copy_keeps_to_one_read() {
+    let rig = Rig::new();
+    let d = rig.daemon();
+    let (_, _progress) = rig.start(&d).await;
+    let held = Held::new(&rig.reads);
+    rig.serve();
+    let mut f = rig.feed().await;
+    // A guest read waits for chunk 10 (its read held), then the background wants four chunks.
+    want(&f, [10], true).await;
+    assert_eq!(reads_started(&rig.reads, 1).await, [10]);
+    want(&f, [0, 1, 4, 5], false).await;
+    // Another guest read: by the time its read starts, the feeder has taken the background
+    // want and started every background read it allows.
+    want(&f, [11], true).await;
+    let started = reads_started(&rig.reads, 3).await;
+    assert!(started.contains(&11), "{started:?}");
+    let background: Vec<u64> = started.iter().copied().filter(|c| ![10, 11].contains(c)).collect();
+    assert_eq!(background.len(), super::FETCHES_BESIDE_GUEST, "background reads beside the guest's: {started:?}");
+    drop(held);
+    let mut got = HashSet::new();
+    while got.len() < 6 {
+        got.insert(answer(&mut f).await.chunk);
+    }
+    assert_eq!(got, HashSet::from([0, 1, 4, 5, 10, 11]));
+    shut(d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_bytes_per_sec_holds_the_background_copy_but_never_a_guest_read() {
     // One byte a second: after the first reads, the next background read is due in hours.
     let rig = Rig::with_defaults("restore_bytes_per_sec = 1");
