@@ -671,6 +671,84 @@ fn a_failing_source_fails_the_disk_with_its_offset() {
 }
 
 #[test]
+fn a_store_that_fails_to_put_a_chunk_fails_the_disk_with_its_error_and_commits_nothing() {
+    let (dir, repo) = new_repo(K64);
+    // Every chunk's directory is gone: each put fails (ENOTDIR).
+    let chunks = dir.path().join("repo/chunks");
+    fs::remove_dir_all(&chunks).unwrap();
+    fs::write(&chunks, b"").unwrap();
+    let data = mixed(40 * K64 as usize, 3);
+    let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+    let e = w.full("vda", &data).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    assert!(matches!(w.commit(), Err(Error::EmptyBackup { .. })));
+    assert_eq!(repo.list(Some("vm")).unwrap().len(), 0);
+}
+
+#[test]
+fn a_chunk_decoded_into_a_buffer_that_held_a_longer_one_is_exactly_its_bytes() {
+    let long = mixed(K64 as usize, 5);
+    // Short ones, compressed (zstd) and stored as they are (noise).
+    let text: Vec<u8> = b"a short last chunk, compressible ".iter().copied().cycle().take(1000).collect();
+    let mut noise = vec![0u8; 1000];
+    fastrand::Rng::with_seed(9).fill(&mut noise);
+    let mut encoder = chunk::Encoder::new(3).unwrap();
+    let mut decoder = chunk::Decoder::new(K64 as usize).unwrap();
+    let mut out = Vec::new();
+    for short in [&text, &noise] {
+        for data in [&long, short] {
+            let file = encoder.encode(data, None, &ChunkHash::of(data)).unwrap().to_vec();
+            chunk::decode(&file, K64 as usize, data.len(), &mut out, decoder.decompressor()).unwrap();
+            assert!(out == *data);
+        }
+    }
+}
+
+/// A target that records the calls it gets, writing into a file.
+#[derive(Debug)]
+struct Recording {
+    file: fs::File,
+    calls: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl Target for Recording {
+    fn set_size(&self, size: u64) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push("set_size");
+        self.file.set_len(size)
+    }
+    fn write_data(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push("write_data");
+        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
+    }
+    fn finish(&self) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push("finish");
+        self.file.sync_all()
+    }
+    fn start_writeback(&self) {
+        self.calls.lock().unwrap().push("start_writeback");
+    }
+}
+
+#[test]
+fn restore_starts_writeback_while_it_writes_and_finishes_after_every_write() {
+    let (dir, repo) = new_repo(K64);
+    // 20 chunks, none with a zero block.
+    let data: Vec<u8> = (0..20 * K64 as usize).map(|i| (i % 251) as u8 | 1).collect();
+    full_backup(&repo, "vm", "b1", "vda", &data);
+    let path = dir.path().join("restored.raw");
+    let target = Recording { file: fs::File::create(&path).unwrap(), calls: Default::default() };
+    let m = repo.manifest("vm", "b1", "vda").unwrap();
+    let stats = repo.restore(&m, &target).unwrap();
+    assert_eq!(stats.bytes_written, data.len() as u64);
+    assert!(fs::read(&path).unwrap() == data);
+    let calls = target.calls.into_inner().unwrap();
+    assert_eq!(calls.first(), Some(&"set_size"));
+    assert_eq!(calls.last(), Some(&"finish"));
+    assert_eq!(calls.iter().filter(|c| **c == "finish").count(), 1);
+    assert!(calls.contains(&"start_writeback"), "{calls:?}");
+}
+
+#[test]
 fn progress_reaches_the_total() {
     let (_dir, repo) = new_repo(K64);
     let data = mixed(5 * K64 as usize + 3, 17);
