@@ -1129,44 +1129,46 @@ fn measure_backup_and_restore_against_their_limits() {
     let cs = DEFAULT_CHUNK_SIZE as usize;
     let level = CreateOptions::default().compression_level;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    // MiB/s and the process's CPU seconds of one phase, begun on a settled file system.
+    let phase = |f: &mut dyn FnMut()| {
+        settle(dir.path());
+        let (t, cpu) = (Instant::now(), cpu_seconds());
+        f();
+        (mib_per_s(size as u64, t), cpu_seconds() - cpu)
+    };
     let (mut backup, mut limit, mut restore, mut copy) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
         // The limit: read (page cache), SHA-256 and zstd of every chunk, all cores.
-        settle(dir.path());
-        let t = Instant::now();
-        pool.install(|| {
-            (0..size / cs).into_par_iter().for_each_init(
-                || (vec![0u8; cs], zstd::bulk::Compressor::new(level).unwrap(), Vec::with_capacity(cs + cs / 8)),
-                |(buf, z, out), i| {
-                    src.read_at(buf, (i * cs) as u64).unwrap();
-                    if !chunk::is_zero(buf) {
-                        std::hint::black_box(ChunkHash::of(buf));
-                        out.resize(zstd::zstd_safe::compress_bound(cs), 0);
-                        let n = z.compress_to_buffer(buf, out).unwrap();
-                        std::hint::black_box(n);
-                    }
-                },
-            )
-        });
-        limit.push(mib_per_s(size as u64, t));
+        limit.push(phase(&mut || {
+            pool.install(|| {
+                (0..size / cs).into_par_iter().for_each_init(
+                    || (vec![0u8; cs], zstd::bulk::Compressor::new(level).unwrap(), Vec::with_capacity(cs + cs / 8)),
+                    |(buf, z, out), i| {
+                        src.read_at(buf, (i * cs) as u64).unwrap();
+                        if !chunk::is_zero(buf) {
+                            std::hint::black_box(ChunkHash::of(buf));
+                            out.resize(zstd::zstd_safe::compress_bound(cs), 0);
+                            let n = z.compress_to_buffer(buf, out).unwrap();
+                            std::hint::black_box(n);
+                        }
+                    },
+                )
+            })
+        }));
         let root = dir.path().join(format!("repo{round}"));
         let mut repo = Repository::create(&root, CreateOptions::default()).unwrap();
         repo.set_threads(threads).unwrap();
-        settle(dir.path());
-        let t = Instant::now();
-        full_backup(&repo, "vm", "b1", "vda", &src);
-        backup.push(mib_per_s(size as u64, t));
+        backup.push(phase(&mut || {
+            full_backup(&repo, "vm", "b1", "vda", &src);
+        }));
 
         let to = dir.path().join(format!("r{round}.raw"));
-        settle(dir.path());
-        let t = Instant::now();
-        restore_raw(&repo, "vm", "b1", "vda", &to).unwrap();
-        restore.push(mib_per_s(size as u64, t));
+        restore.push(phase(&mut || {
+            restore_raw(&repo, "vm", "b1", "vda", &to).unwrap();
+        }));
         fs::remove_file(&to).unwrap();
         let to = dir.path().join(format!("c{round}.raw"));
-        settle(dir.path());
-        let t = Instant::now();
-        {
+        copy.push(phase(&mut || {
             let out = fs::File::create(&to).unwrap();
             out.set_len(size as u64).unwrap();
             let mut buf = vec![0u8; cs];
@@ -1179,15 +1181,19 @@ fn measure_backup_and_restore_against_their_limits() {
                 }
             }
             out.sync_all().unwrap();
-        }
-        copy.push(mib_per_s(size as u64, t));
+        }));
         fs::remove_file(&to).unwrap();
         fs::remove_dir_all(&root).unwrap();
     }
-    let (b, l, r, c) = (median(backup), median(limit), median(restore), median(copy));
+    let medians = |v: Vec<(f64, f64)>| {
+        let (rates, cpus): (Vec<f64>, Vec<f64>) = v.into_iter().unzip();
+        (median(rates), median(cpus))
+    };
+    let ((b, bc), (l, lc), (r, rc), (c, cc)) = (medians(backup), medians(limit), medians(restore), medians(copy));
     eprintln!(
         "{threads} threads, 512 MiB, medians of 3 rounds, MiB/s: full backup {b:.0} against sha256+zstd-{level} {l:.0} \
-         ({:.2}×); restore {r:.0} against a sparse copy {c:.0} ({:.2}×)",
+         ({:.2}×); restore {r:.0} against a sparse copy {c:.0} ({:.2}×); CPU seconds: backup {bc:.2}, limit {lc:.2}, \
+         restore {rc:.2}, copy {cc:.2}",
         b / l,
         r / c
     );
@@ -1202,6 +1208,18 @@ fn settle(dir: &Path) {
     // SAFETY: a system call on a descriptor we own for its duration; no memory is passed.
     let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
     assert_eq!(rc, 0, "syncfs: {}", std::io::Error::last_os_error());
+}
+
+/// User and system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes one rusage into the pointer it is given, which points at one.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    // SAFETY: getrusage succeeded: it filled `usage`.
+    let usage = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
