@@ -763,6 +763,29 @@ fn progress_reaches_the_total() {
     assert!(seen.iter().any(|(d, done, total)| d == "vda" && *done == *total && *total == data.len() as u64));
 }
 
+#[test]
+fn progress_counts_a_chunk_only_once_it_is_stored() {
+    let (dir, repo) = new_repo(K64);
+    // 8 distinct chunks, none zero.
+    let data: Vec<u8> = (0..8 * K64 as usize).map(|i| (i % 251) as u8 | 1).collect();
+    let chunks = dir.path().join("repo/chunks");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut w = repo.begin_backup(spec("vm", "b1")).unwrap();
+    let s = seen.clone();
+    w.set_progress(Box::new(move |_, _, _| {
+        // Counted under the lock: the k-th call to take it counts after k puts.
+        let mut seen = s.lock().unwrap();
+        seen.push(walk(&chunks).iter().filter(|p| !p.contains(".tmp-")).count());
+    }));
+    w.full("vda", &data).unwrap();
+    w.commit().unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 8);
+    for (k, stored) in seen.iter().enumerate() {
+        assert!(*stored > k, "progress call {} saw {stored} chunks stored: {seen:?}", k + 1);
+    }
+}
+
 fn mib_per_s(bytes: u64, since: Instant) -> f64 {
     bytes as f64 / (1 << 20) as f64 / since.elapsed().as_secs_f64()
 }

@@ -320,12 +320,15 @@ impl BackupWriter<'_> {
                 Some(w.encoder.encode(buf, key, &hash)?.to_vec())
             };
             // A hole skipped counts as done.
-            let covered = if built.patched { built.bytes_read } else { len as u64 };
+            built.covered = if built.patched { built.bytes_read } else { len as u64 };
+            Ok((built, file))
+        };
+        // Called once a chunk is done: stored (from the storing thread that put it), or zeros.
+        let chunk_done = |covered: u64| {
             let d = done.fetch_add(covered, Ordering::Relaxed) + covered;
             if let Some(p) = progress {
                 p(disk, d, total);
             }
-            Ok((built, file))
         };
         let threads = repo.threads;
         let (send, recv) = mpsc::sync_channel::<Put>(threads);
@@ -333,7 +336,8 @@ impl BackupWriter<'_> {
         // Set by a storing thread that failed: the workers stop.
         let failed = AtomicBool::new(false);
         let (results, stored, store_error) = std::thread::scope(|s| {
-            let storers: Vec<_> = (0..threads).map(|_| s.spawn(|| store_chunks(store, &recv, &failed))).collect();
+            let storers: Vec<_> =
+                (0..threads).map(|_| s.spawn(|| store_chunks(store, &recv, &failed, &chunk_done))).collect();
             let results: Result<Vec<Option<Built>>> = repo.pool.install(|| {
                 jobs.par_iter()
                     .enumerate()
@@ -352,10 +356,13 @@ impl BackupWriter<'_> {
                                 }),
                             };
                             let (built, file) = build(w, job)?;
-                            if let (Some(hash), Some(file)) = (built.hash, file) {
-                                if send.send(Put { pos, hash, file }).is_err() {
-                                    return Ok(None);
+                            match (built.hash, file) {
+                                (Some(hash), Some(file)) => {
+                                    if send.send(Put { pos, hash, file, covered: built.covered }).is_err() {
+                                        return Ok(None);
+                                    }
                                 }
+                                _ => chunk_done(built.covered),
                             }
                             Ok(Some(built))
                         },
@@ -459,13 +466,20 @@ struct Put {
     pos: usize,
     hash: ChunkHash,
     file: Vec<u8>,
+    /// Source bytes it stands for, for the progress.
+    covered: u64,
 }
 
 /// A storing thread of [`BackupWriter::write_disk`]: puts the chunk files it receives until the
-/// queue is closed, and returns the positions of the jobs whose chunks it stored as new, with
-/// the bytes they take. After a failure it sets `failed` (the workers stop) and only empties the
+/// queue is closed, calling `chunk_done` after each put, and returns the positions of the jobs
+/// whose chunks it stored as new, with the bytes they take. After a failure it sets `failed` (the workers stop) and only empties the
 /// queue, so no worker waits on it, then returns the failure.
-fn store_chunks(store: &dyn Store, recv: &Mutex<Receiver<Put>>, failed: &AtomicBool) -> Result<Vec<(usize, u64)>> {
+fn store_chunks(
+    store: &dyn Store,
+    recv: &Mutex<Receiver<Put>>,
+    failed: &AtomicBool,
+    chunk_done: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<(usize, u64)>> {
     let (mut stored, mut error) = (Vec::new(), None);
     loop {
         // Poisoned only by a panic in `recv`, which leaves the receiver as it was.
@@ -480,8 +494,10 @@ fn store_chunks(store: &dyn Store, recv: &Mutex<Receiver<Put>>, failed: &AtomicB
             Err(e) => {
                 failed.store(true, Ordering::Relaxed);
                 error = Some(e);
+                continue;
             }
         }
+        chunk_done(put.covered);
     }
     match error {
         Some(e) => Err(e.into()),
@@ -504,6 +520,8 @@ struct Built {
     hash: Option<ChunkHash>,
     /// From the source.
     bytes_read: u64,
+    /// Source bytes it stands for (a hole skipped counts), for the progress.
+    covered: u64,
     patched: bool,
     zero: bool,
     /// The bytes of its chunk file when it was new to the store.
