@@ -236,8 +236,10 @@ pub fn fetch(
             0..f.len()
         }
     };
-    decode(&decoder.file[range], decoder.chunk_size, expected_len, out, &mut decoder.decompressor)
-        .map_err(Failure::Corrupt)?;
+    decode(&decoder.file[range], decoder.chunk_size, expected_len, out, &mut decoder.decompressor).map_err(|e| {
+        out.clear();
+        Failure::Corrupt(e)
+    })?;
     let actual = name_of(key, out);
     if actual != *hash {
         out.clear();
@@ -246,7 +248,8 @@ pub fn fetch(
     Ok(())
 }
 
-/// Parses a chunk file image.
+/// Parses a chunk file image into `out`, which holds exactly the chunk's bytes on success and
+/// anything on failure.
 pub(crate) fn decode(
     buf: &[u8],
     chunk_size: usize,
@@ -282,7 +285,6 @@ pub(crate) fn decode(
             actual: data_len as u64,
         });
     }
-    out.clear();
     match encoding {
         ENCODING_STORED => {
             if payload_len != data_len {
@@ -292,10 +294,13 @@ pub(crate) fn decode(
                     actual: payload_len as u64,
                 });
             }
+            out.clear();
             out.extend_from_slice(payload);
         }
         ENCODING_ZSTD => {
-            // The output slice is exactly `data_len` long: zstd fails rather than write more.
+            // The output slice is exactly `data_len` long (`resize` also shortens): zstd fails
+            // rather than write more, and writes all of it or fails the length check below, so
+            // what the buffer held before (reused from chunk to chunk) needs no zeroing.
             out.resize(data_len, 0);
             let n = decompressor.decompress_to_buffer(payload, &mut out[..]).map_err(Corruption::Decompress)?;
             if n != data_len {

@@ -46,6 +46,10 @@ pub enum Error {
     BackupNotFound { vm: String, id: String },
     #[error("Backup {vm}/{id} has no disk {disk}")]
     DiskNotFound { vm: String, id: String, disk: String },
+    /// A chunk of the disk was built but not handed to the store (its storing threads
+    /// stopped); never returned in place of the store's own error.
+    #[error("The chunks of disk {disk} were not all stored")]
+    ChunksNotStored { disk: String },
     #[error("Disk {0} was written twice in one backup")]
     DuplicateDisk(String),
     #[error("Backup {vm}/{id} has no disk: nothing to commit")]

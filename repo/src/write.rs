@@ -1,9 +1,16 @@
 //! Writing a backup: chunks first, then each disk's manifest, then one commit that makes the
 //! backup visible.
+//!
+//! The pool's threads read, hash and compress chunks; as many storing threads put the chunk
+//! files they hand over through a short queue into the store, so a worker never waits for a
+//! chunk to become durable (a local store's `fsync`, an object store's PUT) while there are
+//! chunks to compress. Every put is done, and the chunks flushed, before the disk's manifest is
+//! staged.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rayon::prelude::*;
 
@@ -12,7 +19,7 @@ use crate::crypto::DataKey;
 use crate::hash::ChunkHash;
 use crate::manifest::{chunk_len, Consistency, DiskStats, FreezeWindow, Kind, Manifest, ManifestMeta};
 use crate::read::BackupInfo;
-use crate::store::{PendingBackup, StoreLock};
+use crate::store::{PendingBackup, Store, StoreLock};
 use crate::{now_unix_us, validate_name, Error, Repository, Result, Source};
 
 /// What a new backup is.
@@ -248,95 +255,147 @@ impl BackupWriter<'_> {
         let level = repo.config.compression_level;
         let store = &*repo.store;
         let key = self.key.as_deref();
-        let results: Vec<(Option<ChunkHash>, Built)> = repo.pool.install(|| {
-            jobs.par_iter()
-                .map_init(
-                    || None::<Worker>,
-                    |state, job| -> Result<(Option<ChunkHash>, Built)> {
-                        let w = match state {
-                            Some(w) => w,
-                            None => {
-                                state.insert(Worker { encoder: Encoder::new(level)?, decoder: None, buf: Vec::new() })
+        // Reads, hashes and compresses one chunk: what it did, and its chunk file unless it is
+        // zeros.
+        let build = |w: &mut Worker, job: &Job| -> Result<(Built, Option<Vec<u8>>)> {
+            let buf = &mut w.buf;
+            let i = job.index;
+            let len = chunk_len(size, cs, i);
+            let off = i as u64 * cs;
+            let read = |buf: &mut [u8], at: u64| {
+                source.read_at(buf, at).map_err(|e| Error::SourceRead { disk: disk.to_owned(), offset: at, source: e })
+            };
+            let mut built = Built::default();
+            let base = match &job.patch {
+                None => None,
+                Some(Patch { base: None, ranges }) => {
+                    buf.clear();
+                    buf.resize(len, 0);
+                    Some(ranges)
+                }
+                Some(Patch { base: Some(h), ranges }) => {
+                    let decoder = match &mut w.decoder {
+                        Some(d) => d,
+                        None => w.decoder.insert(Decoder::new(cs as usize)?),
+                    };
+                    match chunk::fetch(store, h, len, buf, decoder, key) {
+                        Ok(()) => Some(ranges),
+                        Err(f) => {
+                            tracing::warn!(disk, chunk = %h, failure = ?f,
+                                "cannot read the parent's chunk to patch: reading all of it");
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(ranges) = base {
+                for &(s, e) in ranges {
+                    read(&mut buf[s..e], off + s as u64)?;
+                }
+                built.bytes_read = ranges.iter().map(|(s, e)| (e - s) as u64).sum();
+                built.patched = true;
+            } else {
+                let hole = source.reads_as_zero(off, len as u64).map_err(|e| Error::SourceRead {
+                    disk: disk.to_owned(),
+                    offset: off,
+                    source: e,
+                })?;
+                if hole {
+                    buf.clear();
+                    buf.resize(len, 0);
+                } else {
+                    // The read fills all of it: what the buffer held needs no zeroing (`resize`
+                    // also shortens).
+                    buf.resize(len, 0);
+                    read(buf, off)?;
+                    built.bytes_read = len as u64;
+                }
+            }
+            let file = if chunk::is_zero(buf) {
+                built.zero = true;
+                None
+            } else {
+                let hash = chunk::name_of(key, buf);
+                built.hash = Some(hash);
+                Some(w.encoder.encode(buf, key, &hash)?.to_vec())
+            };
+            // A hole skipped counts as done.
+            built.covered = if built.patched { built.bytes_read } else { len as u64 };
+            Ok((built, file))
+        };
+        // Called once a chunk is done: stored (from the storing thread that put it), or zeros.
+        let chunk_done = |covered: u64| {
+            let d = done.fetch_add(covered, Ordering::Relaxed) + covered;
+            if let Some(p) = progress {
+                p(disk, d, total);
+            }
+        };
+        let threads = repo.threads;
+        let (send, recv) = mpsc::sync_channel::<Put>(threads);
+        let recv = Mutex::new(recv);
+        // Set by a storing thread that failed: the workers stop.
+        let failed = AtomicBool::new(false);
+        let (results, stored, store_error) = std::thread::scope(|s| {
+            let storers: Vec<_> =
+                (0..threads).map(|_| s.spawn(|| store_chunks(store, &recv, &failed, &chunk_done))).collect();
+            let results: Result<Vec<Option<Built>>> = repo.pool.install(|| {
+                jobs.par_iter()
+                    .enumerate()
+                    .map_init(
+                        || None::<Worker>,
+                        |state, (pos, job)| {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok(None);
                             }
-                        };
-                        let buf = &mut w.buf;
-                        let i = job.index;
-                        let len = chunk_len(size, cs, i);
-                        let off = i as u64 * cs;
-                        let read = |buf: &mut [u8], at: u64| {
-                            source.read_at(buf, at).map_err(|e| Error::SourceRead {
-                                disk: disk.to_owned(),
-                                offset: at,
-                                source: e,
-                            })
-                        };
-                        let mut built = Built::default();
-                        let base = match &job.patch {
-                            None => None,
-                            Some(Patch { base: None, ranges }) => {
-                                buf.clear();
-                                buf.resize(len, 0);
-                                Some(ranges)
-                            }
-                            Some(Patch { base: Some(h), ranges }) => {
-                                let decoder = match &mut w.decoder {
-                                    Some(d) => d,
-                                    None => w.decoder.insert(Decoder::new(cs as usize)?),
-                                };
-                                match chunk::fetch(store, h, len, buf, decoder, key) {
-                                    Ok(()) => Some(ranges),
-                                    Err(f) => {
-                                        tracing::warn!(disk, chunk = %h, failure = ?f,
-                                            "cannot read the parent's chunk to patch: reading all of it");
-                                        None
+                            let w = match state {
+                                Some(w) => w,
+                                None => state.insert(Worker {
+                                    encoder: Encoder::new(level)?,
+                                    decoder: None,
+                                    buf: Vec::new(),
+                                }),
+                            };
+                            let (built, file) = build(w, job)?;
+                            match (built.hash, file) {
+                                (Some(hash), Some(file)) => {
+                                    if send.send(Put { pos, hash, file, covered: built.covered }).is_err() {
+                                        return Ok(None);
                                     }
                                 }
+                                _ => chunk_done(built.covered),
                             }
-                        };
-                        if let Some(ranges) = base {
-                            for &(s, e) in ranges {
-                                read(&mut buf[s..e], off + s as u64)?;
-                            }
-                            built.bytes_read = ranges.iter().map(|(s, e)| (e - s) as u64).sum();
-                            built.patched = true;
-                        } else {
-                            buf.clear();
-                            buf.resize(len, 0);
-                            let hole = source.reads_as_zero(off, len as u64).map_err(|e| Error::SourceRead {
-                                disk: disk.to_owned(),
-                                offset: off,
-                                source: e,
-                            })?;
-                            if !hole {
-                                read(buf, off)?;
-                                built.bytes_read = len as u64;
-                            }
-                        }
-                        let entry = if chunk::is_zero(buf) {
-                            built.zero = true;
-                            None
-                        } else {
-                            let hash = chunk::name_of(key, buf);
-                            let file = w.encoder.encode(buf, key, &hash)?;
-                            if store.put_chunk(&hash, file)? {
-                                built.stored = Some(file.len() as u64);
-                            }
-                            Some(hash)
-                        };
-                        // A hole skipped counts as done.
-                        let covered = if built.patched { built.bytes_read } else { len as u64 };
-                        let d = done.fetch_add(covered, Ordering::Relaxed) + covered;
-                        if let Some(p) = progress {
-                            p(disk, d, total);
-                        }
-                        Ok((entry, built))
-                    },
-                )
-                .collect::<Result<_>>()
-        })?;
+                            Ok(Some(built))
+                        },
+                    )
+                    .collect()
+            });
+            // The storing threads end once they have put what is queued.
+            drop(send);
+            let (mut stored, mut error) = (Vec::new(), None);
+            for storer in storers {
+                match storer.join() {
+                    Ok(Ok(s)) => stored.extend(s),
+                    Ok(Err(e)) => error = error.or(Some(e)),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            (results, stored, error)
+        });
+        if let Some(e) = store_error {
+            return Err(e);
+        }
+        let mut results = results?;
+        for (pos, bytes) in stored {
+            if let Some(Some(built)) = results.get_mut(pos) {
+                built.stored = Some(bytes);
+            }
+        }
         let mut stats = DiskStats { bytes_changed, ..DiskStats::default() };
         let mut new_chunks = Vec::new();
-        for (job, (entry, built)) in jobs.iter().zip(results) {
+        for (job, result) in jobs.iter().zip(results) {
+            // A job is skipped only after a storing thread failed, which returned above.
+            let built = result.ok_or_else(|| Error::ChunksNotStored { disk: disk.to_owned() })?;
+            let entry = built.hash;
             stats.bytes_read += built.bytes_read;
             stats.chunks_read += 1;
             stats.chunks_patched += u64::from(built.patched);
@@ -401,6 +460,51 @@ fn chunk_count(disk: &str, size: u64, chunk_size: u64) -> Result<usize> {
     })
 }
 
+/// A chunk file built by a worker of [`BackupWriter::write_disk`], for a storing thread to put.
+struct Put {
+    /// The job's position in the list of jobs.
+    pos: usize,
+    hash: ChunkHash,
+    file: Vec<u8>,
+    /// Source bytes it stands for, for the progress.
+    covered: u64,
+}
+
+/// A storing thread of [`BackupWriter::write_disk`]: puts the chunk files it receives until the
+/// queue is closed, calling `chunk_done` after each put, and returns the positions of the jobs
+/// whose chunks it stored as new, with the bytes they take. After a failure it sets `failed` (the workers stop) and only empties the
+/// queue, so no worker waits on it, then returns the failure.
+fn store_chunks(
+    store: &dyn Store,
+    recv: &Mutex<Receiver<Put>>,
+    failed: &AtomicBool,
+    chunk_done: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<(usize, u64)>> {
+    let (mut stored, mut error) = (Vec::new(), None);
+    loop {
+        // Poisoned only by a panic in `recv`, which leaves the receiver as it was.
+        let next = recv.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(put) = next else { break };
+        if error.is_some() || failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        match store.put_chunk(&put.hash, &put.file) {
+            Ok(true) => stored.push((put.pos, put.file.len() as u64)),
+            Ok(false) => {}
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                error = Some(e);
+                continue;
+            }
+        }
+        chunk_done(put.covered);
+    }
+    match error {
+        Some(e) => Err(e.into()),
+        None => Ok(stored),
+    }
+}
+
 /// What one thread of [`BackupWriter::write_disk`] reuses from chunk to chunk.
 struct Worker {
     encoder: Encoder,
@@ -412,8 +516,12 @@ struct Worker {
 /// What building one chunk did.
 #[derive(Debug, Default)]
 struct Built {
+    /// Its name; `None`: zeros.
+    hash: Option<ChunkHash>,
     /// From the source.
     bytes_read: u64,
+    /// Source bytes it stands for (a hole skipped counts), for the progress.
+    covered: u64,
     patched: bool,
     zero: bool,
     /// The bytes of its chunk file when it was new to the store.

@@ -556,6 +556,7 @@ fn repo_code(e: &repo::Error) -> Code {
         | R::ConfigParse { .. }
         | R::ConfigInvalid { .. }
         | R::DuplicateDisk(_)
+        | R::ChunksNotStored { .. }
         | R::EmptyBackup { .. }
         | R::InvalidFreezeWindow
         | R::InvalidExtents { .. }
