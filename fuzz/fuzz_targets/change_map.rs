@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
 
     if size > 0 {
         let at = le64(data, data.len().saturating_sub(8)) % size;
-        again.mark(at, at + 1);
+        again.mark(at, at + 1).unwrap_or_else(|e| panic!("mark of {at}: {e}"));
         drop(again);
         let marked = Bitmap::open(file, gen, granularity, size, BOOT).unwrap_or_else(|e| panic!("reopen: {e}"));
         let block = at / granularity * granularity;
