@@ -130,9 +130,14 @@ impl Rig {
     }
 
     fn backend(&self) -> SnapshotControlClient<Channel> {
+        self.backend_at(&self.control)
+    }
+
+    /// The control service of a backend listening on `control`.
+    fn backend_at(&self, control: &Path) -> SnapshotControlClient<Channel> {
         let ch = self
             .rt
-            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://blk.invalid"), self.control.clone()))
+            .block_on(livesnap_proto::unix_channel(Endpoint::from_static("http://blk.invalid"), control.to_owned()))
             .unwrap();
         SnapshotControlClient::new(ch)
     }
@@ -1327,17 +1332,7 @@ impl LiveRig {
             DISK / MIB,
             started.elapsed()
         );
-        let st = {
-            let ch = rig
-                .rt
-                .block_on(livesnap_proto::unix_channel(
-                    Endpoint::from_static("http://blk.invalid"),
-                    self.control2.clone(),
-                ))
-                .unwrap();
-            let mut b = SnapshotControlClient::new(ch);
-            rig.rt.block_on(b.status(spb::StatusRequest {})).unwrap().into_inner()
-        };
+        let st = rig.block_on(rig.backend_at(&self.control2).status(spb::StatusRequest {})).unwrap().into_inner();
         let r = st.disks[0].restore.as_ref();
         assert!(r.is_none_or(|r| r.complete), "{r:?}");
         (blk, f, q)
