@@ -320,18 +320,35 @@ mod tests {
         Arc::new(tempfile::tempfile().unwrap())
     }
 
-    /// A file whose writes wait until the test lets them through.
+    /// A file whose writes wait until the test lets them through (`gate`), or fail at or past
+    /// `fail_from` once `failing` is set.
     #[derive(Debug)]
-    struct GatedFile {
+    struct TestFile {
         inner: std::fs::File,
         gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+        fail_from: u64,
+        failing: std::sync::atomic::AtomicBool,
     }
 
-    impl MetaFile for GatedFile {
+    impl TestFile {
+        fn new(fail_from: u64) -> Arc<TestFile> {
+            Arc::new(TestFile {
+                inner: tempfile::tempfile().unwrap(),
+                gate: Mutex::new(None),
+                fail_from,
+                failing: Default::default(),
+            })
+        }
+    }
+
+    impl MetaFile for TestFile {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
             MetaFile::read_at(&self.inner, buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.failing.load(Ordering::Relaxed) && offset >= self.fail_from {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             if let Some((writing, go)) = &*self.gate.lock().unwrap() {
                 writing.send(()).unwrap();
                 go.recv().unwrap();
@@ -351,7 +368,7 @@ mod tests {
 
     #[test]
     fn a_bit_shows_as_set_only_once_the_file_holds_it() {
-        let f = Arc::new(GatedFile { inner: tempfile::tempfile().unwrap(), gate: Mutex::new(None) });
+        let f = TestFile::new(0);
         let bm = Arc::new(Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "b").unwrap());
         let (writing_tx, writing_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel();
@@ -427,44 +444,11 @@ mod tests {
         assert_eq!(a.untrusted().as_deref(), Some("why"));
     }
 
-    /// A file whose writes at or past `fail_from` fail once `failing` is set.
-    #[derive(Debug)]
-    struct FailingFile {
-        inner: std::fs::File,
-        fail_from: u64,
-        failing: std::sync::atomic::AtomicBool,
-    }
-
-    impl MetaFile for FailingFile {
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-            MetaFile::read_at(&self.inner, buf, offset)
-        }
-        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-            if self.failing.load(Ordering::Relaxed) && offset >= self.fail_from {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            MetaFile::write_at(&self.inner, buf, offset)
-        }
-        fn sync(&self) -> io::Result<()> {
-            MetaFile::sync(&self.inner)
-        }
-        fn byte_len(&self) -> io::Result<u64> {
-            self.inner.byte_len()
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            MetaFile::set_len(&self.inner, len)
-        }
-    }
-
     #[test]
     fn a_failed_bit_write_is_recorded_as_distrust_or_fails_the_write() {
         // The bits cannot be written, the header can: the write may go on, and a restart finds
         // the map untrusted (the next backup is full).
-        let f = Arc::new(FailingFile {
-            inner: tempfile::tempfile().unwrap(),
-            fail_from: HEADER_LEN,
-            failing: Default::default(),
-        });
+        let f = TestFile::new(HEADER_LEN);
         let bm = Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "b").unwrap();
         f.failing.store(true, Ordering::Relaxed);
         bm.mark(0, 4096).unwrap();
@@ -476,8 +460,7 @@ mod tests {
 
         // Nothing can be written: the write must not happen, now or on a second try, or a
         // restart would take the map for whole and miss it.
-        let f =
-            Arc::new(FailingFile { inner: tempfile::tempfile().unwrap(), fail_from: 0, failing: Default::default() });
+        let f = TestFile::new(0);
         let bm = Bitmap::create(f.clone(), 1, 4096, 1 << 20, None, "b").unwrap();
         f.failing.store(true, Ordering::Relaxed);
         assert!(bm.mark(8192, 12288).is_err());

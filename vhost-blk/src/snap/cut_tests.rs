@@ -46,7 +46,8 @@ impl DiskFile for GatedDisk {
     }
 }
 
-fn write(disk: &dyn DiskFile, offset: u64, byte: u8) {
+/// Writes one 4 KiB block of `byte` at `offset`.
+pub(super) fn write(disk: &dyn DiskFile, offset: u64, byte: u8) {
     let mut data = vec![byte; 4096];
     disk.write_vectored_at(&[Buf::from(&mut data[..])], offset).unwrap();
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use super::cut_tests::write;
 use super::store::FsDir;
 use super::*;
 use crate::disk::{Buf, RawDisk};
@@ -44,9 +45,12 @@ impl Drop for Tmpfs {
     }
 }
 
-fn write(disk: &dyn DiskFile, offset: u64, byte: u8) {
-    let mut data = vec![byte; BLOCK as usize];
-    disk.write_vectored_at(&[Buf::from(&mut data[..])], offset).unwrap();
+/// A raw base image of `size` bytes in `dir`: its path and the disk.
+fn raw_base(dir: &Path, size: u64) -> (PathBuf, Arc<RawDisk>) {
+    let path = dir.join("base.raw");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    file.set_len(size).unwrap();
+    (path, Arc::new(RawDisk::new(file).unwrap()))
 }
 
 fn read(disk: &dyn DiskFile, offset: u64) -> u8 {
@@ -59,10 +63,7 @@ fn read(disk: &dyn DiskFile, offset: u64) -> u8 {
 #[test]
 fn a_full_state_directory_abandons_the_snapshot_fails_no_flush_and_the_merge_gives_the_space_back() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("base.raw");
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-    file.set_len(32 << 20).unwrap();
-    let base = Arc::new(RawDisk::new(file).unwrap());
+    let (path, base) = raw_base(dir.path(), 32 << 20);
     let state = dir.path().join("state");
     let fs = Tmpfs::mount(&state, "4M");
     let spec = DiskSpec { id: "vda".into(), base, base_path: path.clone() };
@@ -135,12 +136,9 @@ fn a_full_state_directory_abandons_the_snapshot_fails_no_flush_and_the_merge_giv
 /// writes far more blocks than the reserve holds records, without a FLUSH, keeps its snapshot.
 #[test]
 fn many_writes_without_a_flush_keep_the_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("base.raw");
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
     const WRITES: u64 = 20_000;
-    file.set_len(WRITES * 2 * BLOCK).unwrap();
-    let base = Arc::new(RawDisk::new(file).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (path, base) = raw_base(dir.path(), WRITES * 2 * BLOCK);
     let spec = DiskSpec { id: "vda".into(), base, base_path: path.clone() };
     let store = Arc::new(FsDir::new(&dir.path().join("state")).unwrap());
     let vm = Vm::open("vm", store, vec![spec], Options { background_merge: false, ..Options::default() }).unwrap();
