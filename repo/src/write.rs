@@ -472,8 +472,9 @@ struct Put {
 
 /// A storing thread of [`BackupWriter::write_disk`]: puts the chunk files it receives until the
 /// queue is closed, calling `chunk_done` after each put, and returns the positions of the jobs
-/// whose chunks it stored as new, with the bytes they take. After a failure it sets `failed` (the workers stop) and only empties the
-/// queue, so no worker waits on it, then returns the failure.
+/// whose chunks it stored as new, with the bytes they take. After a failure (its own or another
+/// storing thread's) it sets `failed` (the workers stop) and only empties the queue, so no
+/// worker waits on it; it returns its own failure.
 fn store_chunks(
     store: &dyn Store,
     recv: &Mutex<Receiver<Put>>,
@@ -485,7 +486,8 @@ fn store_chunks(
         // Poisoned only by a panic in `recv`, which leaves the receiver as it was.
         let next = recv.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(put) = next else { break };
-        if error.is_some() || failed.load(Ordering::Relaxed) {
+        // Set by this thread along with `error`, or by another storing thread.
+        if failed.load(Ordering::Relaxed) {
             continue;
         }
         match store.put_chunk(&put.hash, &put.file) {

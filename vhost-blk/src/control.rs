@@ -451,10 +451,7 @@ impl PbService for Service {
                         }
                     }
                     Some(done) = fills.join_next(), if !fills.is_empty() => {
-                        let result = done.unwrap_or_else(|e| {
-                            Err(AnswerError::Commit(crate::disk::Error::Io(std::io::Error::other(e.to_string()))))
-                        });
-                        match result {
+                        match joined(done) {
                             Ok(()) => {}
                             Err(e @ (AnswerError::Fill { .. } | AnswerError::Commit(_))) => {
                                 error!(disk = %name, error = %livesnap_proto::error::chain(&e), "live restore cannot write its image");
@@ -468,9 +465,8 @@ impl PbService for Service {
                         let d = match data {
                             Err(_idle) => {
                                 let disk = disk.clone();
-                                let r = tokio::task::spawn_blocking(move || disk.tick()).await;
-                                let r = r.unwrap_or_else(|e| Err(crate::disk::Error::Io(std::io::Error::other(e.to_string()))));
-                                if let Err(e) = r.map_err(AnswerError::Commit) {
+                                let r = tokio::task::spawn_blocking(move || disk.tick().map_err(AnswerError::Commit)).await;
+                                if let Err(e) = joined(r) {
                                     let _ = tx.send(Err(Status::internal(livesnap_proto::error::chain(&e)))).await;
                                     break;
                                 }
@@ -526,6 +522,11 @@ impl PbService for Service {
                 .collect(),
         }))
     }
+}
+
+/// The outcome of a feed's blocking task; one that panicked counts as a failed commit.
+fn joined(r: Result<Result<(), AnswerError>, tokio::task::JoinError>) -> Result<(), AnswerError> {
+    r.unwrap_or_else(|e| Err(AnswerError::Commit(crate::disk::Error::Io(std::io::Error::other(e.to_string())))))
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@
 //!   random-access reader (chunks checked and decrypted there), zero chunks of the manifest
 //!   answered `zero` without a read. Urgent wants go before every queued background want and
 //!   have fetch slots of their own ([`URGENT_FETCHES`]), so a guest request never waits behind
-//!   the background copy, which keeps to [`FETCHES_BESIDE_GUEST`] reads while the guest fetches; a read that fails is answered `error` (the backend fails the guest's
-//!   request and asks again later). The stream breaking (backend killed or restarted) goes back
+//!   the background copy, which keeps to [`FETCHES_BESIDE_GUEST`] reads while the guest
+//!   fetches; a read that fails is answered `error` (the backend fails the guest's request and
+//!   asks again later). The stream breaking (backend killed or restarted) goes back
 //!   to waiting after a short backoff.
 //! - **complete** (`RestoreWant{complete}`, or a complete map): the map read back complete is
 //!   removed, the job ends ok.
